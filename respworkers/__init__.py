@@ -1,0 +1,33 @@
+"""respworkers: a responsible ZeroMQ task broker and worker pool.
+
+Public names: :class:`Worker` (derive and override ``process``), :class:`Client`
+(submit jobs and wait for results), and the errors in :mod:`respworkers.errors`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .client import Client, JobResult
+from .errors import (
+    BrokerUnavailable,
+    ConfigError,
+    JobFailed,
+    ProtocolError,
+    Refused,
+    RespWorkersError,
+)
+from .worker.base import Worker
+
+__all__ = [
+    "BrokerUnavailable",
+    "Client",
+    "ConfigError",
+    "JobFailed",
+    "JobResult",
+    "ProtocolError",
+    "Refused",
+    "RespWorkersError",
+    "Worker",
+    "__version__",
+]

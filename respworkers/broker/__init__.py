@@ -1,0 +1,1 @@
+"""The broker: ``core`` decides, ``server`` owns the sockets, ``journal`` remembers."""

@@ -1,0 +1,741 @@
+"""The broker's state machine: jobs, queues, ready workers, attempts and their deadlines.
+
+No sockets here. The server feeds decoded traffic in and the core answers through
+two callables (``send_client``, ``send_worker``) so it can be driven step by step
+in tests with a fake clock. Every per-message path is O(1) in the number of jobs
+and workers; anything that scans runs on the heartbeat tick, not per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict, deque
+from typing import Any, Callable
+
+from .. import __version__, protocol
+from ..config import BrokerConfig
+from ..errors import ProtocolError
+from .journal import Journal, NullJournal
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[bytes, list], None]
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+FINAL = frozenset((DONE, FAILED, CANCELLED))
+
+#: How many recent failures the status snapshot lists.
+RECENT_FAILURES = 20
+#: How many ready workers a retry looks through for one that has not tried the job.
+RETRY_SCAN = 32
+#: Window of the rates shown in the status, in seconds.
+RATE_WINDOW = 10.0
+
+
+class Job:
+    """One client job and its attempts. ``waiters`` are the clients to tell when it ends."""
+
+    __slots__ = (
+        "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
+        "waiters", "tried", "worker", "deadline", "created", "started", "finished",
+        "result", "reason", "error", "errors",
+    )
+
+    def __init__(
+        self, job_id: str, queue: str, payload: list[bytes], timeout: float, tries: int,
+        seq: int, created: float,
+    ) -> None:
+        self.id = job_id
+        self.bid = job_id.encode()
+        self.queue = queue
+        self.payload: list[bytes] | None = payload
+        self.timeout = timeout
+        self.tries = tries
+        self.attempt = 0  # attempts that count as tries so far
+        self.state = QUEUED
+        self.seq = seq
+        self.waiters: list[tuple[bytes, bool]] = []  # (routing id, is a plain REQ)
+        self.tried: list[str] = []  # worker names, in order
+        self.worker: WorkerRec | None = None  # holder of the current attempt
+        self.deadline = 0.0
+        self.created = created
+        self.started = 0.0
+        self.finished = 0.0
+        self.result: list[bytes] | None = None
+        self.reason = ""
+        self.error = ""
+        self.errors = 0
+
+    def info(self, now_wall: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "queue": self.queue,
+            "state": self.state,
+            "attempt": self.attempt,
+            "tries": self.tries,
+            "timeout": self.timeout,
+            "worker": self.worker.name if self.worker and self.state == RUNNING else None,
+            "workers_tried": list(self.tried),
+            "created": self.created,
+            "started": self.started or None,
+            "finished": self.finished or None,
+            "age": round(now_wall - self.created, 3),
+            "reason": self.reason or None,
+            "error": self.error or None,
+            "result_size": sum(map(len, self.result)) if self.result is not None else None,
+            "payload_size": sum(map(len, self.payload)) if self.payload is not None else None,
+            "waiting_clients": len(self.waiters),
+        }
+
+
+class WorkerRec:
+    """One registered worker process, known by its ROUTER routing id."""
+
+    __slots__ = (
+        "wid", "name", "queues", "info", "job", "job_id", "attempt", "since", "last_seen",
+        "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
+    )
+
+    def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
+        self.wid = wid
+        self.queues = queues
+        self.info = info
+        name = info.get("name")
+        self.name = str(name)[:80] if name else wid.hex()
+        self.job: Job | None = None
+        self.job_id: str | None = None  # may name a job this broker does not know
+        self.attempt = 0
+        self.since = now
+        self.last_seen = now
+        self.expiry = 0.0
+        self.done = 0
+        self.failed = 0
+        self.ready = False
+        self.stopping = False
+        self.registered = now
+        slot = info.get("slot")
+        self.slot = slot if isinstance(slot, str) else None
+
+    @property
+    def state(self) -> str:
+        if self.job_id is not None:
+            return "busy"
+        if self.ready:
+            return "idle"
+        return "stopping" if self.stopping else "waiting"
+
+
+class Counters:
+    __slots__ = (
+        "submitted", "done", "failed", "cancelled", "retried", "duplicates", "late",
+        "lost_workers", "resubmitted",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class BrokerCore:
+    """All broker decisions. Drive it with :meth:`set_time`, the ``on_*`` methods and :meth:`tick`."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        send_client: SendFn,
+        send_worker: SendFn,
+        journal: Journal | None = None,
+        endpoints: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.send_client = send_client
+        self.send_worker = send_worker
+        self.journal: Journal = journal or NullJournal()
+        self.broker_id = uuid.uuid4().hex[:12]
+        self.endpoints = endpoints or {}
+        self.now = time.monotonic()
+        self.wall = time.time()
+        self.started_wall = self.wall
+        self.jobs: dict[str, Job] = {}
+        self.pending: dict[str, deque[Job]] = {}
+        self.ready: dict[str, dict[bytes, WorkerRec]] = {}
+        self.workers: dict[bytes, WorkerRec] = {}
+        self.slots: dict[str, bytes] = {}  # a pool slot -> the worker process now in it
+        # In-flight attempts grouped by timeout: within a group deadlines only grow,
+        # so expiry looks at the front of each group and completion deletes in O(1).
+        self.inflight: dict[float, OrderedDict[str, Job]] = {}
+        self.finished: OrderedDict[str, Job] = OrderedDict()
+        self.unconfirmed: list[tuple[bytes, bytes]] = []
+        self.counters = Counters()
+        self.bad: dict[str, int] = {}  # malformed or unexpected input, by reason
+        self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
+        self.rates: deque[tuple[float, int, int, int]] = deque()
+        self.accepting = True
+        self._seq = 0
+        self._plain_seq = 0
+        self._next_beat = 0.0
+        self._bad_logged = 0.0
+        self._welcome = protocol.encode_welcome(self.broker_id, cfg.heartbeat, cfg.liveness)
+
+    # ------------------------------------------------------------------ clock
+    def set_time(self, mono: float, wall: float) -> None:
+        self.now = mono
+        self.wall = wall
+
+    # ------------------------------------------------------------------ bad input
+    def count_bad(self, where: str, exc: ProtocolError) -> None:
+        """Count a malformed or unexpected message; log at most one line per second."""
+        key = f"{where}: {exc.reason}"
+        self.bad[key] = self.bad.get(key, 0) + 1
+        if self.now - self._bad_logged >= 1.0:
+            self._bad_logged = self.now
+            log.warning("dropped bad message on %s (%s); counting them in the status", where, exc)
+
+    # ================================================================== clients
+    def on_client(self, client: bytes, frames: list[bytes]) -> None:
+        try:
+            req = protocol.decode_client(frames)
+        except ProtocolError as exc:
+            self.count_bad("clients", exc)
+            if frames and not frames[0]:
+                self.send_client(client, protocol.encode_invalid(str(exc)))
+            return
+        kind = type(req)
+        if kind is protocol.Submit:
+            self._submit(client, req.job_id, req.queue, req.timeout, req.tries, req.payload, False)
+        elif kind is protocol.Plain:
+            self._plain_seq += 1
+            job_id = f"req-{self.broker_id}-{self._plain_seq}"
+            self._submit(client, job_id, protocol.DEFAULT_QUEUE, None, None, req.payload, True)
+        elif kind is protocol.JobRef:
+            self._job_ref(client, req.command, req.job_id)
+        else:
+            self.send_client(client, protocol.encode_pong(self.broker_id))
+
+    def _submit(
+        self, client: bytes, job_id: str, queue: str, timeout: float | None, tries: int | None,
+        payload: list[bytes], plain: bool,
+    ) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:  # same id again: attach, never run twice
+            self.counters.resubmitted += 1
+            if not plain:
+                self.send_client(client, protocol.encode_accepted(job_id))
+            if job.state in FINAL:
+                self._tell(job, client, plain)
+            else:
+                job.waiters.append((client, plain))
+            return
+        if not self.accepting:
+            if plain:
+                self.send_client(client, protocol.encode_plain_reply(None))
+            else:
+                self.send_client(
+                    client,
+                    protocol.encode_refused(job_id, protocol.REFUSE_SHUTDOWN, "broker is stopping"),
+                )
+            return
+        self._seq += 1
+        job = Job(
+            job_id, queue, payload, timeout or self.cfg.timeout, tries or self.cfg.tries,
+            self._seq, self.wall,
+        )
+        job.waiters.append((client, plain))
+        self.jobs[job_id] = job
+        self.counters.submitted += 1
+        self.journal.submitted(job)
+        if not plain:
+            self.unconfirmed.append((client, job.bid))
+        self._enqueue(job, front=False)
+
+    def _job_ref(self, client: bytes, command: bytes, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            self.send_client(client, protocol.encode_unknown(job_id))
+        elif command == protocol.WAIT:
+            if job.state in FINAL:
+                self._tell(job, client, False)
+            elif (client, False) not in job.waiters:
+                job.waiters.append((client, False))
+        elif command == protocol.QUERY:
+            self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
+        else:
+            self.cancel(job)
+            self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
+
+    def flush(self) -> None:
+        """Make this batch durable, then confirm its submissions (ACCEPTED after the journal)."""
+        self.journal.commit()
+        if self.unconfirmed:
+            send = self.send_client
+            for client, bid in self.unconfirmed:
+                send(client, [b"", protocol.CLIENT, protocol.ACCEPTED, bid])
+            self.unconfirmed.clear()
+
+    def _tell(self, job: Job, client: bytes, plain: bool) -> None:
+        """Send a finished job's outcome to one client."""
+        if plain:
+            payload = job.result if job.state == DONE else None
+            self.send_client(client, protocol.encode_plain_reply(payload))
+        elif job.state == DONE:
+            self.send_client(client, protocol.encode_result(job.id, job.result or [b""]))
+        elif job.state == FAILED:
+            self.send_client(client, protocol.encode_failed(job.id, job.reason, job.error))
+        else:
+            self.send_client(client, protocol.encode_cancelled(job.id))
+
+    def cancel(self, job: Job) -> None:
+        if job.state in FINAL:
+            return
+        if job.state == QUEUED:
+            try:
+                self.pending[job.queue].remove(job)
+            except (KeyError, ValueError):
+                pass
+        self._finish(job, CANCELLED, protocol.FAIL_CANCELLED, "cancelled by a client")
+
+    # ================================================================== dispatch
+    def _enqueue(self, job: Job, front: bool) -> None:
+        job.state = QUEUED
+        job.worker = None
+        ready = self.ready.get(job.queue)
+        if ready:
+            w = self._pick(ready, job) if job.tried else next(iter(ready.values()))
+            self._assign(job, w)
+            return
+        q = self.pending.get(job.queue)
+        if q is None:
+            q = self.pending[job.queue] = deque()
+        if front:
+            q.appendleft(job)
+        else:
+            q.append(job)
+
+    @staticmethod
+    def _pick(ready: dict[bytes, WorkerRec], job: Job) -> WorkerRec:
+        """Prefer a ready worker that has not tried this job yet (bounded scan)."""
+        first = None
+        for i, w in enumerate(ready.values()):
+            if first is None:
+                first = w
+            if w.name not in job.tried:
+                return w
+            if i >= RETRY_SCAN:
+                break
+        assert first is not None
+        return first
+
+    def _assign(self, job: Job, w: WorkerRec) -> None:
+        self._unready(w)
+        job.attempt += 1
+        job.state = RUNNING
+        job.worker = w
+        if not job.started:
+            job.started = self.wall
+        job.tried.append(w.name)
+        job.deadline = self.now + job.timeout
+        group = self.inflight.get(job.timeout)
+        if group is None:
+            group = self.inflight[job.timeout] = OrderedDict()
+        group[job.id] = job
+        w.job = job
+        w.job_id = job.id
+        w.attempt = job.attempt
+        w.since = self.now
+        self.journal.attempted(job)
+        self.send_worker(
+            w.wid, protocol.encode_job(job.bid, job.attempt, job.timeout, job.payload or [b""])
+        )
+
+    def _unready(self, w: WorkerRec) -> None:
+        if w.ready:
+            w.ready = False
+            for q in w.queues:
+                ready = self.ready.get(q)
+                if ready is not None:
+                    ready.pop(w.wid, None)
+                    if not ready:
+                        del self.ready[q]
+
+    def _make_ready(self, w: WorkerRec) -> None:
+        """The worker asked for a job: give it the oldest waiting one it serves, or park it."""
+        best: deque[Job] | None = None
+        for q in w.queues:
+            d = self.pending.get(q)
+            if d and (best is None or d[0].seq < best[0].seq):
+                best = d
+        if best is not None:
+            job = best.popleft()
+            if not best:
+                del self.pending[job.queue]
+            self._assign(job, w)
+            return
+        w.ready = True
+        for q in w.queues:
+            ready = self.ready.get(q)
+            if ready is None:
+                ready = self.ready[q] = {}
+            ready[w.wid] = w
+
+    def _stop_running(self, job: Job) -> None:
+        group = self.inflight.get(job.timeout)
+        if group is not None and group.pop(job.id, None) is not None and not group:
+            del self.inflight[job.timeout]
+
+    def _attempt_failed(self, job: Job, reason: str, error: str) -> None:
+        """The current attempt is over without a result: retry, or fail after the last try."""
+        self._stop_running(job)
+        job.errors += 1
+        if error:
+            job.error = error
+        if job.attempt >= job.tries:
+            self._finish(job, FAILED, reason, job.error or reason)
+        else:
+            self.counters.retried += 1
+            self._enqueue(job, front=True)
+
+    def _finish(self, job: Job, state: str, reason: str = "", error: str = "") -> None:
+        if job.state == RUNNING:
+            self._stop_running(job)
+        job.state = state
+        job.worker = None
+        job.finished = self.wall
+        job.reason = reason
+        if error:
+            job.error = error
+        job.payload = None  # the result is what matters now; free the input
+        if state == DONE:
+            self.counters.done += 1
+        elif state == FAILED:
+            self.counters.failed += 1
+            self.recent_failures.append(
+                {"id": job.id, "queue": job.queue, "reason": reason,
+                 "error": (job.error or "")[-500:], "attempts": job.attempt, "at": job.finished}
+            )
+        else:
+            self.counters.cancelled += 1
+        self.journal.finished(job)
+        for client, plain in job.waiters:
+            self._tell(job, client, plain)
+        job.waiters = []
+        self.finished[job.id] = job
+
+    # ================================================================== workers
+    def on_worker(self, wid: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = protocol.decode_worker(frames)
+        except ProtocolError as exc:
+            self.count_bad("workers", exc)
+            return
+        w = self.workers.get(wid)
+        kind = type(msg)
+        if w is not None:
+            w.last_seen = self.now
+            if kind is protocol.WorkerResult:
+                self._worker_result(w, msg.job_id, msg.attempt, msg.ready, msg.payload)
+            elif kind is protocol.Heartbeat:
+                pass
+            elif kind is protocol.WorkerError:
+                self._worker_error(w, msg)
+            elif kind is protocol.Hello:
+                self._drop_worker(w, "re-registered")
+                self._hello(wid, msg)
+            elif kind is protocol.Return:
+                self._worker_return(w, msg)
+            else:  # Bye: a job it holds crossed its goodbye and was never started
+                self._give_back(w)
+                self._drop_worker(w, "said goodbye")
+        elif kind is protocol.Hello:
+            self._hello(wid, msg)
+        else:
+            # Not registered (typically: this broker restarted). Take what it carries,
+            # then ask it to register again.
+            if kind is protocol.WorkerResult:
+                self._orphan_result(msg.job_id, msg.payload)
+            if kind is not protocol.Bye:
+                self.send_worker(wid, protocol.encode_disconnect("unknown worker, say HELLO"))
+
+    def _hello(self, wid: bytes, msg: protocol.Hello) -> None:
+        w = WorkerRec(wid, msg.queues, msg.info, self.now)
+        beat = msg.info.get("heartbeat")
+        interval = max(self.cfg.heartbeat, beat if isinstance(beat, (int, float)) else 0.0)
+        w.expiry = interval * self.cfg.liveness
+        if w.slot is not None:
+            self._replace_slot(w, msg)
+        self.workers[wid] = w
+        self.send_worker(wid, self._welcome)
+        if msg.job_id is None:
+            self._make_ready(w)
+            return
+        # Re-registering mid-job (the broker restarted under it): it still holds this job.
+        w.job_id = msg.job_id
+        w.attempt = msg.attempt
+        job = self.jobs.get(msg.job_id)
+        if job is None or job.state in FINAL:
+            return
+        w.job = job
+        if job.state == RUNNING and (job.worker is None or job.worker.wid not in self.workers):
+            job.worker = w  # the same process, reconnected with its job in hand
+        elif job.state == QUEUED:
+            try:
+                self.pending[job.queue].remove(job)
+                if not self.pending[job.queue]:
+                    del self.pending[job.queue]
+            except (KeyError, ValueError):
+                pass
+            job.attempt = max(job.attempt, msg.attempt)
+            job.state = RUNNING
+            job.worker = w
+            job.deadline = self.now + job.timeout
+            job.tried.append(w.name)
+            group = self.inflight.setdefault(job.timeout, OrderedDict())
+            group[job.id] = job
+
+    def _replace_slot(self, w: WorkerRec, msg: protocol.Hello) -> None:
+        """A pool slot has a new process, or the same one reconnected on a new socket.
+
+        A restarted child replaces its dead predecessor at once (its attempt failed:
+        a crash counts as a try) instead of after the heartbeat expiry. A process that
+        reconnects holding the same attempt keeps it.
+        """
+        old_wid = self.slots.get(w.slot)  # type: ignore[arg-type]
+        old = self.workers.get(old_wid) if old_wid is not None else None
+        if old is not None and old.wid != w.wid:
+            if msg.job_id is not None and old.job_id == msg.job_id and old.attempt == msg.attempt:
+                self._release(old)  # the attempt moves to the new record below
+            self._drop_worker(old, "was replaced by a new process")
+        self.slots[w.slot] = w.wid  # type: ignore[index]
+
+    @staticmethod
+    def _release(w: WorkerRec) -> None:
+        w.job = None
+        w.job_id = None
+        w.attempt = 0
+
+    def _after_job(self, w: WorkerRec, ready: bool) -> None:
+        """A worker that says ``ready`` gets the next job; one that does not is leaving."""
+        w.stopping = not ready
+        if ready:
+            self._make_ready(w)
+
+    def _holds(self, w: WorkerRec, job_id: str, attempt: int, what: str) -> bool:
+        if w.job_id == job_id and w.attempt == attempt:
+            return True
+        self.count_bad(
+            "workers", ProtocolError(f"{what} for a job the worker does not hold", job_id)
+        )
+        return False
+
+    def _worker_result(
+        self, w: WorkerRec, job_id: str, attempt: int, ready: bool, payload: list[bytes]
+    ) -> None:
+        if not self._holds(w, job_id, attempt, "RESULT"):
+            return
+        job = w.job
+        w.done += 1
+        self._release(w)
+        if job is not None:
+            self._complete(job, w, payload)
+        self._after_job(w, ready)
+
+    def _complete(self, job: Job, w: WorkerRec | None, payload: list[bytes]) -> None:
+        state = job.state
+        if state in FINAL:
+            self.counters.duplicates += 1
+            return
+        if state == QUEUED:  # a timed-out attempt answered before its retry started
+            try:
+                self.pending[job.queue].remove(job)
+                if not self.pending[job.queue]:
+                    del self.pending[job.queue]
+            except (KeyError, ValueError):
+                pass
+            self.counters.late += 1
+        elif job.worker is not w:
+            self.counters.late += 1
+        job.result = payload
+        self._finish(job, DONE)
+
+    def _orphan_result(self, job_id: str, payload: list[bytes]) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self._complete(job, None, payload)
+
+    def _worker_error(self, w: WorkerRec, msg: protocol.WorkerError) -> None:
+        if not self._holds(w, msg.job_id, msg.attempt, "ERROR"):
+            return
+        job = w.job
+        w.failed += 1
+        self._release(w)
+        if job is not None and job.state not in FINAL:
+            if job.worker is w and job.state == RUNNING:
+                self._attempt_failed(job, protocol.FAIL_ERROR, msg.error)
+            else:  # an older attempt of a job already retried: keep its error for inspect
+                job.error = msg.error
+        self._after_job(w, msg.ready)
+
+    def _worker_return(self, w: WorkerRec, msg: protocol.Return) -> None:
+        """A worker forced to stop hands its job back; this attempt does not count as a try."""
+        if not self._holds(w, msg.job_id, msg.attempt, "RETURN"):
+            return
+        self._give_back(w)
+        w.stopping = True
+
+    def _give_back(self, w: WorkerRec) -> None:
+        job = w.job
+        self._release(w)
+        if job is not None and job.state == RUNNING and job.worker is w:
+            self._stop_running(job)
+            job.attempt -= 1
+            job.tried.pop()
+            self._enqueue(job, front=True)
+
+    def _drop_worker(self, w: WorkerRec, why: str) -> None:
+        """Forget a worker; its current attempt, if any, failed (a crash counts as a try)."""
+        self.workers.pop(w.wid, None)
+        if w.slot is not None and self.slots.get(w.slot) == w.wid:
+            del self.slots[w.slot]
+        self._unready(w)
+        job = w.job
+        if job is not None and job.state == RUNNING and job.worker is w:
+            self._attempt_failed(
+                job, protocol.FAIL_LOST, f"worker {w.name} {why} while running attempt {w.attempt}"
+            )
+        w.job = None
+
+    # ================================================================== timers
+    def tick(self) -> float:
+        """Expire attempts and silent workers, send heartbeats; return when to tick next."""
+        now = self.now
+        for timeout in list(self.inflight):
+            group = self.inflight[timeout]
+            while group:
+                job = next(iter(group.values()))
+                if job.deadline > now:
+                    break
+                holder = job.worker
+                self._attempt_failed(
+                    job, protocol.FAIL_TIMEOUT,
+                    f"no answer within {job.timeout:g}s (attempt {job.attempt} of {job.tries}"
+                    f" on {holder.name if holder else '?'})",
+                )
+        if now >= self._next_beat:
+            self._next_beat = now + self.cfg.heartbeat
+            self._heartbeat(now)
+        return self.next_wake()
+
+    def next_wake(self) -> float:
+        wake = self._next_beat
+        for group in self.inflight.values():
+            if group:
+                deadline = next(iter(group.values())).deadline
+                if deadline < wake:
+                    wake = deadline
+        return wake
+
+    def _heartbeat(self, now: float) -> None:
+        beat = protocol.HEARTBEAT_FRAMES
+        dead = [w for w in self.workers.values() if now - w.last_seen > w.expiry]
+        for w in dead:
+            self.counters.lost_workers += 1
+            log.warning("worker %s silent for %.1fs: dropping it", w.name, now - w.last_seen)
+            self._drop_worker(w, "stopped answering")
+        for wid in self.workers:
+            self.send_worker(wid, beat)
+        self._expire_finished()
+        c = self.counters
+        self.rates.append((now, c.submitted, c.done, c.failed))
+        while len(self.rates) > 2 and now - self.rates[0][0] > RATE_WINDOW:
+            self.rates.popleft()
+
+    def _expire_finished(self) -> None:
+        horizon = self.wall - self.cfg.retention
+        limit = self.cfg.max_retained
+        finished = self.finished
+        while finished:
+            job = next(iter(finished.values()))
+            if job.finished > horizon and len(finished) <= limit:
+                break
+            finished.popitem(last=False)
+            if self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
+        self.journal.expire(horizon)
+
+    # ================================================================== status
+    def snapshot(self) -> dict[str, Any]:
+        now, wall = self.now, self.wall
+        queues: dict[str, dict[str, int]] = {}
+
+        def entry(name: str) -> dict[str, int]:
+            e = queues.get(name)
+            if e is None:
+                e = queues[name] = {"queued": 0, "running": 0, "workers": 0, "idle": 0}
+            return e
+
+        for name, d in self.pending.items():
+            entry(name)["queued"] = len(d)
+        workers = []
+        for w in self.workers.values():
+            for q in w.queues:
+                e = entry(q)
+                e["workers"] += 1
+                e["idle"] += w.ready
+            if w.job is not None and w.job.state == RUNNING and w.job.worker is w:
+                entry(w.job.queue)["running"] += 1
+            workers.append({
+                "id": w.wid.hex(),
+                "name": w.name,
+                "host": w.info.get("host"),
+                "pid": w.info.get("pid"),
+                "queues": list(w.queues),
+                "state": w.state,
+                "job": w.job_id,
+                "attempt": w.attempt or None,
+                "busy_for": round(now - w.since, 3) if w.job_id is not None else None,
+                "done": w.done,
+                "failed": w.failed,
+                "last_seen": round(now - w.last_seen, 3),
+                "registered": round(now - w.registered, 3),
+            })
+        rates: dict[str, float] = {"submitted": 0.0, "done": 0.0, "failed": 0.0}
+        if len(self.rates) >= 2:
+            t0, s0, d0, f0 = self.rates[0]
+            t1, s1, d1, f1 = self.rates[-1]
+            if t1 > t0:
+                dt = t1 - t0
+                rates = {"submitted": (s1 - s0) / dt, "done": (d1 - d0) / dt, "failed": (f1 - f0) / dt}
+        return {
+            "broker": {
+                "id": self.broker_id,
+                "version": __version__,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self.started_wall,
+                "uptime": round(wall - self.started_wall, 3),
+                "endpoints": self.endpoints,
+                "defaults": {"timeout": self.cfg.timeout, "tries": self.cfg.tries},
+                "accepting": self.accepting,
+                "journal": self.journal.describe(),
+            },
+            "workers": workers,
+            "queues": queues,
+            "queued": sum(len(d) for d in self.pending.values()),
+            "in_flight": sum(len(g) for g in self.inflight.values()),
+            "retained": len(self.finished),
+            "totals": self.counters.as_dict(),
+            "rates": {k: round(v, 2) for k, v in rates.items()},
+            "bad_messages": dict(self.bad),
+            "recent_failures": list(self.recent_failures),
+            "time": wall,
+        }

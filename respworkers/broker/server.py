@@ -1,0 +1,192 @@
+"""The broker process: three ROUTER sockets, one poll loop, the core's timers.
+
+This is the hot path. Per message it does one ``recv_multipart``, one call into
+the core and whatever sends the core asks for; no logging, no scans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from .. import protocol
+from ..config import BrokerConfig
+from ..errors import ProtocolError, RespWorkersError
+from .core import BrokerCore
+from .journal import Journal
+
+log = logging.getLogger(__name__)
+
+#: Messages taken from one socket before looking at the others (fairness between sockets).
+BATCH = 500
+
+
+class BindError(RespWorkersError):
+    """An endpoint could not be bound (in use, bad interface, no permission)."""
+
+
+class BrokerServer:
+    def __init__(
+        self, cfg: BrokerConfig, journal: Journal | None = None, ctx: zmq.Context | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.clients = self._bind("clients", cfg.clients, unlimited_send=True)
+        self.workers = self._bind("workers", cfg.workers, unlimited_send=False)
+        self.status = self._bind("status", cfg.status, unlimited_send=False)
+        endpoints = {
+            name: sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            for name, sock in (("clients", self.clients), ("workers", self.workers),
+                               ("status", self.status))
+        }
+        self.endpoints = endpoints
+        clients_send = self.clients.send_multipart
+        workers_send = self.workers.send_multipart
+
+        def send_client(rid: bytes, frames: list[bytes]) -> None:
+            frames.insert(0, rid)
+            clients_send(frames, copy=False)
+
+        def send_worker(rid: bytes, frames: list[bytes]) -> None:
+            workers_send([rid, *frames], copy=False)
+
+        self.core = BrokerCore(cfg, send_client, send_worker, journal, endpoints)
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def _bind(self, name: str, endpoint: str, unlimited_send: bool) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        if unlimited_send:
+            # Results must not be dropped because a client reads slowly; the core
+            # bounds what it holds, not the socket.
+            sock.setsockopt(zmq.SNDHWM, 0)
+            # Clients pick their own routing id; a reconnecting client takes its id over.
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BindError(f"cannot bind the {name} endpoint {endpoint}: {exc}") from None
+        return sock
+
+    # ----------------------------------------------------------------- signals
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop cleanly; the wakeup fd interrupts a long poll."""
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> None:
+        core = self.core
+        clients, workers, status = self.clients, self.workers, self.status
+        on_client, on_worker = core.on_client, core.on_worker
+        poller = zmq.Poller()
+        poller.register(clients, zmq.POLLIN)
+        poller.register(workers, zmq.POLLIN)
+        poller.register(status, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        monotonic, wall = time.monotonic, time.time
+        noblock = zmq.NOBLOCK
+        again = zmq.Again
+        core.set_time(monotonic(), wall())
+        wake = core.tick()
+        log.info(
+            "broker %s listening: clients %s, workers %s, status %s",
+            core.broker_id, self.endpoints["clients"], self.endpoints["workers"],
+            self.endpoints["status"],
+        )
+        while not self._stop:
+            now = monotonic()
+            events = dict(poller.poll(max(0.0, (wake - now) * 1000.0)))
+            core.set_time(monotonic(), wall())
+            if clients in events:
+                recv = clients.recv_multipart
+                for _ in range(BATCH):
+                    try:
+                        frames = recv(noblock)
+                    except again:
+                        break
+                    on_client(frames[0], frames[1:])
+            if workers in events:
+                recv = workers.recv_multipart
+                for _ in range(BATCH):
+                    try:
+                        frames = recv(noblock)
+                    except again:
+                        break
+                    on_worker(frames[0], frames[1:])
+            if status in events:
+                self._serve_status()
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            if core.now >= wake:
+                wake = core.tick()
+            else:
+                wake = min(wake, core.next_wake())
+            core.flush()
+        self._shutdown()
+
+    def _serve_status(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.status.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            rid, body = frames[0], frames[1:]
+            try:
+                protocol.decode_status_request(body)
+            except ProtocolError as exc:
+                self.core.count_bad("status", exc)
+                self.status.send_multipart([rid, *protocol.encode_status_invalid(str(exc))])
+                continue
+            self.status.send_multipart([rid, *protocol.encode_snapshot(self.core.snapshot())])
+
+    def _shutdown(self) -> None:
+        log.info("broker stopping: flushing the journal")
+        self.core.accepting = False
+        self.core.flush()
+        self.core.journal.close()
+        self.close()
+        log.info("broker stopped")
+
+    def close(self) -> None:
+        for sock in (self.clients, self.workers, self.status):
+            sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.core.snapshot()
+
+
+def run_broker(cfg: BrokerConfig, journal: Journal | None = None) -> None:
+    """Entry point of ``rw broker``: run until SIGTERM/SIGINT."""
+    server = BrokerServer(cfg, journal)
+    server.install_signal_handlers()
+    server.run()

@@ -1,0 +1,352 @@
+"""The Python client: submit jobs, wait for results, ask about and cancel jobs.
+
+One DEALER socket with a fixed routing id, so a reconnect keeps the broker's
+replies flowing to us. The client keeps each unfinished job's payload until its
+outcome arrives: if the broker restarts, unconfirmed jobs are sent again and
+confirmed ones are asked for (WAIT), and the job id makes either safe to repeat.
+A Client is not thread-safe; use one per thread.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import zmq
+
+from . import protocol
+from .config import DEFAULT_CLIENTS, DEFAULT_STATUS
+from .errors import BrokerUnavailable, JobFailed, ProtocolError, Refused
+
+Payload = Union[bytes, bytearray, memoryview, str, list, tuple]
+
+#: Seconds between liveness pings while waiting for results.
+PING_INTERVAL = 1.0
+
+
+@dataclass
+class JobResult:
+    """How one job ended: ``status`` is ``done``, ``failed``, ``cancelled`` or ``refused``."""
+
+    id: str
+    status: str
+    frames: list[bytes] | None = None
+    reason: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def payload(self) -> bytes:
+        """The result as one bytes value (frames joined); raises if the job did not succeed."""
+        if self.frames is None:
+            raise JobFailed(self.id, self.status if not self.reason else self.reason, self.error)
+        return b"".join(self.frames)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.frames is not None:
+            text = b"".join(self.frames)
+            try:
+                out["result"] = text.decode()
+            except UnicodeDecodeError:
+                out["result_hex"] = text.hex()
+        else:
+            out["reason"] = self.reason
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class _Pending:
+    frames: list[bytes]  # the SUBMIT message, for re-sending after a broker restart
+    confirmed: bool = False
+
+
+def _frames(payload: Payload) -> list[bytes]:
+    if isinstance(payload, str):
+        return [payload.encode()]
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return [bytes(payload)]
+    if isinstance(payload, (list, tuple)) and payload:
+        return [p.encode() if isinstance(p, str) else bytes(p) for p in payload]
+    raise TypeError("a payload is bytes, str, or a non-empty list of them")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Client:
+    """Submit jobs to a broker and collect their outcomes.
+
+    Args:
+        broker: the broker's clients endpoint.
+        status: the broker's status endpoint (for :meth:`status`).
+        request_timeout: seconds to wait for the broker's first answer before
+            :class:`BrokerUnavailable`; after the first contact the client rides
+            out broker restarts instead of giving up.
+    """
+
+    def __init__(
+        self,
+        broker: str = DEFAULT_CLIENTS,
+        *,
+        status: str = DEFAULT_STATUS,
+        request_timeout: float = 5.0,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.broker = broker
+        self.status_endpoint = status
+        self.request_timeout = request_timeout
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, b"rwc-" + uuid.uuid4().bytes)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.connect(broker)
+        self._pending: dict[str, _Pending] = {}
+        self._done: dict[str, JobResult] = {}
+        self._replies: dict[tuple[bytes, str], protocol.Reply] = {}
+        self._broker_id: str | None = None
+        self._last_heard = 0.0  # monotonic time of the broker's last message; 0 = never
+        self._last_ping = 0.0
+        self.on_event: Callable[[str], None] | None = None  # progress notes, e.g. reconnects
+
+    # ----------------------------------------------------------------- context manager
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    # ----------------------------------------------------------------- submitting
+    def submit(
+        self,
+        payload: Payload,
+        *,
+        id: str | None = None,
+        queue: str = protocol.DEFAULT_QUEUE,
+        timeout: float | None = None,
+        tries: int | None = None,
+    ) -> str:
+        """Send one job and return its id at once; collect it with :meth:`result`."""
+        job_id = id or new_job_id()
+        protocol.check_job_id(job_id.encode())
+        protocol.check_queue(queue.encode())
+        if job_id in self._pending:
+            return job_id
+        self._done.pop(job_id, None)
+        frames = protocol.encode_submit(job_id, queue, timeout, tries, _frames(payload))
+        self._pending[job_id] = _Pending(frames)
+        self._send(frames)
+        return job_id
+
+    def attach(self, job_id: str) -> None:
+        """Follow a job submitted elsewhere (another process, an earlier run)."""
+        protocol.check_job_id(job_id.encode())
+        if job_id not in self._pending and job_id not in self._done:
+            self._pending[job_id] = _Pending([], confirmed=True)
+            self._send(protocol.encode_job_ref(protocol.WAIT, job_id))
+
+    def _send(self, frames: list[bytes]) -> None:
+        """Send without ever blocking forever: read replies while the pipe is full."""
+        while True:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self._pump(0.05, want_out=True)
+
+    # ----------------------------------------------------------------- waiting
+    def result(self, job_id: str, timeout: float | None = None) -> bytes:
+        """Wait for one job and return its result; raise :class:`JobFailed` otherwise."""
+        outcome = self.outcome(job_id, timeout)
+        if outcome.status == "refused":
+            raise Refused(job_id, outcome.reason, outcome.error)
+        return outcome.payload
+
+    def outcome(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait for one job and return how it ended (without raising on failure)."""
+        if job_id not in self._pending and job_id not in self._done:
+            self.attach(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while job_id not in self._done:
+            self._wait_step(deadline)
+        return self._done.pop(job_id)
+
+    def results(self, job_ids: Iterable[str] | None = None, timeout: float | None = None
+                ) -> Iterator[JobResult]:
+        """Yield outcomes as they arrive (any order) until every named job has ended."""
+        wanted = set(self._pending) | set(self._done) if job_ids is None else set(job_ids)
+        for job_id in wanted:
+            if job_id not in self._pending and job_id not in self._done:
+                self.attach(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while wanted:
+            ready = [j for j in wanted if j in self._done] if self._done else []
+            for job_id in ready:
+                wanted.discard(job_id)
+                yield self._done.pop(job_id)
+            if wanted:
+                self._wait_step(deadline)
+
+    def run(self, payload: Payload, **options: Any) -> bytes:
+        """Submit one job and wait for its result."""
+        return self.result(self.submit(payload, **options))
+
+    def map(self, payloads: Iterable[Payload], **options: Any) -> list[bytes]:
+        """Submit many jobs, wait for all, return their results in input order."""
+        ids = [self.submit(p, **options) for p in payloads]
+        got = {r.id: r for r in self.results(ids)}
+        return [got[i].payload for i in ids]
+
+    def _wait_step(self, deadline: float | None) -> None:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError("timed out waiting for job results")
+        step = PING_INTERVAL if deadline is None else min(PING_INTERVAL, deadline - now)
+        self._pump(step)
+        self._check_broker()
+
+    def _check_broker(self) -> None:
+        """Ping while waiting; before first contact, give up after ``request_timeout``."""
+        now = time.monotonic()
+        if self._last_heard == 0.0:
+            if self._last_ping == 0.0:
+                self._last_ping = now
+                self._send(protocol.encode_ping())
+            elif now - self._last_ping > self.request_timeout:
+                raise BrokerUnavailable(
+                    f"no answer from the broker at {self.broker} within {self.request_timeout:g}s"
+                    " (is `rw broker` running there?)"
+                )
+            return
+        if now - self._last_ping >= PING_INTERVAL:
+            self._last_ping = now
+            self._send(protocol.encode_ping())
+            if now - self._last_heard > 3 * PING_INTERVAL + 1 and self.on_event:
+                self.on_event(f"broker at {self.broker} not answering; waiting for it")
+
+    # ----------------------------------------------------------------- receiving
+    def _pump(self, timeout: float, want_out: bool = False) -> None:
+        events = zmq.POLLIN | (zmq.POLLOUT if want_out else 0)
+        if not self.sock.poll(max(0, int(timeout * 1000)), events) & zmq.POLLIN:
+            return
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            reply = protocol.decode_reply(frames)
+        except ProtocolError:
+            return  # a bad reply is ignored; the wait goes on
+        self._last_heard = time.monotonic()
+        cmd = reply.command
+        if cmd == protocol.ACCEPTED:
+            p = self._pending.get(reply.job_id)
+            if p is not None:
+                p.confirmed = True
+        elif cmd == protocol.RESULT:
+            self._finish(JobResult(reply.job_id, "done", reply.frames))
+        elif cmd == protocol.FAILED:
+            reason, error = (f.decode("utf-8", "replace") for f in reply.frames)
+            self._finish(JobResult(reply.job_id, "failed", None, reason, error))
+        elif cmd == protocol.CANCELLED:
+            self._finish(JobResult(reply.job_id, "cancelled", None, "cancelled"))
+        elif cmd == protocol.REFUSED:
+            code, text = (f.decode("utf-8", "replace") for f in reply.frames)
+            self._finish(JobResult(reply.job_id, "refused", None, code, text))
+        elif cmd == protocol.PONG:
+            broker_id = reply.frames[0].decode() if reply.frames else ""
+            if self._broker_id is not None and broker_id != self._broker_id:
+                self._resync()
+            self._broker_id = broker_id
+        elif cmd == protocol.UNKNOWN:
+            p = self._pending.get(reply.job_id)
+            if p is not None and p.frames:
+                self._send(p.frames)  # the broker lost it (no journal): submit again
+            elif p is not None:
+                self._pending.pop(reply.job_id)
+                self._finish(JobResult(reply.job_id, "unknown", None, "unknown",
+                                       "the broker does not know this job"))
+            self._replies[(cmd, reply.job_id)] = reply
+        else:  # INFO
+            self._replies[(cmd, reply.job_id)] = reply
+
+    def _finish(self, result: JobResult) -> None:
+        # Only jobs we still wait for: a repeated outcome (after a resync) is dropped here,
+        # so each result reaches the caller exactly once.
+        if self._pending.pop(result.id, None) is not None:
+            self._done[result.id] = result
+
+    def _resync(self) -> None:
+        """A new broker answered: re-send what it may not have, ask about the rest."""
+        if self.on_event:
+            self.on_event("broker restarted; re-sending unfinished jobs")
+        for job_id, p in self._pending.items():
+            if p.confirmed or not p.frames:
+                self._send(protocol.encode_job_ref(protocol.WAIT, job_id))
+            else:
+                self._send(p.frames)
+
+    # ----------------------------------------------------------------- inspect and cancel
+    def _request(self, command: bytes, job_id: str) -> dict[str, Any] | None:
+        protocol.check_job_id(job_id.encode())
+        self._replies.pop((protocol.INFO, job_id), None)
+        self._replies.pop((protocol.UNKNOWN, job_id), None)
+        self._send(protocol.encode_job_ref(command, job_id))
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            for cmd in (protocol.INFO, protocol.UNKNOWN):
+                reply = self._replies.pop((cmd, job_id), None)
+                if reply is not None:
+                    return reply.info if cmd == protocol.INFO else None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerUnavailable(
+                    f"no answer from the broker at {self.broker} within {self.request_timeout:g}s"
+                )
+            self._pump(left)
+
+    def query(self, job_id: str) -> dict[str, Any] | None:
+        """The job's state as the broker knows it, or None if it does not know the id."""
+        return self._request(protocol.QUERY, job_id)
+
+    def cancel(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel a job; returns its state afterwards, or None if the id is unknown."""
+        return self._request(protocol.CANCEL, job_id)
+
+    def status(self) -> dict[str, Any]:
+        return fetch_status(self.status_endpoint, self.request_timeout, self.ctx)
+
+
+def fetch_status(endpoint: str, timeout: float = 5.0, ctx: zmq.Context | None = None
+                 ) -> dict[str, Any]:
+    """Ask a broker's status endpoint for one snapshot (a fresh REQ each time, never stuck)."""
+    ctx = ctx or zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(protocol.encode_status_request()[1:])  # REQ adds the delimiter
+        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+            raise BrokerUnavailable(
+                f"no answer from the broker's status endpoint {endpoint} within {timeout:g}s"
+                " (is `rw broker` running, and is this its status endpoint?)"
+            )
+        return protocol.decode_snapshot(sock.recv_multipart())
+    finally:
+        sock.close(0)

@@ -1,0 +1,209 @@
+"""One TOML config for every command, resolved once and validated with messages that name the culprit.
+
+Resolution order: ``-c/--config PATH``, else ``$RW_CONFIG``, else ``./respworkers.toml``
+if present, else the built-in defaults (which work on one machine). Command-line
+flags override the file; :meth:`Config.override` re-validates them, naming the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+ENV_VAR = "RW_CONFIG"
+LOCAL_FILE = "respworkers.toml"
+
+DEFAULT_CLIENTS = "tcp://127.0.0.1:7781"
+DEFAULT_WORKERS = "tcp://127.0.0.1:7782"
+DEFAULT_STATUS = "tcp://127.0.0.1:7783"
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string such as 'tcp://127.0.0.1:7781'")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ValueError(f"{value!r} is not a ZeroMQ endpoint (tcp://host:port, ipc://path)")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not (port == "*" or (port.isdigit() and int(port) < 65536)):
+            raise ValueError(f"{value!r} needs tcp://HOST:PORT with a port from 0 to 65535")
+    return value
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a number of seconds greater than 0")
+    return float(value)
+
+
+def _int_at_least(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a whole number")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    return check
+
+
+def _queue_list(value: Any) -> tuple[str, ...]:
+    from .protocol import check_queue
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of queue names")
+    try:
+        return tuple(check_queue(v.encode()) for v in value)
+    except Exception as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _log_level(value: Any) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if not isinstance(value, str) or value.lower() not in levels:
+        raise ValueError(f"must be one of {', '.join(levels)}")
+    return value.lower()
+
+
+def _check(fn: Callable[[Any], Any], doc: str) -> dict[str, Any]:
+    return {"check": fn, "doc": doc}
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    clients: str = field(default=DEFAULT_CLIENTS, metadata=_check(_endpoint, "endpoint"))
+    workers: str = field(default=DEFAULT_WORKERS, metadata=_check(_endpoint, "endpoint"))
+    status: str = field(default=DEFAULT_STATUS, metadata=_check(_endpoint, "endpoint"))
+    timeout: float = field(default=60.0, metadata=_check(_positive_float, "seconds"))
+    tries: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
+    heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
+    liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
+    retention: float = field(default=3600.0, metadata=_check(_positive_float, "seconds"))
+    max_retained: int = field(default=100_000, metadata=_check(_int_at_least(0), "count"))
+    log_level: str = field(default="info", metadata=_check(_log_level, "level"))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str = field(default=DEFAULT_WORKERS, metadata=_check(_endpoint, "endpoint"))
+    processes: int = field(default=1, metadata=_check(_int_at_least(1), "count"))
+    queues: tuple[str, ...] = field(default=(), metadata=_check(_queue_list, "queues"))
+    heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
+    liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
+    log_level: str = field(default="info", metadata=_check(_log_level, "level"))
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    broker: str = field(default=DEFAULT_CLIENTS, metadata=_check(_endpoint, "endpoint"))
+    status: str = field(default=DEFAULT_STATUS, metadata=_check(_endpoint, "endpoint"))
+    request_timeout: float = field(default=5.0, metadata=_check(_positive_float, "seconds"))
+
+
+_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "worker": WorkerConfig, "client": ClientConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    source: str = "built-in defaults"  #: where the values came from, for messages
+
+    def override(self, section: str, **flags: Any) -> Config:
+        """Return a copy with command-line flags applied; ``None`` means "not given"."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        if not given:
+            return self
+        current = getattr(self, section)
+        checked = {
+            key: _validate(current, key, value, f"--{key.replace('_', '-')}")
+            for key, value in given.items()
+        }
+        return dataclasses.replace(self, **{section: dataclasses.replace(current, **checked)})
+
+
+def _validate(section_obj: Any, key: str, value: Any, where: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(section_obj)}[key]
+    try:
+        return f.metadata["check"](value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _build(section: str, table: Any, source: str) -> Any:
+    cls = _SECTIONS[section]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{section}] must be a table")
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: [{section}] unknown key {key!r}{extra}")
+        values[key] = _validate(cls(), key, value, f"{source}: [{section}] {key}")
+    return cls(**values)
+
+
+def parse(text: str, source: str) -> Config:
+    """Parse TOML text; every error names ``source`` and the offending section/key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            hint = difflib.get_close_matches(name, list(_SECTIONS), n=1)
+            extra = f" (did you mean [{hint[0]}]?)" if hint else ""
+            raise ConfigError(f"{source}: unknown section [{name}]{extra}")
+        sections[name] = _build(name, table, source)
+    return Config(**sections, source=source)
+
+
+def find_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """Which file to read, by the documented precedence; ``None`` means built-in defaults."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    local = Path(LOCAL_FILE)
+    return local if local.is_file() else None
+
+
+def load(explicit: str | os.PathLike[str] | None = None) -> Config:
+    path = find_path(explicit)
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        origin = "" if explicit else f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else ""
+        raise ConfigError(f"cannot read config {path}{origin}: {exc.strerror or exc}") from None
+    return parse(text, str(path))

@@ -1,0 +1,56 @@
+"""One base exception so callers can catch everything respworkers raises on purpose."""
+
+from __future__ import annotations
+
+
+class RespWorkersError(Exception):
+    """Base class of every error respworkers raises deliberately."""
+
+
+class ConfigError(RespWorkersError):
+    """A config file, key, value or flag is wrong; the message names which."""
+
+
+class ProtocolError(RespWorkersError):
+    """A message on the wire does not follow docs/protocol.md.
+
+    ``reason`` is a short machine-friendly phrase (it is also what the broker
+    counts and, where it can, sends back), the message adds the detail.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class TargetError(RespWorkersError):
+    """A ``module:Class`` worker target cannot be imported or is not a Worker."""
+
+
+class JobFileError(RespWorkersError):
+    """A job file for ``rw submit`` is malformed; the message names the line and field."""
+
+
+class JobFailed(RespWorkersError):
+    """A job ended without a result (failed after all tries, or cancelled)."""
+
+    def __init__(self, job_id: str, reason: str, error: str = "") -> None:
+        super().__init__(f"job {job_id!r} {reason}" + (f": {error}" if error else ""))
+        self.job_id = job_id
+        self.reason = reason
+        self.error = error
+
+
+class BrokerUnavailable(RespWorkersError):
+    """The broker did not answer in time."""
+
+
+class Refused(RespWorkersError):
+    """The broker refused a submission (for example: broker full, bad options)."""
+
+    def __init__(self, job_id: str, code: str, text: str) -> None:
+        super().__init__(f"job {job_id!r} refused ({code}): {text}")
+        self.job_id = job_id
+        self.code = code
+        self.text = text

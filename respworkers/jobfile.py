@@ -1,0 +1,140 @@
+"""Read ``rw submit`` job files: one JSON object, a JSON array, or JSON Lines.
+
+Everything is checked before anything is sent, and every error names the line
+(and the field) so the file can be fixed in one go.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol
+from .errors import JobFileError, ProtocolError
+
+FIELDS = ("payload", "id", "queue", "timeout", "tries")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    payload: bytes
+    id: str | None = None
+    queue: str | None = None
+    timeout: float | None = None
+    tries: int | None = None
+    line: int = 0
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _check(obj: Any, where: str, line: int) -> JobSpec:
+    if not isinstance(obj, dict):
+        raise JobFileError(f"{where}: a job must be a JSON object, got {type(obj).__name__}")
+    unknown = [k for k in obj if k not in FIELDS]
+    if unknown:
+        raise JobFileError(
+            f"{where}: unknown field {unknown[0]!r} (a job has: {', '.join(FIELDS)})"
+        )
+    if "payload" not in obj:
+        raise JobFileError(f"{where}: missing field 'payload'")
+    value = obj["payload"]
+    payload = value.encode() if isinstance(value, str) else json.dumps(value).encode()
+    job_id = obj.get("id")
+    if job_id is not None:
+        if not isinstance(job_id, str):
+            raise JobFileError(f"{where}: field 'id' must be a string")
+        try:
+            protocol.check_job_id(job_id.encode())
+        except ProtocolError as exc:
+            raise JobFileError(f"{where}: field 'id': {exc.detail}") from None
+    queue = obj.get("queue")
+    if queue is not None:
+        if not isinstance(queue, str):
+            raise JobFileError(f"{where}: field 'queue' must be a string")
+        try:
+            protocol.check_queue(queue.encode())
+        except ProtocolError as exc:
+            raise JobFileError(f"{where}: field 'queue': {exc.detail}") from None
+    timeout = obj.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise JobFileError(f"{where}: field 'timeout' must be a number of seconds > 0")
+    tries = obj.get("tries")
+    if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
+        raise JobFileError(f"{where}: field 'tries' must be a whole number >= 1")
+    return JobSpec(payload, job_id, queue, None if timeout is None else float(timeout), tries, line)
+
+
+def parse(text: str, source: str) -> list[JobSpec]:
+    """Parse a whole job file; raise :class:`JobFileError` naming ``source``, line and field."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise JobFileError(f"{source}: no jobs (the file is empty)")
+    decoder = json.JSONDecoder()
+    jobs: list[JobSpec] = []
+    if stripped[0] == "[":
+        pos = text.index("[") + 1
+        n = 0
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(text) and text[pos] == "]" and n == 0:
+                pos += 1
+                break
+            n += 1
+            line = _line_of(text, pos)
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise JobFileError(f"{source}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+            jobs.append(_check(obj, f"{source}: line {line} (job {n})", line))
+            while pos < len(text) and text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+                continue
+            if pos < len(text) and text[pos] == "]":
+                pos += 1
+                break
+            raise JobFileError(
+                f"{source}: line {_line_of(text, pos)}: invalid JSON: expected ',' or ']'"
+            )
+        if text[pos:].strip():
+            raise JobFileError(f"{source}: line {_line_of(text, pos)}: text after the array")
+    else:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+            lines = text.splitlines()
+        else:
+            lines = []
+        if whole is not None:
+            line = _line_of(text, len(text) - len(stripped))
+            jobs.append(_check(whole, f"{source}: line {line}", line))
+        else:
+            for i, raw in enumerate(lines, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise JobFileError(f"{source}: line {i}: invalid JSON: {exc.msg}") from None
+                jobs.append(_check(obj, f"{source}: line {i}", i))
+    if not jobs:
+        raise JobFileError(f"{source}: no jobs (the array is empty)")
+    seen: dict[str, int] = {}
+    for job in jobs:
+        if job.id is not None:
+            if job.id in seen:
+                raise JobFileError(
+                    f"{source}: line {job.line}: id {job.id!r} already used on line {seen[job.id]}"
+                )
+            seen[job.id] = job.line
+    return jobs

@@ -1,0 +1,92 @@
+"""Render a broker status snapshot as rich renderables (pure functions of the snapshot)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+_STATE_STYLE = {"busy": "yellow", "idle": "green", "stopping": "magenta", "waiting": "dim"}
+
+
+def render(snap: dict[str, Any]) -> Group:
+    b = snap.get("broker", {})
+    t = snap.get("totals", {})
+    r = snap.get("rates", {})
+    head = Text()
+    head.append(f"broker {b.get('id', '?')}", style="bold")
+    head.append(f"  pid {b.get('pid')} on {b.get('host')}  up {_dur(b.get('uptime'))}")
+    if not b.get("accepting", True):
+        head.append("  STOPPING", style="bold red")
+    head.append("\n")
+    head.append(
+        f"queued {snap.get('queued', 0)}  in flight {snap.get('in_flight', 0)}  "
+        f"workers {len(snap.get('workers', []))}\n"
+    )
+    head.append(
+        f"submitted {t.get('submitted', 0)}  done {t.get('done', 0)}  "
+        f"retried {t.get('retried', 0)}  failed {t.get('failed', 0)}  "
+        f"cancelled {t.get('cancelled', 0)}\n"
+    )
+    head.append(
+        f"rates/s: submitted {r.get('submitted', 0):.1f}  done {r.get('done', 0):.1f}  "
+        f"failed {r.get('failed', 0):.1f}"
+    )
+    bad = snap.get("bad_messages") or {}
+    if bad:
+        head.append(f"\nbad messages {sum(bad.values())}: ", style="red")
+        head.append(", ".join(f"{k} x{v}" for k, v in sorted(bad.items())[:6]), style="red")
+
+    queues = Table(title="queues", expand=False, title_justify="left")
+    for col in ("queue", "queued", "running", "workers", "idle"):
+        queues.add_column(col, justify="left" if col == "queue" else "right")
+    for name, q in sorted(snap.get("queues", {}).items()):
+        warn = q.get("queued") and not q.get("workers")
+        queues.add_row(
+            Text(name + ("  (no worker serves it)" if warn else ""), style="red" if warn else ""),
+            str(q.get("queued", 0)), str(q.get("running", 0)), str(q.get("workers", 0)),
+            str(q.get("idle", 0)),
+        )
+
+    workers = Table(title="workers", expand=False, title_justify="left")
+    for col in ("worker", "queues", "state", "job", "try", "busy for", "done", "failed", "seen"):
+        workers.add_column(col, justify="right" if col in ("try", "done", "failed") else "left")
+    for w in sorted(snap.get("workers", []), key=lambda w: str(w.get("name"))):
+        state = w.get("state", "?")
+        workers.add_row(
+            str(w.get("name")), ",".join(w.get("queues", [])),
+            Text(state, style=_STATE_STYLE.get(state, "")), str(w.get("job") or ""),
+            str(w.get("attempt") or ""), _dur(w.get("busy_for")), str(w.get("done", 0)),
+            str(w.get("failed", 0)), _dur(w.get("last_seen")) + " ago",
+        )
+    parts: list[Any] = [Panel(head, title="respworkers", expand=False), queues, workers]
+    failures = snap.get("recent_failures") or []
+    if failures:
+        ft = Table(title="recent failures", expand=False, title_justify="left")
+        for col in ("job", "queue", "reason", "tries", "last error"):
+            ft.add_column(col)
+        for f in list(failures)[-10:]:
+            err = (f.get("error") or "").strip().splitlines()
+            ft.add_row(str(f.get("id")), str(f.get("queue")), str(f.get("reason")),
+                       str(f.get("attempts")), err[-1][:80] if err else "")
+        parts.append(ft)
+    return Group(*parts)
+
+
+def render_unreachable(message: str) -> Panel:
+    return Panel(Text(message, style="bold red"), title="respworkers", expand=False)

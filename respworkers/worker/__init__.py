@@ -1,0 +1,1 @@
+"""Workers: ``base`` is what users subclass, ``runner`` is one process, ``pool`` supervises N."""

@@ -1,0 +1,291 @@
+"""One worker process: a DEALER to the broker, heartbeats, and the user's code in a thread.
+
+The main thread owns every socket: it talks to the broker, sends heartbeats and
+handles signals. The job runs in one long-lived executor thread that exchanges
+messages with the main thread over an inproc PAIR, so a slow job never silences
+the heartbeats (the job's time limit is what covers slow jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from .. import __version__, protocol
+from ..config import WorkerConfig
+from ..errors import ProtocolError
+from .base import JobContext, Worker
+from .base import __file__ as base_file
+
+log = logging.getLogger(__name__)
+
+_OK = b"ok"
+_ERR = b"err"
+_QUIT = b"quit"
+
+
+_LIBRARY_FILES = {__file__, base_file}
+
+
+def _user_traceback() -> str:
+    """The exception's traceback without the library's own frames on top."""
+    etype, value, tb = sys.exc_info()
+    while tb is not None and tb.tb_frame.f_code.co_filename in _LIBRARY_FILES:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(etype, value, tb))
+
+
+def _as_frames(value: Any, who: str) -> list[bytes]:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return [bytes(value)]
+    if isinstance(value, str):
+        return [value.encode()]
+    if isinstance(value, (list, tuple)) and value:
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                item = item.encode()
+            if not isinstance(item, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{who} returned a frame of type {type(item).__name__}, not bytes")
+            out.append(bytes(item))
+        return out
+    raise TypeError(f"{who} must return bytes (or a non-empty list of bytes), got {type(value).__name__}")
+
+
+class Runner:
+    """Runs one Worker instance against the broker until told to stop."""
+
+    def __init__(
+        self,
+        worker_cls: type[Worker],
+        cfg: WorkerConfig,
+        queues: tuple[str, ...],
+        slot: str | None = None,
+        parent_pid: int | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.worker_cls = worker_cls
+        self.cfg = cfg
+        self.queues = queues
+        self.parent_pid = parent_pid
+        self.ctx = ctx or zmq.Context()
+        self.info = {
+            "name": f"{socket.gethostname()}:{os.getpid()}",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "class": f"{worker_cls.__module__}.{worker_cls.__qualname__}",
+            "version": __version__,
+            "heartbeat": cfg.heartbeat,
+            "slot": slot or uuid.uuid4().hex,
+        }
+        self.dealer: zmq.Socket | None = None
+        self.job: tuple[str, int] | None = None  # (id, attempt) in hand
+        self.signals = 0
+        self.broker_id: str | None = None
+        self.broker_interval = cfg.heartbeat
+        self.broker_liveness = cfg.liveness
+        self.last_heard = 0.0
+        self.jobs_done = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # ------------------------------------------------------------------ signals
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+
+    def request_stop(self) -> None:
+        """Ask for a warm stop from code (tests, embedding); same as one SIGTERM."""
+        self.signals += 1
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ broker link
+    def _connect(self) -> None:
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(0)
+        d = self.ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 2000)
+        d.setsockopt(zmq.RECONNECT_IVL, 100)
+        d.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        d.connect(self.cfg.broker)
+        self.dealer = d
+        self.poller.register(d, zmq.POLLIN)
+        job_id, attempt = self.job if self.job else (None, 0)
+        d.send_multipart(protocol.encode_hello(self.queues, self.info, job_id, attempt))
+        self.last_heard = time.monotonic()
+        self.broker_interval = self.cfg.heartbeat
+        self.broker_liveness = self.cfg.liveness
+
+    def _send(self, frames: list[bytes]) -> None:
+        assert self.dealer is not None
+        self.dealer.send_multipart(frames)
+
+    # ------------------------------------------------------------------ executor
+    def _executor(self, worker: Worker, endpoint: str) -> None:
+        pair = self.ctx.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(endpoint)
+        try:
+            while True:
+                frames = pair.recv_multipart()
+                if frames[0] == _QUIT:
+                    return
+                job_id, attempt, timeout = frames[0], frames[1], frames[2]
+                worker.job = JobContext(job_id.decode(), int(attempt), float(timeout))
+                try:
+                    out = _as_frames(worker.process_multipart(frames[3:]), type(worker).__name__)
+                    pair.send_multipart([_OK, job_id, attempt, *out])
+                except BaseException:
+                    pair.send_multipart([_ERR, job_id, attempt, _user_traceback().encode()])
+                finally:
+                    worker.job = None
+        finally:
+            pair.close()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        import threading
+
+        worker = self.worker_cls()
+        worker.setup()
+        endpoint = f"inproc://rw-exec-{uuid.uuid4().hex}"
+        pair = self.ctx.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.bind(endpoint)
+        thread = threading.Thread(
+            target=self._executor, args=(worker, endpoint), name="rw-executor", daemon=True
+        )
+        thread.start()
+        self.poller = zmq.Poller()
+        self.poller.register(pair, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        self._connect()
+        stopping = False
+        next_beat = time.monotonic() + self.cfg.heartbeat
+        try:
+            while True:
+                now = time.monotonic()
+                timeout = max(0.0, next_beat - now)
+                events = dict(self.poller.poll(timeout * 1000.0))
+                now = time.monotonic()
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    self.signals = max(self.signals, 1)  # orphaned: stop warmly
+                if self.signals >= 2 and self.job is not None:
+                    job_id, attempt = self.job
+                    log.warning("forced stop: giving job %s back to the broker", job_id)
+                    self._send(protocol.encode_return(job_id, attempt))
+                    self.job = None
+                    return 0
+                if self.signals and not stopping:
+                    stopping = True
+                    log.info("stopping: %s", "finishing the job in hand" if self.job else "idle")
+                if stopping and self.job is None:
+                    self._send(protocol.BYE_FRAMES)
+                    return 0
+                if pair in events:
+                    status, job_id_b, attempt_b, *rest = pair.recv_multipart()
+                    job_id = job_id_b.decode()
+                    attempt = int(attempt_b)
+                    self.job = None
+                    ready = self.signals == 0
+                    if status == _OK:
+                        self._send(protocol.encode_worker_result(job_id, attempt, ready, rest))
+                    else:
+                        error = rest[0].decode("utf-8", "replace")
+                        log.warning("job %s attempt %d raised:\n%s", job_id, attempt, error.rstrip())
+                        self._send(protocol.encode_worker_error(job_id, attempt, ready, error))
+                    self.jobs_done += 1
+                    if not ready:
+                        self._send(protocol.BYE_FRAMES)
+                        return 0
+                if self.dealer in events:
+                    self._drain_broker(pair)
+                if now >= next_beat:
+                    next_beat = now + self.cfg.heartbeat
+                    self._send(protocol.HEARTBEAT_FRAMES)
+                    silent = now - self.last_heard
+                    if silent > self.broker_interval * self.broker_liveness:
+                        log.warning(
+                            "no word from the broker for %.1fs: reconnecting to %s",
+                            silent, self.cfg.broker,
+                        )
+                        self._connect()
+        finally:
+            try:
+                pair.send_multipart([_QUIT], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            if self.job is None:
+                try:
+                    worker.teardown()
+                except Exception:
+                    log.exception("teardown failed")
+            if self.dealer is not None:
+                self.dealer.close()
+            pair.close()
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _drain_broker(self, pair: zmq.Socket) -> None:
+        assert self.dealer is not None
+        while True:
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            try:
+                msg = protocol.decode_broker(frames)
+            except ProtocolError as exc:
+                log.warning("ignored a bad message from the broker: %s", exc)
+                continue
+            kind = type(msg)
+            if kind is protocol.Job:
+                if self.job is not None or self.signals:
+                    # Not ready for it (a stop crossed the dispatch): hand it straight back.
+                    self._send(protocol.encode_return(msg.job_id, msg.attempt))
+                    continue
+                self.job = (msg.job_id, msg.attempt)
+                pair.send_multipart(
+                    [msg.job_id.encode(), str(msg.attempt).encode(), repr(msg.timeout).encode(),
+                     *msg.payload],
+                    copy=False,
+                )
+            elif kind is protocol.Welcome:
+                if self.broker_id is not None and msg.broker_id != self.broker_id:
+                    log.info("registered with a new broker (%s)", msg.broker_id)
+                self.broker_id = msg.broker_id
+                self.broker_interval = msg.heartbeat
+                self.broker_liveness = msg.liveness
+            elif kind is protocol.Disconnect:
+                log.info("broker asked us to register again (%s)", msg.reason)
+                self._connect()
+                return
+            # Heartbeat: hearing anything is enough.
