@@ -106,12 +106,12 @@ class Pool:
         import select
 
         while True:
-            if self.signals > forwarded:
+            while self.signals > forwarded:  # one SIGTERM to each child per signal received
                 if forwarded == 0:
                     log.info("stopping: each worker finishes its job in hand (signal again to force)")
                 else:
                     log.warning("forcing: workers hand their jobs back to the broker")
-                forwarded = self.signals
+                forwarded += 1
                 self._signal_children()
             alive = 0
             now = time.monotonic()

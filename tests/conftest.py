@@ -1,0 +1,185 @@
+"""Real processes on ipc:// endpoints in a short temp folder; every process is cleaned up by pid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from respworkers.client import Client, fetch_status
+from respworkers.errors import BrokerUnavailable
+
+TESTS = Path(__file__).parent
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from /proc (Linux)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    """A process started by a test, with its output in a file."""
+
+    popen: subprocess.Popen
+    log: Path
+    known_children: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        kids = children_of(self.pid)
+        self.known_children.update(kids)
+        return kids
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.popen.wait(timeout)
+
+    def kill_all(self) -> None:
+        """SIGKILL this process and every child it ever had that is still alive."""
+        if self.popen.poll() is None:
+            self.children()
+        for pid in [self.pid, *self.known_children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class Cluster:
+    """Endpoints in a private folder plus the processes a test starts on them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clients = f"ipc://{root}/clients"
+        self.workers = f"ipc://{root}/workers"
+        self.status = f"ipc://{root}/status"
+        self.procs: list[Proc] = []
+        self.env = {k: v for k, v in os.environ.items() if k != "RW_CONFIG"}
+        self.env["PYTHONPATH"] = os.pathsep.join([str(TESTS), self.env.get("PYTHONPATH", "")])
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self._n = 0
+
+    def rw(self, *args: str, name: str = "rw") -> Proc:
+        self._n += 1
+        log = self.root / f"{self._n:02d}-{name}.log"
+        fh = open(log, "wb")
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "respworkers", *args], cwd=self.root, env=self.env,
+            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        fh.close()
+        proc = Proc(popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run an ``rw`` command to completion (stdout and stderr kept apart)."""
+        return subprocess.run(
+            [sys.executable, "-m", "respworkers", *args], cwd=self.root, env=self.env,
+            capture_output=True, text=True, input=input, timeout=timeout,
+        )
+
+    def broker(self, *extra: str, wait: bool = True) -> Proc:
+        proc = self.rw("broker", "--clients", self.clients, "--workers", self.workers,
+                       "--status", self.status, *extra, name="broker")
+        if wait:
+            wait_for(lambda: self.try_status() is not None, 15, what="the broker to answer")
+        return proc
+
+    def pool(self, target: str = "jobs_fixtures:Tester", n: int = 1, *extra: str,
+             wait: bool = True) -> Proc:
+        before = len(self.workers_registered())
+        proc = self.rw("worker", target, "--broker", self.workers, "-n", str(n), *extra,
+                       name="worker")
+        if wait:
+            wait_for(lambda: len(self.workers_registered()) >= before + n, 20,
+                     what=f"{n} workers to register")
+            proc.children()
+        return proc
+
+    def try_status(self) -> dict[str, Any] | None:
+        try:
+            return fetch_status(self.status, 1.0)
+        except BrokerUnavailable:
+            return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return fetch_status(self.status, 5.0)
+
+    def workers_registered(self) -> list[dict[str, Any]]:
+        snap = self.try_status()
+        return snap["workers"] if snap else []
+
+    def client(self, **kw: Any) -> Client:
+        kw.setdefault("request_timeout", 5.0)
+        return Client(self.clients, status=self.status, **kw)
+
+    def cleanup(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill_all()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    root = Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))  # ipc paths must stay short
+    c = Cluster(root)
+    try:
+        yield c
+    finally:
+        c.cleanup()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Worker classes the tests run in real worker processes (importable: tests/ is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from respworkers import Worker
+
+
+class Tester(Worker):
+    """Payload commands: ``sleep:S``, ``raise``, ``crash``, ``crash-once:PATH``, anything else echoes.
+
+    Every answer starts with the worker's pid so tests can see who ran what.
+    """
+
+    def process(self, payload: bytes) -> bytes:
+        text = payload.decode()
+        pid = os.getpid()
+        if text.startswith("sleep:"):
+            time.sleep(float(text[6:]))
+        elif text == "raise":
+            raise ValueError("asked to raise")
+        elif text == "crash":
+            os._exit(13)
+        elif text.startswith("crash-once:"):
+            marker = text.split(":", 1)[1]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(13)
+        return f"{pid}:{text}".encode()
+
+
+class Frames(Worker):
+    """Answers each frame reversed, in reverse order (shows process_multipart)."""
+
+    queues = ("frames",)
+
+    def process_multipart(self, frames: list[bytes]) -> list[bytes]:
+        return [f[::-1] for f in reversed(frames)]
+
+
+class NotAWorker:
+    def process(self, payload: bytes) -> bytes:
+        return payload
+
+
+class Lazy(Worker):
+    """Overrides nothing: rejected as a target."""

@@ -1,0 +1,169 @@
+"""The `rw` command as users run it: real subprocesses, real exit codes, real output."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from conftest import Cluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_submit_batch_json_and_exit_codes(cluster: Cluster) -> None:
+    cluster.broker("--tries", "2")
+    cluster.pool(n=2)
+    jobs = cluster.root / "jobs.json"
+    jobs.write_text(json.dumps([
+        {"payload": "one", "id": "job-1"},
+        {"payload": {"k": [1, 2]}, "id": "job-2"},
+        {"payload": "raise", "id": "job-3", "tries": 1},
+    ]))
+    done = cluster.run("submit", str(jobs), "--broker", cluster.clients, "--json")
+    assert done.returncode == 1, done.stderr  # one job failed
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["id"] for line in lines] == ["job-1", "job-2", "job-3"]
+    assert lines[0]["status"] == "done" and lines[0]["result"].endswith(":one")
+    assert lines[1]["result"].endswith(':{"k": [1, 2]}')  # non-strings are sent as JSON text
+    assert lines[2]["status"] == "failed" and "ValueError" in lines[2]["error"]
+
+    ok = cluster.run("submit", "-", "--broker", cluster.clients,
+                     input='{"payload": "a"}\n{"payload": "b", "timeout": 5}\n')
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("✓") == 2
+
+
+def test_submit_resubmitting_an_id_returns_the_same_result(cluster: Cluster) -> None:
+    cluster.broker()
+    cluster.pool(n=1)
+    first = cluster.run("submit", "-p", "x", "--broker", cluster.clients, "--json")
+    job_id = json.loads(first.stdout)["id"]
+    again = cluster.run("submit", "-", "--broker", cluster.clients, "--json",
+                        input=json.dumps({"id": job_id, "payload": "different"}))
+    assert json.loads(again.stdout)["result"] == json.loads(first.stdout)["result"]
+    assert cluster.snapshot()["totals"]["submitted"] == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[{"payload": "a"},\n {"payload": "b", "prio": 3}]', "line 2 (job 2): unknown field 'prio'"),
+        ('{"payload": "a"}\n{"id": "x"}\n', "line 2: missing field 'payload'"),
+        ('{"payload": "a"}\n{"payload": \n', "line 2: invalid JSON"),
+        ('[{"payload": "a", "timeout": -1}]', "field 'timeout'"),
+        ('[{"payload": "a", "id": "x"}, {"payload": "b", "id": "x"}]', "already used on line 1"),
+        ("", "no jobs"),
+    ],
+)
+def test_submit_rejects_bad_job_files_and_submits_nothing(
+    cluster: Cluster, text: str, message: str
+) -> None:
+    cluster.broker()
+    bad = cluster.run("submit", "-", "--broker", cluster.clients, input=text)
+    assert bad.returncode == 2
+    assert message in bad.stderr and "nothing was submitted" in bad.stderr
+    assert cluster.snapshot()["totals"]["submitted"] == 0
+
+
+def test_submit_without_broker_says_so(cluster: Cluster) -> None:
+    conf = cluster.root / "c.toml"
+    conf.write_text('[client]\nrequest_timeout = 0.5\n')
+    r = cluster.run("submit", "-p", "x", "-c", str(conf), "--broker", cluster.clients, timeout=20)
+    assert r.returncode == 3
+    assert "no answer from the broker" in r.stderr
+
+
+def test_status_once_json_and_unreachable(cluster: Cluster) -> None:
+    cluster.broker()
+    cluster.pool(n=2)
+    raw = cluster.run("status", "--status", cluster.status, "--json")
+    assert raw.returncode == 0
+    snap = json.loads(raw.stdout)
+    assert len(snap["workers"]) == 2
+    assert {"id", "name", "host", "pid", "state", "job", "busy_for", "done", "failed",
+            "last_seen"} <= set(snap["workers"][0])
+    assert {"submitted", "done", "retried", "failed"} <= set(snap["totals"])
+    assert snap["queues"]["default"]["workers"] == 2
+
+    table = cluster.run("status", "--status", cluster.status, "--once")
+    assert table.returncode == 0 and "workers" in table.stdout and "default" in table.stdout
+
+    conf = cluster.root / "c.toml"
+    conf.write_text('[client]\nrequest_timeout = 0.5\n')
+    gone = cluster.run("status", "-c", str(conf), "--status", f"ipc://{cluster.root}/nobody",
+                       "--once", timeout=15)
+    assert gone.returncode == 3 and "no answer from the broker's status endpoint" in gone.stderr
+
+
+def test_live_status_stops_cleanly_on_sigint(cluster: Cluster) -> None:
+    cluster.broker()
+    live = cluster.rw("status", "--status", cluster.status, name="status")
+    import time
+
+    time.sleep(2)
+    live.signal(signal.SIGINT)
+    assert live.wait(10) == 0
+    assert "broker" in live.output()
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("no_such_module:X", "no module named 'no_such_module'"),
+        ("jobs_fixtures:Missing", "has no attribute 'Missing'"),
+        ("jobs_fixtures:NotAWorker", "not a subclass of respworkers.Worker"),
+        ("jobs_fixtures:Lazy", "overrides neither process nor process_multipart"),
+        ("jobs_fixtures", "expected MODULE:CLASS"),
+    ],
+)
+def test_bad_worker_target_fails_at_once(cluster: Cluster, target: str, message: str) -> None:
+    r = cluster.run("worker", target, "--broker", cluster.workers, timeout=20)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_bad_config_value_is_named(cluster: Cluster) -> None:
+    conf = cluster.root / "bad.toml"
+    conf.write_text("[broker]\ntries = 0\n")
+    r = cluster.run("broker", "-c", str(conf))
+    assert r.returncode == 2 and "bad.toml: [broker] tries: must be at least 1" in r.stderr
+    conf.write_text("[broker]\ntimout = 3\n")
+    r = cluster.run("broker", "-c", str(conf))
+    assert r.returncode == 2 and "unknown key 'timout' (did you mean 'timeout'?)" in r.stderr
+    r = cluster.run("broker", "--timeout", "-1", "--clients", cluster.clients)
+    assert r.returncode == 2 and "--timeout: must be a number of seconds greater than 0" in r.stderr
+
+
+def test_broker_reads_config_file_from_env_and_cwd(cluster: Cluster) -> None:
+    conf = cluster.root / "respworkers.toml"  # found in the working directory
+    conf.write_text(
+        f'[broker]\nclients = "{cluster.clients}"\nworkers = "{cluster.workers}"\n'
+        f'status = "{cluster.status}"\ntries = 7\n'
+        f'[client]\nbroker = "{cluster.clients}"\nstatus = "{cluster.status}"\n'
+        f'[worker]\nbroker = "{cluster.workers}"\n'
+    )
+    cluster.rw("broker", name="broker")
+    from conftest import wait_for
+
+    snap = wait_for(cluster.try_status, 15, what="the broker configured from ./respworkers.toml")
+    assert snap["broker"]["defaults"]["tries"] == 7
+    cluster.rw("worker", "jobs_fixtures:Tester", name="worker")
+    wait_for(lambda: cluster.workers_registered(), 15, what="the worker")
+    r = cluster.run("submit", "-p", "hi")  # every endpoint from the file
+    assert r.returncode == 0 and ":hi" in r.stdout
+
+
+def test_inspect_and_cancel(cluster: Cluster) -> None:
+    cluster.broker()  # no workers: jobs stay queued
+    with cluster.client() as c:
+        c.submit("x", id="waiting-job", queue="nobody")
+        c._pump(0.5)
+    shown = cluster.run("inspect", "waiting-job", "--broker", cluster.clients, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "queued"
+    gone = cluster.run("cancel", "waiting-job", "nope", "--broker", cluster.clients)
+    assert "waiting-job: cancelled" in gone.stdout and "nope: unknown" in gone.stdout
+    assert gone.returncode == 1
+    table = cluster.run("inspect", "waiting-job", "--broker", cluster.clients)
+    assert "cancelled" in table.stdout
