@@ -117,12 +117,11 @@ class Cluster:
     def rw(self, *args: str, name: str = "rw") -> Proc:
         self._n += 1
         log = self.root / f"{self._n:02d}-{name}.log"
-        fh = open(log, "wb")
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "respworkers", *args], cwd=self.root, env=self.env,
-            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        fh.close()
+        with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "respworkers", *args], cwd=self.root, env=self.env,
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
         proc = Proc(popen, log)
         self.procs.append(proc)
         return proc
