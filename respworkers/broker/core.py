@@ -172,6 +172,7 @@ class BrokerCore:
         self.ready: dict[str, dict[bytes, WorkerRec]] = {}
         self.workers: dict[bytes, WorkerRec] = {}
         self.slots: dict[str, bytes] = {}  # a pool slot -> the worker process now in it
+        self.serving: dict[str, int] = {}  # queue -> registered workers serving it
         # In-flight attempts grouped by timeout: within a group deadlines only grow,
         # so expiry looks at the front of each group and completion deletes in O(1).
         self.inflight: dict[float, OrderedDict[str, Job]] = {}
@@ -376,7 +377,15 @@ class BrokerCore:
             if d and (best is None or d[0].seq < best[0].seq):
                 best = d
         if best is not None:
-            job = best.popleft()
+            job = best[0]
+            if (job.tried and w.name in job.tried and len(best) > 1
+                    and self.serving.get(job.queue, 0) > 1):
+                # Leave a retry for another worker when this one already failed it and
+                # there is other work for this one.
+                job = best[1]
+                del best[1]
+            else:
+                best.popleft()
             if not best:
                 del self.pending[job.queue]
             self._assign(job, w)
@@ -474,6 +483,8 @@ class BrokerCore:
         if w.slot is not None:
             self._replace_slot(w, msg)
         self.workers[wid] = w
+        for q in w.queues:
+            self.serving[q] = self.serving.get(q, 0) + 1
         self.send_worker(wid, self._welcome)
         if msg.job_id is None:
             self._make_ready(w)
@@ -603,7 +614,14 @@ class BrokerCore:
 
     def _drop_worker(self, w: WorkerRec, why: str) -> None:
         """Forget a worker; its current attempt, if any, failed (a crash counts as a try)."""
-        self.workers.pop(w.wid, None)
+        if self.workers.pop(w.wid, None) is None:
+            return
+        for q in w.queues:
+            left = self.serving[q] - 1
+            if left:
+                self.serving[q] = left
+            else:
+                del self.serving[q]
         if w.slot is not None and self.slots.get(w.slot) == w.wid:
             del self.slots[w.slot]
         self._unready(w)
