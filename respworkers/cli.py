@@ -73,16 +73,18 @@ def cli() -> None:
 @click.option("--status", metavar="ENDPOINT", help="Endpoint status queries go to.")
 @click.option("--timeout", type=float, help="Default seconds one attempt may take.")
 @click.option("--tries", type=int, help="Default attempts before a job fails.")
+@click.option("--journal", metavar="PATH", help='sqlite journal file, or ":memory:".')
 @click.option("--log-level", help="debug, info, warning or error.")
 def broker(config_path: str | None, **flags: Any) -> None:
     """Run the broker until Ctrl-C or SIGTERM."""
     cfg = _override(_load(config_path), "broker", **flags)
     _logging(cfg.broker.log_level)
+    from .broker.journal import JournalError
     from .broker.server import BindError, run_broker
 
     try:
         run_broker(cfg.broker)
-    except BindError as exc:
+    except (BindError, JournalError) as exc:
         _fail(str(exc), RET_USAGE)
 
 

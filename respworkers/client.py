@@ -142,6 +142,10 @@ class Client:
         job_id = id or new_job_id()
         protocol.check_job_id(job_id.encode())
         protocol.check_queue(queue.encode())
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
+            raise ValueError(f"tries must be a whole number >= 1, got {tries!r}")
         if job_id in self._pending:
             return job_id
         self._done.pop(job_id, None)
@@ -253,6 +257,9 @@ class Client:
             reply = protocol.decode_reply(frames)
         except ProtocolError:
             return  # a bad reply is ignored; the wait goes on
+        # Pings went unanswered for a while: outcomes sent meanwhile may have been
+        # dropped (or the broker restarted). Ask again once we hear from it.
+        cut_off = bool(self._last_heard) and self._last_ping - self._last_heard > 2 * PING_INTERVAL
         self._last_heard = time.monotonic()
         cmd = reply.command
         if cmd == protocol.ACCEPTED:
@@ -272,7 +279,7 @@ class Client:
         elif cmd == protocol.PONG:
             broker_id = reply.frames[0].decode() if reply.frames else ""
             if self._broker_id is not None and broker_id != self._broker_id:
-                self._resync()
+                cut_off = True
             self._broker_id = broker_id
         elif cmd == protocol.UNKNOWN:
             p = self._pending.get(reply.job_id)
@@ -280,11 +287,13 @@ class Client:
                 self._send(p.frames)  # the broker lost it (no journal): submit again
             elif p is not None:
                 self._pending.pop(reply.job_id)
-                self._finish(JobResult(reply.job_id, "unknown", None, "unknown",
-                                       "the broker does not know this job"))
+                self._done[reply.job_id] = JobResult(
+                    reply.job_id, "unknown", None, "unknown", "the broker does not know this job")
             self._replies[(cmd, reply.job_id)] = reply
         else:  # INFO
             self._replies[(cmd, reply.job_id)] = reply
+        if cut_off and self._pending:
+            self._resync()
 
     def _finish(self, result: JobResult) -> None:
         # Only jobs we still wait for: a repeated outcome (after a resync) is dropped here,
@@ -295,7 +304,7 @@ class Client:
     def _resync(self) -> None:
         """A new broker answered: re-send what it may not have, ask about the rest."""
         if self.on_event:
-            self.on_event("broker restarted; re-sending unfinished jobs")
+            self.on_event("reconnected to the broker; asking about unfinished jobs")
         for job_id, p in self._pending.items():
             if p.confirmed or not p.frames:
                 self._send(protocol.encode_job_ref(protocol.WAIT, job_id))

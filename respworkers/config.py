@@ -82,6 +82,23 @@ def _string(value: Any) -> str:
     return value
 
 
+def _default_journal() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
+    return os.path.join(state, "respworkers", "journal.sqlite3")
+
+
+def _journal(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError('must be a file path, or ":memory:" to keep jobs in memory only')
+    return value
+
+
+def _sync(value: Any) -> str:
+    if value not in ("normal", "full"):
+        raise ValueError('must be "normal" (survives a broker crash) or "full" (also a power cut)')
+    return value
+
+
 def _log_level(value: Any) -> str:
     levels = ("debug", "info", "warning", "error")
     if not isinstance(value, str) or value.lower() not in levels:
@@ -104,6 +121,8 @@ class BrokerConfig:
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
     retention: float = field(default=3600.0, metadata=_check(_positive_float, "seconds"))
     max_retained: int = field(default=100_000, metadata=_check(_int_at_least(0), "count"))
+    journal: str = field(default_factory=_default_journal, metadata=_check(_journal, "path"))
+    journal_sync: str = field(default="normal", metadata=_check(_sync, "mode"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
 
 

@@ -71,7 +71,8 @@ REFUSE_SHUTDOWN = "shutdown"
 
 MAX_ID_BYTES = 200
 MAX_QUEUE_BYTES = 64
-MAX_INFO_BYTES = 8192
+MAX_INFO_BYTES = 8192  #: JSON frames peers send the broker (HELLO info)
+MAX_REPLY_INFO_BYTES = 64 << 20  #: INFO from the broker carries tracebacks
 DEFAULT_QUEUE = "default"
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -136,12 +137,12 @@ def _flag(raw: bytes, what: str) -> bool:
     raise ProtocolError(f"bad {what}", "must be '0' or '1'")
 
 
-def _json_object(raw: bytes, what: str) -> dict[str, Any]:
-    if len(raw) > MAX_INFO_BYTES:
-        raise ProtocolError(f"bad {what}", f"larger than {MAX_INFO_BYTES} bytes")
+def _json_object(raw: bytes, what: str, limit: int = MAX_INFO_BYTES) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise ProtocolError(f"bad {what}", f"larger than {limit} bytes")
     try:
         value = json.loads(raw) if raw else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: hostile deep nesting
         raise ProtocolError(f"bad {what}", f"not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"bad {what}", "not a JSON object")
@@ -314,7 +315,7 @@ def decode_reply(frames: list[bytes]) -> Reply:
     if cmd == INFO:
         if len(rest) != 1:
             raise ProtocolError("bad reply", "INFO needs one JSON frame")
-        return Reply(cmd, job_id, rest, _json_object(rest[0], "info"))
+        return Reply(cmd, job_id, rest, _json_object(rest[0], "info", MAX_REPLY_INFO_BYTES))
     if cmd in (ACCEPTED, CANCELLED, UNKNOWN):
         return Reply(cmd, job_id, rest)
     raise ProtocolError("unknown command", repr(cmd[:20]))
@@ -529,7 +530,7 @@ def decode_snapshot(frames: list[bytes]) -> dict[str, Any]:
         raise ProtocolError("bad status reply", repr(frames[1][:20]))
     try:
         value = json.loads(frames[2])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError("bad status reply", f"not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ProtocolError("bad status reply", "not a JSON object")

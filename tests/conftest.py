@@ -108,6 +108,7 @@ class Cluster:
         self.clients = f"ipc://{root}/clients"
         self.workers = f"ipc://{root}/workers"
         self.status = f"ipc://{root}/status"
+        self.journal = str(root / "journal.sqlite3")
         self.procs: list[Proc] = []
         self.env = {k: v for k, v in os.environ.items() if k != "RW_CONFIG"}
         self.env["PYTHONPATH"] = os.pathsep.join([str(TESTS), self.env.get("PYTHONPATH", "")])
@@ -135,7 +136,7 @@ class Cluster:
 
     def broker(self, *extra: str, wait: bool = True) -> Proc:
         proc = self.rw("broker", "--clients", self.clients, "--workers", self.workers,
-                       "--status", self.status, *extra, name="broker")
+                       "--status", self.status, "--journal", self.journal, *extra, name="broker")
         if wait:
             wait_for(lambda: self.try_status() is not None, 15, what="the broker to answer")
         return proc

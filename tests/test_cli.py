@@ -139,7 +139,7 @@ def test_broker_reads_config_file_from_env_and_cwd(cluster: Cluster) -> None:
     conf = cluster.root / "respworkers.toml"  # found in the working directory
     conf.write_text(
         f'[broker]\nclients = "{cluster.clients}"\nworkers = "{cluster.workers}"\n'
-        f'status = "{cluster.status}"\ntries = 7\n'
+        f'status = "{cluster.status}"\ntries = 7\njournal = "{cluster.journal}"\n'
         f'[client]\nbroker = "{cluster.clients}"\nstatus = "{cluster.status}"\n'
         f'[worker]\nbroker = "{cluster.workers}"\n'
     )

@@ -65,7 +65,10 @@ def test_flags_are_validated_and_named() -> None:
         Config().override("worker", processes=0)
 
 
-def test_example_config_documents_every_key_with_its_default() -> None:
+def test_example_config_documents_every_key_with_its_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     example = Path(__file__).parent.parent / "config.example.toml"
     cfg = parse(example.read_text(), str(example))
     assert cfg.broker == Config().broker

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .. import __version__, protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError
-from .journal import Journal, NullJournal
+from .journal import Journal, NullJournal, Stored
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ FINAL = frozenset((DONE, FAILED, CANCELLED))
 RECENT_FAILURES = 20
 #: How many ready workers a retry looks through for one that has not tried the job.
 RETRY_SCAN = 32
+#: Longest heartbeat interval a worker may announce (seconds).
+MAX_WORKER_HEARTBEAT = 60.0
 #: Window of the rates shown in the status, in seconds.
 RATE_WINDOW = 10.0
 
@@ -178,6 +180,10 @@ class BrokerCore:
         self.inflight: dict[float, OrderedDict[str, Job]] = {}
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.unconfirmed: list[tuple[bytes, bytes]] = []
+        # Jobs that were running when the previous broker stopped: held back briefly so
+        # the workers still running them can re-register and claim them.
+        self.recovering: dict[str, Job] = {}
+        self.recover_at = 0.0
         self.counters = Counters()
         self.bad: dict[str, int] = {}  # malformed or unexpected input, by reason
         self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
@@ -188,6 +194,41 @@ class BrokerCore:
         self._next_beat = 0.0
         self._bad_logged = 0.0
         self._welcome = protocol.encode_welcome(self.broker_id, cfg.heartbeat, cfg.liveness)
+
+    # ------------------------------------------------------------------ restart
+    def restore(self, stored: list[Stored]) -> dict[str, int]:
+        """Rebuild state from the journal after a restart (call before serving).
+
+        Queued jobs queue again in their old order. A job that was running is held back
+        for one heartbeat expiry so its worker can re-register and claim it; if none
+        does, it runs again and the interrupted attempt does not count as a try.
+        Finished jobs keep their outcome for WAIT and QUERY until retention ends.
+        """
+        counts = {"queued": 0, "interrupted": 0, "finished": 0}
+        finished: list[Job] = []
+        self.recover_at = self.now + self.cfg.heartbeat * self.cfg.liveness
+        for row in stored:
+            job = Job(row.id, row.queue, row.payload or [b""], row.timeout, row.tries, row.seq,
+                      row.created)
+            job.attempt, job.tried = row.attempt, row.tried
+            job.started, job.error, job.reason = row.started, row.error, row.reason
+            self.jobs[job.id] = job
+            self._seq = max(self._seq, row.seq)
+            if row.state in FINAL:
+                job.state, job.result, job.finished, job.payload = (
+                    row.state, row.result, row.finished, None)
+                finished.append(job)
+            elif row.state == RUNNING:
+                job.attempt = max(0, row.attempt - 1)
+                self.recovering[job.id] = job
+                counts["interrupted"] += 1
+            else:
+                self._enqueue(job, front=False)
+                counts["queued"] += 1
+        for job in sorted(finished, key=lambda j: j.finished):
+            self.finished[job.id] = job
+        counts["finished"] = len(finished)
+        return counts
 
     # ------------------------------------------------------------------ clock
     def set_time(self, mono: float, wall: float) -> None:
@@ -231,11 +272,11 @@ class BrokerCore:
         job = self.jobs.get(job_id)
         if job is not None:  # same id again: attach, never run twice
             self.counters.resubmitted += 1
-            if not plain:
-                self.send_client(client, protocol.encode_accepted(job_id))
+            if not plain:  # confirmed with this batch, so never before the original is durable
+                self.unconfirmed.append((client, job.bid))
             if job.state in FINAL:
                 self._tell(job, client, plain)
-            else:
+            elif (client, plain) not in job.waiters:
                 job.waiters.append((client, plain))
             return
         if not self.accepting:
@@ -300,16 +341,28 @@ class BrokerCore:
         if job.state in FINAL:
             return
         if job.state == QUEUED:
-            try:
-                self.pending[job.queue].remove(job)
-            except (KeyError, ValueError):
-                pass
+            self._unqueue(job)
         self._finish(job, CANCELLED, protocol.FAIL_CANCELLED, "cancelled by a client")
 
     # ================================================================== dispatch
+    def _unqueue(self, job: Job) -> None:
+        """Take a queued job out of its queue (rare paths only: O(queue length))."""
+        if self.recovering.pop(job.id, None) is not None:
+            return
+        q = self.pending.get(job.queue)
+        if q is not None:
+            try:
+                q.remove(job)
+            except ValueError:
+                return
+            if not q:
+                del self.pending[job.queue]
+
     def _enqueue(self, job: Job, front: bool) -> None:
         job.state = QUEUED
         job.worker = None
+        if front:  # a retry or a give-back: the journal must know the attempt count
+            self.journal.attempted(job)
         ready = self.ready.get(job.queue)
         if ready:
             w = self._pick(ready, job) if job.tried else next(iter(ready.values()))
@@ -458,6 +511,8 @@ class BrokerCore:
             elif kind is protocol.WorkerError:
                 self._worker_error(w, msg)
             elif kind is protocol.Hello:
+                if msg.job_id is not None and w.job_id == msg.job_id and w.attempt == msg.attempt:
+                    self._release(w)  # it keeps the attempt it holds; the new record claims it
                 self._drop_worker(w, "re-registered")
                 self._hello(wid, msg)
             elif kind is protocol.Return:
@@ -478,7 +533,10 @@ class BrokerCore:
     def _hello(self, wid: bytes, msg: protocol.Hello) -> None:
         w = WorkerRec(wid, msg.queues, msg.info, self.now)
         beat = msg.info.get("heartbeat")
-        interval = max(self.cfg.heartbeat, beat if isinstance(beat, (int, float)) else 0.0)
+        if isinstance(beat, bool) or not isinstance(beat, (int, float)):
+            beat = 0.0
+        # A worker may beat more slowly than the broker, within reason.
+        interval = min(max(self.cfg.heartbeat, beat), MAX_WORKER_HEARTBEAT)
         w.expiry = interval * self.cfg.liveness
         if w.slot is not None:
             self._replace_slot(w, msg)
@@ -499,19 +557,16 @@ class BrokerCore:
         if job.state == RUNNING and (job.worker is None or job.worker.wid not in self.workers):
             job.worker = w  # the same process, reconnected with its job in hand
         elif job.state == QUEUED:
-            try:
-                self.pending[job.queue].remove(job)
-                if not self.pending[job.queue]:
-                    del self.pending[job.queue]
-            except (KeyError, ValueError):
-                pass
+            self._unqueue(job)
             job.attempt = max(job.attempt, msg.attempt)
             job.state = RUNNING
             job.worker = w
             job.deadline = self.now + job.timeout
-            job.tried.append(w.name)
+            if not job.tried or job.tried[-1] != w.name:
+                job.tried.append(w.name)
             group = self.inflight.setdefault(job.timeout, OrderedDict())
             group[job.id] = job
+            self.journal.attempted(job)
 
     def _replace_slot(self, w: WorkerRec, msg: protocol.Hello) -> None:
         """A pool slot has a new process, or the same one reconnected on a new socket.
@@ -566,12 +621,7 @@ class BrokerCore:
             self.counters.duplicates += 1
             return
         if state == QUEUED:  # a timed-out attempt answered before its retry started
-            try:
-                self.pending[job.queue].remove(job)
-                if not self.pending[job.queue]:
-                    del self.pending[job.queue]
-            except (KeyError, ValueError):
-                pass
+            self._unqueue(job)
             self.counters.late += 1
         elif job.worker is not w:
             self.counters.late += 1
@@ -636,6 +686,10 @@ class BrokerCore:
     def tick(self) -> float:
         """Expire attempts and silent workers, send heartbeats; return when to tick next."""
         now = self.now
+        if self.recovering and now >= self.recover_at:
+            for job in sorted(self.recovering.values(), key=lambda j: j.seq):
+                self._enqueue(job, front=False)
+            self.recovering.clear()
         for timeout in list(self.inflight):
             group = self.inflight[timeout]
             while group:
@@ -655,6 +709,8 @@ class BrokerCore:
 
     def next_wake(self) -> float:
         wake = self._next_beat
+        if self.recovering and self.recover_at < wake:
+            wake = self.recover_at
         for group in self.inflight.values():
             if group:
                 deadline = next(iter(group.values())).deadline
@@ -665,6 +721,8 @@ class BrokerCore:
     def _heartbeat(self, now: float) -> None:
         beat = protocol.HEARTBEAT_FRAMES
         dead = [w for w in self.workers.values() if now - w.last_seen > w.expiry]
+        for w in dead:  # first, so no job of a dead worker is handed to another dead one
+            self._unready(w)
         for w in dead:
             self.counters.lost_workers += 1
             log.warning("worker %s silent for %.1fs: dropping it", w.name, now - w.last_seen)
@@ -688,7 +746,7 @@ class BrokerCore:
             finished.popitem(last=False)
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
-        self.journal.expire(horizon)
+            self.journal.forget(job.id)
 
     # ================================================================== status
     def snapshot(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from .. import protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError, RespWorkersError
 from .core import BrokerCore
-from .journal import Journal
+from .journal import Journal, open_journal
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,19 @@ class BrokerServer:
         return self.core.snapshot()
 
 
-def run_broker(cfg: BrokerConfig, journal: Journal | None = None) -> None:
-    """Entry point of ``rw broker``: run until SIGTERM/SIGINT."""
-    server = BrokerServer(cfg, journal)
+def run_broker(cfg: BrokerConfig) -> None:
+    """Entry point of ``rw broker``: open the journal, restore, run until SIGTERM/SIGINT."""
+    journal = open_journal(cfg.journal, cfg.journal_sync)
+    try:
+        server = BrokerServer(cfg, journal)
+    except BaseException:
+        journal.close()
+        raise
+    counts = server.core.restore(journal.load())
+    if any(counts.values()):
+        log.info(
+            "journal %s: %d queued and %d interrupted jobs to run, %d finished kept",
+            cfg.journal, counts["queued"], counts["interrupted"], counts["finished"],
+        )
     server.install_signal_handlers()
     server.run()

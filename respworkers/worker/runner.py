@@ -90,6 +90,9 @@ class Runner:
         }
         self.dealer: zmq.Socket | None = None
         self.job: tuple[str, int] | None = None  # (id, attempt) in hand
+        # The last RESULT/ERROR sent, until the broker is heard from again: if we must
+        # reconnect first, it may be lost with the old socket, so it is sent again.
+        self.unconfirmed: tuple[str, int, list[bytes]] | None = None
         self.signals = 0
         self.broker_id: str | None = None
         self.broker_interval = cfg.heartbeat
@@ -129,8 +132,13 @@ class Runner:
         d.connect(self.cfg.broker)
         self.dealer = d
         self.poller.register(d, zmq.POLLIN)
-        job_id, attempt = self.job if self.job else (None, 0)
-        d.send_multipart(protocol.encode_hello(self.queues, self.info, job_id, attempt))
+        if self.unconfirmed is not None:
+            job_id, attempt, answer = self.unconfirmed
+            d.send_multipart(protocol.encode_hello(self.queues, self.info, job_id, attempt))
+            d.send_multipart(answer)
+        else:
+            job_id, attempt = self.job if self.job else (None, 0)
+            d.send_multipart(protocol.encode_hello(self.queues, self.info, job_id, attempt))
         self.last_heard = time.monotonic()
         self.broker_interval = self.cfg.heartbeat
         self.broker_liveness = self.cfg.liveness
@@ -198,6 +206,7 @@ class Runner:
                     job_id, attempt = self.job
                     log.warning("forced stop: giving job %s back to the broker", job_id)
                     self._send(protocol.encode_return(job_id, attempt))
+                    self._send(protocol.BYE_FRAMES)
                     self.job = None
                     return 0
                 if self.signals and not stopping:
@@ -213,11 +222,13 @@ class Runner:
                     self.job = None
                     ready = self.signals == 0
                     if status == _OK:
-                        self._send(protocol.encode_worker_result(job_id, attempt, ready, rest))
+                        answer = protocol.encode_worker_result(job_id, attempt, ready, rest)
                     else:
                         error = rest[0].decode("utf-8", "replace")
                         log.warning("job %s attempt %d raised:\n%s", job_id, attempt, error.rstrip())
-                        self._send(protocol.encode_worker_error(job_id, attempt, ready, error))
+                        answer = protocol.encode_worker_error(job_id, attempt, ready, error)
+                    self._send(answer)
+                    self.unconfirmed = (job_id, attempt, answer)
                     self.jobs_done += 1
                     if not ready:
                         self._send(protocol.BYE_FRAMES)
@@ -261,6 +272,7 @@ class Runner:
             except zmq.Again:
                 return
             self.last_heard = time.monotonic()
+            self.unconfirmed = None
             try:
                 msg = protocol.decode_broker(frames)
             except ProtocolError as exc:
