@@ -117,6 +117,11 @@ class Client:
         self._last_heard = 0.0  # monotonic time of the broker's last message; 0 = never
         self._last_ping = 0.0
         self.on_event: Callable[[str], None] | None = None  # progress notes, e.g. reconnects
+        # Learn the broker's id before any job is confirmed: a later PONG with another
+        # id means the broker restarted, and we ask again about every unfinished job.
+        self._last_ping = time.monotonic()
+        self._pings = 1
+        self.sock.send_multipart(protocol.encode_ping())
 
     # ----------------------------------------------------------------- context manager
     def __enter__(self) -> Client:
@@ -225,10 +230,7 @@ class Client:
         """Ping while waiting; before first contact, give up after ``request_timeout``."""
         now = time.monotonic()
         if self._last_heard == 0.0:
-            if self._last_ping == 0.0:
-                self._last_ping = now
-                self._send(protocol.encode_ping())
-            elif now - self._last_ping > self.request_timeout:
+            if now - self._last_ping > self.request_timeout:
                 raise BrokerUnavailable(
                     f"no answer from the broker at {self.broker} within {self.request_timeout:g}s"
                     " (is `rw broker` running there?)"
@@ -236,6 +238,7 @@ class Client:
             return
         if now - self._last_ping >= PING_INTERVAL:
             self._last_ping = now
+            self._pings += 1
             self._send(protocol.encode_ping())
             if now - self._last_heard > 3 * PING_INTERVAL + 1 and self.on_event:
                 self.on_event(f"broker at {self.broker} not answering; waiting for it")
@@ -279,7 +282,9 @@ class Client:
         elif cmd == protocol.PONG:
             broker_id = reply.frames[0].decode() if reply.frames else ""
             if self._broker_id is not None and broker_id != self._broker_id:
-                cut_off = True
+                cut_off = True  # the broker restarted
+            elif self._broker_id is None and self._pings > 1:
+                cut_off = True  # our first ping may have died with an earlier broker
             self._broker_id = broker_id
         elif cmd == protocol.UNKNOWN:
             p = self._pending.get(reply.job_id)
@@ -305,7 +310,9 @@ class Client:
         """A new broker answered: re-send what it may not have, ask about the rest."""
         if self.on_event:
             self.on_event("reconnected to the broker; asking about unfinished jobs")
-        for job_id, p in self._pending.items():
+        for job_id, p in list(self._pending.items()):
+            if job_id not in self._pending:  # finished while we were sending
+                continue
             if p.confirmed or not p.frames:
                 self._send(protocol.encode_job_ref(protocol.WAIT, job_id))
             else:

@@ -488,7 +488,7 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
         info = _json_object(frames[2], "welcome")
         try:
             return Welcome(str(info["broker"]), float(info["heartbeat"]), int(info["liveness"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError("bad WELCOME", f"missing or wrong field {exc}") from None
     if cmd == DISCONNECT:
         return Disconnect(_text(frames[2]) if len(frames) > 2 else "")

@@ -9,7 +9,9 @@ from respworkers import Worker
 
 
 class Tester(Worker):
-    """Payload commands: ``sleep:S``, ``raise``, ``crash``, ``crash-once:PATH``, anything else echoes.
+    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``raise``, ``crash``, ``crash-once:PATH``.
+
+    Anything else is echoed.
 
     Every answer starts with the worker's pid so tests can see who ran what.
     """
@@ -19,6 +21,10 @@ class Tester(Worker):
         pid = os.getpid()
         if text.startswith("sleep:"):
             time.sleep(float(text[6:]))
+        elif text.startswith("started:"):  # started:PATH:SECONDS - say so in a file, then sleep
+            _, marker, seconds = text.split(":")
+            open(marker, "w").close()
+            time.sleep(float(seconds))
         elif text == "raise":
             raise ValueError("asked to raise")
         elif text == "crash":

@@ -149,13 +149,13 @@ def test_broker_stops_on_sigterm_with_exit_0(cluster: Cluster) -> None:
 def test_pool_stops_warmly_on_sigterm(cluster: Cluster) -> None:
     cluster.broker()
     pool = cluster.pool(n=1)
+    marker = cluster.root / "started"
     with cluster.client() as c:
-        job = c.submit("sleep:1.5")
-        wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]),
-                 what="the job to start")
+        job = c.submit(f"started:{marker}:1.5")
+        wait_for(marker.exists, what="the job to start")  # in hand, not just dispatched
         pool.signal(signal.SIGTERM)
         result = c.result(job, timeout=10)  # the job in hand finishes and is delivered
-        assert result.endswith(b"sleep:1.5")
+        assert result.endswith(b":1.5")
     assert pool.wait(10) == 0
     assert not any(alive(p) for p in pool.known_children)
     wait_for(lambda: cluster.snapshot()["workers"] == [], 5, what="the worker to say goodbye")
@@ -166,9 +166,9 @@ def test_second_signal_gives_the_job_back_without_counting_a_try(cluster: Cluste
     cluster.broker()
     pool = cluster.pool(n=1)
     with cluster.client() as c:
-        job = c.submit("sleep:30", tries=1)
-        wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]),
-                 what="the job to start")
+        marker = cluster.root / "started"
+        job = c.submit(f"started:{marker}:30", tries=1)
+        wait_for(marker.exists, what="the job to start")
         pool.signal(signal.SIGTERM)
         time.sleep(0.5)  # signals sent together are merged by the kernel and by Python
         pool.signal(signal.SIGTERM)

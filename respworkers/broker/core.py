@@ -554,7 +554,8 @@ class BrokerCore:
         if job is None or job.state in FINAL:
             return
         w.job = job
-        if job.state == RUNNING and (job.worker is None or job.worker.wid not in self.workers):
+        holder = job.worker
+        if job.state == RUNNING and (holder is None or self.workers.get(holder.wid) is not holder):
             job.worker = w  # the same process, reconnected with its job in hand
         elif job.state == QUEUED:
             self._unqueue(job)

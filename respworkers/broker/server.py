@@ -36,7 +36,8 @@ class BrokerServer:
         self, cfg: BrokerConfig, journal: Journal | None = None, ctx: zmq.Context | None = None
     ) -> None:
         self.cfg = cfg
-        self.ctx = ctx or zmq.Context.instance()
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
         self.clients = self._bind("clients", cfg.clients, unlimited_send=True)
         self.workers = self._bind("workers", cfg.workers, unlimited_send=False)
         self.status = self._bind("status", cfg.status, unlimited_send=False)
@@ -175,6 +176,8 @@ class BrokerServer:
     def close(self) -> None:
         for sock in (self.clients, self.workers, self.status):
             sock.close()
+        if self._own_ctx:
+            self.ctx.term()  # waits (up to each socket's LINGER) for replies still queued
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

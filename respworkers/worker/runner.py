@@ -78,6 +78,7 @@ class Runner:
         self.cfg = cfg
         self.queues = queues
         self.parent_pid = parent_pid
+        self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.info = {
             "name": f"{socket.gethostname()}:{os.getpid()}",
@@ -207,7 +208,6 @@ class Runner:
                     log.warning("forced stop: giving job %s back to the broker", job_id)
                     self._send(protocol.encode_return(job_id, attempt))
                     self._send(protocol.BYE_FRAMES)
-                    self.job = None
                     return 0
                 if self.signals and not stopping:
                     stopping = True
@@ -250,7 +250,7 @@ class Runner:
                 pair.send_multipart([_QUIT], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            if self.job is None:
+            if self.job is None:  # not while a forced stop leaves the job running
                 try:
                     worker.teardown()
                 except Exception:
@@ -263,6 +263,11 @@ class Runner:
                     os.close(fd)
                 except OSError:
                     pass
+            if self._own_ctx:
+                # Deliver what is still queued (the last RESULT, BYE) before the process
+                # ends: without term() the I/O thread dies with pending messages, and
+                # multiprocessing children leave through os._exit, which never calls it.
+                self.ctx.destroy(linger=2000)
 
     def _drain_broker(self, pair: zmq.Socket) -> None:
         assert self.dealer is not None

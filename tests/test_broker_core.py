@@ -1,0 +1,1377 @@
+"""BrokerCore driven step by step: no sockets, a fake clock, decoded traffic in both directions."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from respworkers import protocol as p
+from respworkers.broker.core import BrokerCore
+from respworkers.config import BrokerConfig
+
+pytestmark = pytest.mark.timeout(30)
+
+C1, C2, C3 = b"client-1", b"client-2", b"client-3"
+W1, W2, W3, W4 = b"worker-1", b"worker-2", b"worker-3", b"worker-4"
+NAMES = {W1: "w1", W2: "w2", W3: "w3", W4: "w4"}
+T0 = 1000.0
+WALL0 = 1_700_000_000.0
+
+
+class Harness:
+    """A BrokerCore with recording send callables and a fake clock."""
+
+    def __init__(self, **overrides: Any) -> None:
+        # A long heartbeat keeps workers alive in tests that are not about liveness.
+        cfg = {"timeout": 60.0, "tries": 3, "heartbeat": 1000.0, "liveness": 3}
+        cfg.update(overrides)
+        self.cfg = BrokerConfig(**cfg)
+        self.client_out: list[tuple[bytes, list[bytes]]] = []
+        self.worker_out: list[tuple[bytes, list[bytes]]] = []
+        self.core = BrokerCore(
+            self.cfg,
+            lambda rid, frames: self.client_out.append((rid, list(frames))),
+            lambda rid, frames: self.worker_out.append((rid, list(frames))),
+        )
+        self.mono = T0
+        self.wall = WALL0
+        self.core.set_time(self.mono, self.wall)
+        self.core.tick()
+
+    # ------------------------------------------------------------------ clock
+    def advance(self, dt: float) -> float:
+        self.mono += dt
+        self.wall += dt
+        self.core.set_time(self.mono, self.wall)
+        return self.core.tick()
+
+    def at(self, mono: float) -> float:
+        return self.advance(mono - self.mono)
+
+    # ------------------------------------------------------------------ clients
+    def submit(self, client: bytes, job_id: str, payload=(b"in",), queue: str = "", timeout=None,
+               tries=None, flush: bool = True) -> None:
+        self.core.on_client(client, p.encode_submit(job_id, queue, timeout, tries, list(payload)))
+        if flush:
+            self.core.flush()
+
+    def ref(self, client: bytes, command: bytes, job_id: str) -> None:
+        self.core.on_client(client, p.encode_job_ref(command, job_id))
+
+    # ------------------------------------------------------------------ workers
+    def hello(self, wid: bytes, queues=("default",), info: dict | None = None, job_id=None,
+              attempt: int = 0) -> None:
+        info = {"name": NAMES.get(wid, wid.decode())} if info is None else info
+        self.core.on_worker(wid, p.encode_hello(tuple(queues), info, job_id, attempt))
+
+    def result(self, wid: bytes, job_id: str, attempt: int, ready: bool = True, payload=(b"out",)) -> None:
+        self.core.on_worker(wid, p.encode_worker_result(job_id, attempt, ready, list(payload)))
+
+    def error(self, wid: bytes, job_id: str, attempt: int, text: str, ready: bool = True) -> None:
+        self.core.on_worker(wid, p.encode_worker_error(job_id, attempt, ready, text))
+
+    def beat(self, *wids: bytes) -> None:
+        for wid in wids:
+            self.core.on_worker(wid, p.HEARTBEAT_FRAMES)
+
+    # ------------------------------------------------------------------ what was sent
+    def raw_to_client(self, client: bytes) -> list[list[bytes]]:
+        out = [f for rid, f in self.client_out if rid == client]
+        self.client_out = [(rid, f) for rid, f in self.client_out if rid != client]
+        return out
+
+    def to_client(self, client: bytes) -> list[p.Reply]:
+        return [p.decode_reply(f) for f in self.raw_to_client(client)]
+
+    def to_worker(self, wid: bytes) -> list[Any]:
+        out = [p.decode_broker(f) for rid, f in self.worker_out if rid == wid]
+        self.worker_out = [(rid, f) for rid, f in self.worker_out if rid != wid]
+        return out
+
+    def jobs_to(self, wid: bytes) -> list[p.Job]:
+        """The JOBs sent to one worker since the last look (other messages are discarded)."""
+        return [m for m in self.to_worker(wid) if isinstance(m, p.Job)]
+
+    def job_to(self, wid: bytes) -> p.Job:
+        jobs = self.jobs_to(wid)
+        assert len(jobs) == 1, jobs
+        return jobs[0]
+
+    def clear(self) -> None:
+        self.client_out.clear()
+        self.worker_out.clear()
+
+    # ------------------------------------------------------------------ state
+    def snap(self) -> dict[str, Any]:
+        return self.core.snapshot()
+
+    def worker_state(self, wid: bytes) -> str | None:
+        for w in self.snap()["workers"]:
+            if w["id"] == wid.hex():
+                return w["state"]
+        return None
+
+    def info(self, job_id: str) -> dict[str, Any]:
+        self.ref(C3, p.QUERY, job_id)
+        (reply,) = self.to_client(C3)
+        assert reply.command == p.INFO
+        assert reply.info is not None
+        return reply.info
+
+
+def ids(jobs: list[p.Job]) -> list[tuple[str, int]]:
+    return [(j.job_id, j.attempt) for j in jobs]
+
+
+def outcome(replies: list[p.Reply]) -> list[tuple[bytes, str, list[bytes]]]:
+    return [(r.command, r.job_id, r.frames) for r in replies]
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+# ================================================================================================
+# on-demand dispatch
+# ================================================================================================
+
+
+def test_queued_job_goes_to_a_worker_only_after_hello(h):
+    h.submit(C1, "j1", payload=[b"a", b"b"])
+    assert h.to_client(C1) == [p.Reply(p.ACCEPTED, "j1", [])]
+    assert h.worker_out == []
+    assert h.snap()["queued"] == 1
+
+    # an unregistered worker that only heartbeats is told to register, and gets no job
+    h.beat(W1)
+    assert h.to_worker(W1) == [p.Disconnect("unknown worker, say HELLO")]
+
+    h.hello(W1)
+    msgs = h.to_worker(W1)
+    assert isinstance(msgs[0], p.Welcome)
+    assert msgs[0] == p.Welcome(h.core.broker_id, 1000.0, 3)
+    assert msgs[1:] == [p.Job("j1", 1, 60.0, [b"a", b"b"])]
+    assert h.snap()["queued"] == 0
+    assert h.snap()["in_flight"] == 1
+    assert h.worker_state(W1) == "busy"
+
+
+def test_job_submitted_while_a_worker_is_idle_goes_to_it_at_once(h):
+    h.hello(W1)
+    assert h.jobs_to(W1) == []
+    assert h.worker_state(W1) == "idle"
+    h.submit(C1, "j1")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    assert h.worker_state(W1) == "busy"
+
+
+def test_accepted_is_sent_only_on_flush(h):
+    h.submit(C1, "j1", flush=False)
+    assert h.to_client(C1) == []
+    h.core.flush()
+    assert h.raw_to_client(C1) == [[b"", b"RWC1", b"ACCEPTED", b"j1"]]
+    h.core.flush()
+    assert h.to_client(C1) == []
+
+
+def test_busy_worker_never_gets_a_second_job(h):
+    h.hello(W1)
+    for i in range(10):
+        h.submit(C1, f"j{i}")
+    assert ids(h.jobs_to(W1)) == [("j0", 1)]
+    h.advance(1.0)
+    h.beat(W1)
+    h.hello(W2)  # another worker arrives: it takes the next one, W1 still holds only j0
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]
+    assert h.jobs_to(W1) == []
+    assert h.snap()["queued"] == 8
+    assert h.snap()["queues"]["default"] == {"queued": 8, "running": 2, "workers": 2, "idle": 0}
+
+
+def test_ready_worker_gets_the_next_oldest_job_in_order(h):
+    h.hello(W1)
+    for i in range(4):
+        h.submit(C1, f"j{i}")
+    seen = []
+    for _ in range(4):
+        (job,) = h.jobs_to(W1)
+        seen.append(job.job_id)
+        h.result(W1, job.job_id, job.attempt, ready=True, payload=[job.job_id.encode()])
+    assert seen == ["j0", "j1", "j2", "j3"]
+    assert h.jobs_to(W1) == []
+    assert h.worker_state(W1) == "idle"
+    results = [r for r in h.to_client(C1) if r.command == p.RESULT]
+    assert [(r.job_id, r.frames) for r in results] == [(f"j{i}", [f"j{i}".encode()]) for i in range(4)]
+    assert h.snap()["totals"]["done"] == 4
+
+
+def test_worker_answering_not_ready_gets_nothing(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.job_to(W1)
+    h.result(W1, "j1", 1, ready=False)
+    assert h.jobs_to(W1) == []
+    assert h.worker_state(W1) == "stopping"
+    assert h.snap()["queued"] == 1
+    assert [r.command for r in h.to_client(C1)] == [p.ACCEPTED, p.ACCEPTED, p.RESULT]
+    # a new submission does not wake it either
+    h.submit(C2, "j3")
+    assert h.jobs_to(W1) == []
+    assert h.snap()["queued"] == 2
+
+
+# ================================================================================================
+# queues
+# ================================================================================================
+
+
+def test_job_for_an_unserved_queue_stays_queued(h):
+    h.hello(W1)  # serves "default" only
+    h.submit(C1, "g1", queue="gpu")
+    assert h.jobs_to(W1) == []
+    snap = h.snap()
+    assert snap["queues"]["gpu"] == {"queued": 1, "running": 0, "workers": 0, "idle": 0}
+    assert snap["queues"]["default"] == {"queued": 0, "running": 0, "workers": 1, "idle": 1}
+    assert snap["queued"] == 1
+    assert h.info("g1")["state"] == "queued"
+    h.hello(W2, queues=("gpu",))
+    assert ids(h.jobs_to(W2)) == [("g1", 1)]
+    assert "gpu" not in h.snap()["queues"] or h.snap()["queues"]["gpu"]["queued"] == 0
+
+
+def test_worker_serving_several_queues_gets_the_oldest_across_them(h):
+    h.submit(C1, "b1", queue="b")
+    h.submit(C1, "a1", queue="a")
+    h.submit(C1, "c1", queue="c")  # not served by W1
+    h.submit(C1, "b2", queue="b")
+    h.submit(C1, "a2", queue="a")
+    h.hello(W1, queues=("a", "b"))
+    order = []
+    for _ in range(4):
+        (job,) = h.jobs_to(W1)
+        order.append(job.job_id)
+        h.result(W1, job.job_id, job.attempt)
+    assert order == ["b1", "a1", "b2", "a2"]
+    assert h.jobs_to(W1) == []
+    assert h.snap()["queues"]["c"]["queued"] == 1
+
+
+def test_idle_worker_of_one_queue_does_not_take_another_queues_job(h):
+    h.hello(W1, queues=("a",))
+    h.hello(W2, queues=("b",))
+    h.submit(C1, "jb", queue="b")
+    assert h.jobs_to(W1) == []
+    assert ids(h.jobs_to(W2)) == [("jb", 1)]
+
+
+# ================================================================================================
+# time limits and retries
+# ================================================================================================
+
+
+def test_timeout_redispatches_to_a_different_ready_worker(h):
+    h.hello(W1)
+    h.submit(C1, "j1", timeout=5.0)
+    assert h.job_to(W1) == p.Job("j1", 1, 5.0, [b"in"])
+    h.hello(W2)
+    h.advance(4.999)
+    assert h.jobs_to(W2) == []
+    h.advance(0.001)
+    assert h.job_to(W2) == p.Job("j1", 2, 5.0, [b"in"])
+    assert h.jobs_to(W1) == []
+    info = h.info("j1")
+    assert (info["state"], info["attempt"], info["workers_tried"], info["worker"]) == (
+        "running", 2, ["w1", "w2"], "w2"
+    )
+    assert h.snap()["totals"]["retried"] == 1
+    assert h.to_client(C1) == [p.Reply(p.ACCEPTED, "j1", [])]
+
+
+def test_timed_out_job_waits_for_a_free_worker_at_the_front_of_its_queue(h):
+    h.hello(W1)
+    h.submit(C1, "j1", timeout=5.0)
+    h.submit(C1, "j2")
+    h.submit(C1, "j3")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.advance(5.0)
+    assert h.jobs_to(W1) == []
+    assert h.info("j1")["state"] == "queued"
+    assert h.snap()["queued"] == 3
+    assert h.worker_state(W1) == "busy"  # it still holds the attempt it was late on
+    h.hello(W2)
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]  # the retry is first in line
+
+
+def test_default_timeout_and_tries_come_from_the_config():
+    h = Harness(timeout=7.0, tries=2)
+    h.hello(W1)
+    h.hello(W2)
+    h.hello(W3)
+    h.submit(C1, "j1")
+    assert h.job_to(W1).timeout == 7.0
+    h.advance(7.0)
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+    h.advance(7.0)
+    assert h.jobs_to(W3) == []
+    (_, failed) = h.to_client(C1)
+    assert failed.command == p.FAILED
+    assert failed.frames[0] == b"timeout"
+
+
+def test_per_job_timeout_and_tries_override_defaults(h):
+    # defaults: 60 s, 3 tries; this job: 2 s, 1 try
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1", timeout=2.0, tries=1)
+    assert h.job_to(W1).timeout == 2.0
+    h.advance(1.9)
+    assert h.to_client(C1) == [p.Reply(p.ACCEPTED, "j1", [])]
+    h.advance(0.1)
+    assert h.jobs_to(W2) == []
+    (failed,) = h.to_client(C1)
+    assert failed.command == p.FAILED and failed.job_id == "j1"
+    assert failed.frames[0] == b"timeout"
+    assert b"2s" in failed.frames[1]
+    info = h.info("j1")
+    assert (info["state"], info["reason"], info["attempt"], info["tries"]) == ("failed", "timeout", 1, 1)
+    snap = h.snap()
+    assert snap["totals"]["failed"] == 1
+    assert snap["recent_failures"][0]["id"] == "j1"
+    assert snap["recent_failures"][0]["reason"] == "timeout"
+
+
+def test_fails_with_timeout_after_the_last_try(h):
+    for wid in (W1, W2, W3):
+        h.hello(wid)
+    h.submit(C1, "j1", timeout=1.0, tries=3)
+    h.to_client(C1)
+    seen = []
+    for wid in (W1, W2, W3):
+        (job,) = h.jobs_to(wid)
+        seen.append((wid, job.attempt))
+        h.advance(1.0)
+    assert seen == [(W1, 1), (W2, 2), (W3, 3)]
+    (failed,) = h.to_client(C1)
+    assert failed.command == p.FAILED
+    assert failed.frames[0] == b"timeout"
+    assert b"attempt 3 of 3" in failed.frames[1]
+    h.advance(10.0)
+    assert h.to_client(C1) == []  # told exactly once
+    assert h.snap()["in_flight"] == 0
+
+
+def test_plain_req_client_gets_one_empty_frame_on_failure(h):
+    h.hello(W1)
+    h.core.on_client(C1, [b"", b"raw", b"payload"])
+    h.core.flush()
+    assert h.raw_to_client(C1) == []  # no ACCEPTED for plain requests
+    job = h.job_to(W1)
+    assert job.payload == [b"raw", b"payload"]
+    assert job.timeout == 60.0
+    for attempt in (1, 2, 3):
+        h.advance(60.0)
+        if attempt < 3:
+            h.error(W1, job.job_id, attempt, "late", ready=True)  # frees W1 for the retry
+            assert h.job_to(W1).attempt == attempt + 1
+    assert h.raw_to_client(C1) == [[b"", b""]]
+
+
+def test_plain_req_client_gets_the_result_frames(h):
+    h.hello(W1)
+    h.core.on_client(C1, [b"", b"ping"])
+    job = h.job_to(W1)
+    assert job.job_id.startswith("req-")
+    h.result(W1, job.job_id, 1, payload=[b"pong", b"2"])
+    assert h.raw_to_client(C1) == [[b"", b"pong", b"2"]]
+
+
+def test_retry_prefers_a_worker_that_has_not_tried_the_job(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1", timeout=5.0, tries=3)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.advance(5.0)
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+    # W1 gives up on its stale attempt and is ready again, before W3 arrives
+    h.error(W1, "j1", 1, "gave up", ready=True)
+    assert h.jobs_to(W1) == []
+    h.hello(W3)
+    assert h.worker_state(W1) == "idle" and h.worker_state(W3) == "idle"
+    h.advance(5.0)
+    assert h.jobs_to(W1) == []
+    assert ids(h.jobs_to(W3)) == [("j1", 3)]
+
+
+# ================================================================================================
+# late answers and duplicates
+# ================================================================================================
+
+
+def test_late_answer_is_accepted_and_the_retry_answer_is_a_duplicate(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1", timeout=5.0)
+    h.to_client(C1)
+    h.job_to(W1)
+    h.advance(5.0)
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+
+    h.result(W1, "j1", 1, payload=[b"from-w1"])
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"from-w1"])]
+    assert h.snap()["totals"]["late"] == 1
+    assert h.info("j1")["state"] == "done"
+    assert h.snap()["in_flight"] == 0
+
+    h.result(W2, "j1", 2, payload=[b"from-w2"])
+    assert h.to_client(C1) == []
+    totals = h.snap()["totals"]
+    assert totals["duplicates"] == 1
+    assert totals["done"] == 1
+    assert h.worker_state(W2) == "idle"
+    # the first answer is the one kept
+    h.ref(C2, p.WAIT, "j1")
+    assert h.to_client(C2) == [p.Reply(p.RESULT, "j1", [b"from-w1"])]
+
+
+def test_late_answer_before_the_retry_started_is_accepted(h):
+    h.hello(W1)
+    h.submit(C1, "j1", timeout=5.0)
+    h.to_client(C1)
+    h.job_to(W1)
+    h.advance(5.0)
+    assert h.snap()["queued"] == 1
+    h.result(W1, "j1", 1, ready=True)
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+    assert h.snap()["queued"] == 0
+    assert h.snap()["totals"]["late"] == 1
+    assert h.jobs_to(W1) == []  # the retry was withdrawn
+    assert h.worker_state(W1) == "idle"
+    h.hello(W2)
+    assert h.jobs_to(W2) == []
+
+
+# ================================================================================================
+# worker errors
+# ================================================================================================
+
+
+def test_error_is_retried_at_once_on_another_worker(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    h.to_client(C1)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.error(W1, "j1", 1, "Traceback: ValueError", ready=True)
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]  # no clock advance needed
+    assert h.jobs_to(W1) == []
+    assert h.worker_state(W1) == "idle"
+    assert h.to_client(C1) == []
+    info = h.info("j1")
+    assert (info["attempt"], info["workers_tried"]) == (2, ["w1", "w2"])
+    assert info["error"] == "Traceback: ValueError"
+
+
+def test_error_after_the_last_try_fails_with_the_traceback(h):
+    h.hello(W1)
+    h.submit(C1, "j1", tries=2)
+    h.to_client(C1)
+    h.error(W1, "j1", 1, "Traceback 1", ready=True)
+    assert ids(h.jobs_to(W1)) == [("j1", 1), ("j1", 2)]  # only worker: retried on it
+    h.error(W1, "j1", 2, "Traceback (most recent call last):\n  boom\nKeyError: 'x'", ready=True)
+    (failed,) = h.to_client(C1)
+    assert failed == p.Reply(
+        p.FAILED, "j1", [b"error", b"Traceback (most recent call last):\n  boom\nKeyError: 'x'"]
+    )
+    assert h.jobs_to(W1) == []
+    assert h.worker_state(W1) == "idle"
+    assert h.snap()["totals"]["failed"] == 1
+
+
+def test_worker_that_failed_a_retry_takes_other_queued_work_instead(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.submit(C1, "j3")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    assert ids(h.jobs_to(W2)) == [("j2", 1)]
+    h.error(W1, "j1", 1, "boom", ready=True)  # no idle worker: j1 waits at the front
+    assert ids(h.jobs_to(W1)) == [("j3", 1)]  # W1 already failed j1 and there is other work
+    h.result(W2, "j2", 1, ready=True)
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+
+
+def test_idle_workers_are_used_longest_idle_first(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.result(W1, "j1", 1, ready=True)  # W1 idle again, after W2
+    h.submit(C1, "j2")
+    assert ids(h.jobs_to(W2)) == [("j2", 1)]
+    h.submit(C1, "j3")
+    assert ids(h.jobs_to(W1)) == [("j3", 1)]
+
+
+def test_error_from_a_worker_not_ready_leaves_it_stopping(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.error(W1, "j1", 1, "boom", ready=False)
+    assert h.worker_state(W1) == "stopping"
+    assert ids(h.jobs_to(W2)) == [("j2", 1)]
+    assert h.info("j1")["state"] == "queued"
+
+
+# ================================================================================================
+# heartbeats and lost workers
+# ================================================================================================
+
+
+def test_silent_worker_is_dropped_and_its_job_redispatched():
+    h = Harness(heartbeat=1.0, liveness=3)
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1", tries=3)
+    h.to_client(C1)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    for _ in range(3):  # t0+1 .. t0+3: W1 silent for 3 s = liveness*heartbeat, not beyond
+        h.advance(1.0)
+        h.beat(W2)
+    assert h.worker_state(W1) == "busy"
+    assert h.jobs_to(W2) == []
+    h.advance(1.0)  # silent for 4 s > 3 s
+    assert h.worker_state(W1) is None
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+    totals = h.snap()["totals"]
+    assert totals["lost_workers"] == 1
+    assert totals["retried"] == 1
+    info = h.info("j1")
+    assert info["attempt"] == 2 and info["workers_tried"] == ["w1", "w2"]
+    assert "stopped answering" in info["error"]
+    h.clear()
+    h.beat(W1)  # it comes back from the dead: told to register again
+    assert h.to_worker(W1) == [p.Disconnect("unknown worker, say HELLO")]
+
+
+def test_lost_worker_on_the_last_try_fails_the_job_as_worker_lost():
+    h = Harness(heartbeat=1.0, liveness=2, tries=1)
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.to_client(C1)
+    h.advance(1.0)
+    h.advance(1.0)
+    assert h.to_client(C1) == []
+    h.advance(1.0)
+    (failed,) = h.to_client(C1)
+    assert failed.command == p.FAILED
+    assert failed.frames[0] == b"worker-lost"
+
+
+def test_malformed_messages_do_not_keep_a_worker_alive():
+    h = Harness(heartbeat=1.0, liveness=2)
+    h.hello(W1)
+    for _ in range(3):
+        h.core.on_worker(W1, [b"RWW1", b"NOPE"])
+        h.advance(1.0)
+    assert h.worker_state(W1) is None
+    assert h.snap()["bad_messages"] == {"workers: unknown command": 3}
+
+
+def test_heartbeats_are_sent_to_every_worker_on_tick():
+    h = Harness(heartbeat=1.0, liveness=3)
+    h.hello(W1)
+    h.hello(W2)
+    h.clear()
+    h.advance(0.5)  # not yet time to beat
+    assert h.worker_out == []
+    h.advance(0.5)
+    assert sorted(h.worker_out) == [(W1, [b"RWW1", b"HEARTBEAT"]), (W2, [b"RWW1", b"HEARTBEAT"])]
+    h.clear()
+    h.advance(1.0)
+    assert [m for m in h.to_worker(W1)] == [p.Heartbeat()]
+
+
+def test_tick_returns_the_next_wake_time():
+    h = Harness(heartbeat=1.0)
+    assert h.core.next_wake() == T0 + 1.0
+    h.hello(W1)
+    h.submit(C1, "j1", timeout=0.25)
+    assert h.core.next_wake() == T0 + 0.25
+    assert h.advance(0.1) == T0 + 0.25
+
+
+def test_worker_declared_heartbeat_extends_its_expiry():
+    h = Harness(heartbeat=1.0, liveness=3)
+    h.hello(W1, info={"name": "slow", "heartbeat": 5.0})  # expiry 15 s instead of 3 s
+    for _ in range(15):
+        h.advance(1.0)
+    assert h.worker_state(W1) == "idle"
+    h.advance(1.0)
+    assert h.worker_state(W1) is None
+    assert h.snap()["totals"]["lost_workers"] == 1
+
+
+def test_job_of_a_lost_worker_is_not_handed_to_another_dead_worker():
+    h = Harness(heartbeat=1.0, liveness=2, tries=2)
+    h.hello(W1)  # will be silent, holding the job
+    h.hello(W2)  # will be silent, idle
+    h.submit(C1, "j1")
+    h.to_client(C1)
+    h.hello(W3)  # alive, idle (registered after W2)
+    for _ in range(3):
+        h.advance(1.0)
+        h.beat(W3)
+    assert h.worker_state(W1) is None and h.worker_state(W2) is None
+    assert h.to_client(C1) == []  # not FAILED: W3 could run it
+    assert ids(h.jobs_to(W3)) == [("j1", 2)]
+
+
+# ================================================================================================
+# RETURN and BYE give a job back without counting a try
+# ================================================================================================
+
+
+def test_return_gives_the_job_back_without_counting_a_try(h):
+    h.hello(W1)
+    h.submit(C1, "j1", tries=1)
+    h.submit(C1, "j2")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.core.on_worker(W1, p.encode_return("j1", 1))
+    assert h.worker_state(W1) == "stopping"
+    assert h.jobs_to(W1) == []
+    info = h.info("j1")
+    assert (info["state"], info["attempt"], info["workers_tried"]) == ("queued", 0, [])
+    h.hello(W2)
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]  # same attempt number, and tries=1 still allows it
+    assert h.snap()["totals"]["retried"] == 0
+    h.result(W2, "j1", 1)
+    assert [r.command for r in h.to_client(C1)] == [p.ACCEPTED, p.ACCEPTED, p.RESULT]
+
+
+def test_return_goes_to_an_idle_worker_at_once(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.hello(W2)
+    h.core.on_worker(W1, p.encode_return("j1", 1))
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]
+    assert h.info("j1")["workers_tried"] == ["w2"]
+
+
+def test_return_of_a_job_not_held_is_counted_and_ignored(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.core.on_worker(W1, p.encode_return("j1", 2))
+    assert h.snap()["bad_messages"] == {"workers: RETURN for a job the worker does not hold": 1}
+    assert h.info("j1")["state"] == "running"
+    assert h.worker_state(W1) == "busy"
+
+
+def test_bye_with_a_just_dispatched_job_gives_it_back(h):
+    h.hello(W1)
+    h.submit(C1, "j1", tries=1)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.core.on_worker(W1, p.BYE_FRAMES)
+    assert h.worker_state(W1) is None
+    assert h.to_worker(W1) == []
+    info = h.info("j1")
+    assert (info["state"], info["attempt"]) == ("queued", 0)
+    h.hello(W2)
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]
+    assert h.snap()["totals"]["retried"] == 0
+    assert h.to_client(C1) == [p.Reply(p.ACCEPTED, "j1", [])]  # not failed
+
+
+def test_bye_from_an_idle_worker_removes_it(h):
+    h.hello(W1)
+    h.core.on_worker(W1, p.BYE_FRAMES)
+    assert h.snap()["workers"] == []
+    h.submit(C1, "j1")
+    assert h.jobs_to(W1) == []
+    assert h.snap()["queued"] == 1
+
+
+# ================================================================================================
+# pool slots
+# ================================================================================================
+
+
+def test_new_process_in_a_slot_replaces_the_old_one_at_once(h):
+    h.hello(W1, info={"name": "old", "slot": "host:1:0"})
+    h.submit(C1, "j1")
+    h.to_client(C1)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.hello(W2, info={"name": "new", "slot": "host:1:0"})  # the restarted child
+    msgs = h.to_worker(W2)
+    assert isinstance(msgs[0], p.Welcome)
+    assert msgs[1:] == [p.Job("j1", 2, 60.0, [b"in"])]
+    assert [w["name"] for w in h.snap()["workers"]] == ["new"]
+    assert h.snap()["totals"]["retried"] == 1
+    info = h.info("j1")
+    assert info["workers_tried"] == ["old", "new"]
+    assert "replaced" in info["error"]
+    h.result(W1, "j1", 1)  # the old socket is no longer registered: the result is still taken
+    assert h.to_worker(W1) == [p.Disconnect("unknown worker, say HELLO")]
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+
+
+def test_slot_reconnect_with_the_same_attempt_keeps_the_job(h):
+    h.hello(W1, info={"name": "w", "slot": "host:1:0"})
+    h.submit(C1, "j1", timeout=10.0)
+    h.to_client(C1)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.advance(4.0)
+    h.hello(W2, info={"name": "w", "slot": "host:1:0"}, job_id="j1", attempt=1)
+    assert h.jobs_to(W2) == []  # WELCOME only
+    snap = h.snap()
+    assert [(w["id"], w["state"], w["job"], w["attempt"]) for w in snap["workers"]] == [
+        (W2.hex(), "busy", "j1", 1)
+    ]
+    assert snap["totals"]["retried"] == 0
+    assert snap["in_flight"] == 1
+    info = h.info("j1")
+    assert (info["state"], info["attempt"]) == ("running", 1)
+    # the original deadline still holds
+    h.advance(5.9)
+    assert h.info("j1")["state"] == "running"
+    h.result(W2, "j1", 1, ready=True)
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+    assert h.snap()["totals"]["late"] == 0
+    assert h.worker_state(W2) == "idle"
+
+
+def test_slot_hello_claiming_another_attempt_does_not_keep_the_old_one(h):
+    h.hello(W1, info={"name": "w", "slot": "s"})
+    h.submit(C1, "j1")
+    h.job_to(W1)
+    h.hello(W2, info={"name": "w", "slot": "s"}, job_id="j1", attempt=7)
+    assert h.snap()["totals"]["retried"] == 1  # the old attempt failed
+
+
+def test_hello_claiming_a_queued_job_takes_it_off_the_queue(h):
+    h.hello(W1)
+    h.submit(C1, "j1", timeout=5.0)
+    h.to_client(C1)
+    h.job_to(W1)
+    h.advance(5.0)  # timed out, queued for a retry, nobody free
+    assert h.snap()["queued"] == 1
+    h.hello(W2, job_id="j1", attempt=1)  # the same process on a new socket, no slot
+    assert h.jobs_to(W2) == []
+    info = h.info("j1")
+    assert (info["state"], info["attempt"], info["worker"]) == ("running", 1, "w2")
+    assert h.snap()["queued"] == 0
+    h.advance(4.9)  # a fresh deadline
+    assert h.info("j1")["state"] == "running"
+    h.result(W2, "j1", 1)
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+
+
+def test_hello_claiming_an_unknown_job_keeps_the_worker_busy_until_it_answers(h):
+    h.hello(W1, job_id="ghost", attempt=3)
+    assert h.worker_state(W1) == "busy"
+    h.submit(C1, "j1")
+    assert h.jobs_to(W1) == []
+    h.result(W1, "ghost", 3, ready=True)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    assert h.to_client(C1) == [p.Reply(p.ACCEPTED, "j1", [])]
+
+
+def test_second_hello_on_the_same_socket_fails_the_attempt_in_hand(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.job_to(W1)
+    h.hello(W1)  # as documented: the old record is dropped as if the worker had died
+    assert h.snap()["totals"]["retried"] == 1
+    assert ids(h.jobs_to(W1)) == [("j1", 2)]
+    assert len(h.snap()["workers"]) == 1
+
+
+def test_worker_declared_heartbeat_is_bounded():
+    h = Harness(heartbeat=1.0, liveness=3)
+    h.hello(W1, info={"name": "huge", "heartbeat": 1e300})  # capped at 60 s: expiry 180 s
+    h.hello(W2, info={"name": "bool", "heartbeat": True})  # not a number: broker's 1 s
+    h.advance(3.5)
+    h.advance(0.5)
+    assert h.worker_state(W2) is None
+    h.advance(176.0)
+    assert h.worker_state(W1) == "idle"
+    h.advance(1.0)
+    assert h.worker_state(W1) is None
+
+
+def test_second_hello_on_the_same_socket_with_its_job_keeps_it_as_the_holder(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.to_client(C1)
+    h.job_to(W1)
+    h.hello(W1, job_id="j1", attempt=1)
+    assert h.snap()["totals"]["retried"] == 0
+    assert h.core.jobs["j1"].worker is h.core.workers[W1]
+    h.hello(W2)
+    h.error(W1, "j1", 1, "tb")  # an error from the holder is retried at once
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+
+
+def test_worker_without_a_slot_is_not_replaced(h):
+    h.hello(W1, info={"name": "a"})
+    h.hello(W2, info={"name": "a"})
+    assert {w["id"] for w in h.snap()["workers"]} == {W1.hex(), W2.hex()}
+
+
+# ================================================================================================
+# duplicate submissions
+# ================================================================================================
+
+
+def test_duplicate_submit_attaches_to_the_running_job(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1", payload=[b"first"])
+    h.submit(C2, "j1", payload=[b"second"])
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    assert h.jobs_to(W2) == []  # not run twice
+    assert h.to_client(C2) == [p.Reply(p.ACCEPTED, "j1", [])]
+    assert h.snap()["totals"]["submitted"] == 1
+    assert h.snap()["totals"]["resubmitted"] == 1
+    h.result(W1, "j1", 1, payload=[b"r"])
+    assert h.to_client(C1)[-1] == p.Reply(p.RESULT, "j1", [b"r"])
+    assert h.to_client(C2) == [p.Reply(p.RESULT, "j1", [b"r"])]
+
+
+def test_submit_of_a_finished_id_gets_the_result_at_once(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.result(W1, "j1", 1, payload=[b"r1"])
+    h.clear()
+    h.submit(C2, "j1", payload=[b"again"], flush=False)
+    assert h.to_client(C2) == [p.Reply(p.RESULT, "j1", [b"r1"])]  # the outcome may precede ACCEPTED
+    h.core.flush()
+    assert h.to_client(C2) == [p.Reply(p.ACCEPTED, "j1", [])]
+    assert h.jobs_to(W1) == []
+    assert h.snap()["totals"]["submitted"] == 1
+    assert h.snap()["totals"]["resubmitted"] == 1
+
+
+def test_submit_of_a_failed_id_gets_the_failure_at_once(h):
+    h.hello(W1)
+    h.submit(C1, "j1", tries=1)
+    h.error(W1, "j1", 1, "tb")
+    h.submit(C2, "j1")
+    replies = h.to_client(C2)
+    assert sorted(outcome(replies)) == [(p.ACCEPTED, "j1", []), (p.FAILED, "j1", [b"error", b"tb"])]
+    assert h.jobs_to(W1) == [p.Job("j1", 1, 60.0, [b"in"])]
+
+
+def test_duplicate_submit_is_confirmed_with_the_batch_not_before(h):
+    h.submit(C1, "j1", flush=False)
+    h.submit(C2, "j1", flush=False)
+    assert h.client_out == []  # neither is confirmed before the journal commit
+    h.core.flush()
+    assert h.to_client(C1) == [p.Reply(p.ACCEPTED, "j1", [])]
+    assert h.to_client(C2) == [p.Reply(p.ACCEPTED, "j1", [])]
+
+
+def test_same_client_submitting_twice_gets_the_outcome_once(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.submit(C1, "j1")
+    h.result(W1, "j1", 1)
+    assert [r.command for r in h.to_client(C1)] == [p.ACCEPTED, p.ACCEPTED, p.RESULT]
+
+
+# ================================================================================================
+# WAIT, QUERY, CANCEL, PING
+# ================================================================================================
+
+
+def test_wait_on_a_running_job_gets_the_result_once(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.ref(C2, p.WAIT, "j1")
+    h.ref(C2, p.WAIT, "j1")  # asking twice does not mean two answers
+    assert h.to_client(C2) == []
+    h.result(W1, "j1", 1)
+    assert h.to_client(C2) == [p.Reply(p.RESULT, "j1", [b"out"])]
+
+
+def test_wait_on_a_finished_job_answers_at_once(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.result(W1, "j1", 1)
+    h.ref(C2, p.WAIT, "j1")
+    assert h.to_client(C2) == [p.Reply(p.RESULT, "j1", [b"out"])]
+
+
+def test_query_reports_state_attempt_and_workers_tried(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1", queue="default", timeout=3.0, tries=4, payload=[b"abc", b"de"])
+    h.advance(3.0)
+    info = h.info("j1")
+    assert info["id"] == "j1"
+    assert info["queue"] == "default"
+    assert info["state"] == "running"
+    assert info["attempt"] == 2
+    assert info["tries"] == 4
+    assert info["timeout"] == 3.0
+    assert info["worker"] == "w2"
+    assert info["workers_tried"] == ["w1", "w2"]
+    assert info["payload_size"] == 5
+    assert info["waiting_clients"] == 1
+    assert info["age"] == 3.0
+    h.result(W2, "j1", 2, payload=[b"1234"])
+    info = h.info("j1")
+    assert (info["state"], info["worker"]) == ("done", None)
+    assert (info["result_size"], info["payload_size"]) == (4, None)
+
+
+def test_unknown_ids_get_unknown(h):
+    for cmd in (p.WAIT, p.QUERY, p.CANCEL):
+        h.ref(C1, cmd, "nope")
+    assert h.to_client(C1) == [p.Reply(p.UNKNOWN, "nope", [])] * 3
+
+
+def test_ping_gets_pong_with_the_broker_id(h):
+    h.core.on_client(C1, p.encode_ping())
+    assert h.raw_to_client(C1) == [[b"", b"RWC1", b"PONG", h.core.broker_id.encode()]]
+    assert h.core.broker_id
+
+
+def test_cancel_a_queued_job(h):
+    h.submit(C1, "j1")
+    h.ref(C2, p.WAIT, "j1")
+    h.to_client(C1)
+    h.ref(C3, p.CANCEL, "j1")
+    assert h.to_client(C1) == [p.Reply(p.CANCELLED, "j1", [])]
+    assert h.to_client(C2) == [p.Reply(p.CANCELLED, "j1", [])]
+    (reply,) = h.to_client(C3)
+    assert reply.command == p.INFO and reply.info["state"] == "cancelled"
+    assert h.snap()["queued"] == 0
+    assert h.snap()["totals"]["cancelled"] == 1
+    h.hello(W1)
+    assert h.jobs_to(W1) == []  # never dispatched
+    assert h.worker_state(W1) == "idle"
+    h.ref(C3, p.CANCEL, "j1")  # cancelling again changes nothing
+    assert h.to_client(C1) == []
+    assert h.snap()["totals"]["cancelled"] == 1
+
+
+def test_cancelling_the_only_queued_job_forgets_the_empty_queue(h):
+    h.submit(C1, "j1", queue="rare")
+    assert h.snap()["queues"]["rare"]["queued"] == 1
+    h.ref(C1, p.CANCEL, "j1")
+    assert "rare" not in h.snap()["queues"]
+    assert "rare" not in h.core.pending
+
+
+def test_cancel_a_running_job_drops_the_late_result_and_frees_the_worker(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.to_client(C1)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.ref(C2, p.CANCEL, "j1")
+    assert h.to_client(C1) == [p.Reply(p.CANCELLED, "j1", [])]
+    (reply,) = h.to_client(C2)
+    assert reply.info["state"] == "cancelled"
+    assert h.snap()["in_flight"] == 0
+    h.result(W1, "j1", 1, ready=True)
+    assert h.to_client(C1) == []
+    assert h.snap()["totals"]["duplicates"] == 1
+    assert h.info("j1")["state"] == "cancelled"
+    assert ids(h.jobs_to(W1)) == [("j2", 1)]  # ready again
+    h.advance(100.0)  # the cancelled attempt never times out into a retry
+    assert h.jobs_to(W1) == []
+
+
+def test_refused_while_not_accepting(h):
+    h.core.accepting = False
+    h.submit(C1, "j1")
+    assert h.to_client(C1) == [p.Reply(p.REFUSED, "j1", [b"shutdown", b"broker is stopping"])]
+    h.core.on_client(C2, [b"", b"plain"])
+    assert h.raw_to_client(C2) == [[b"", b""]]
+    assert h.snap()["totals"]["submitted"] == 0
+
+
+# ================================================================================================
+# bad input
+# ================================================================================================
+
+
+@pytest.mark.parametrize(
+    "frames, key",
+    [
+        ([b"", b"RWC1", b"FROB"], "clients: unknown command"),
+        ([b"", b"RWC1"], "clients: no command"),
+        ([b"", b"RWC1", b"SUBMIT", b"a b", b"", b"", b"", b"x"], "clients: bad job id"),
+        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"0", b"", b"x"], "clients: bad timeout"),
+        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"", b""], "clients: short SUBMIT"),
+        ([b"", b"RWC1", b"WAIT"], "clients: bad WAIT"),
+        ([b""], "clients: no delimiter"),
+    ],
+)
+def test_malformed_client_message_gets_invalid(h, frames, key):
+    h.core.on_client(C1, frames)
+    (reply,) = h.to_client(C1)
+    assert reply.command == p.INVALID
+    assert reply.frames[0].decode().startswith(key.split(": ", 1)[1])
+    assert h.snap()["bad_messages"] == {key: 1}
+    assert h.snap()["totals"]["submitted"] == 0
+
+
+def test_client_message_without_delimiter_is_counted_silently(h):
+    h.core.on_client(C1, [b"RWC1", b"PING"])
+    h.core.on_client(C1, [])
+    assert h.client_out == []
+    assert h.snap()["bad_messages"] == {"clients: no delimiter": 2}
+
+
+@pytest.mark.parametrize(
+    "frames, key",
+    [
+        ([b"RWW2", b"HEARTBEAT"], "workers: bad header"),
+        ([], "workers: bad header"),
+        ([b"RWW1", b"NOPE"], "workers: unknown command"),
+        ([b"RWW1", b"RESULT", b"j1", b"1"], "workers: short RESULT"),
+        ([b"RWW1", b"RESULT", b"j1", b"1", b"x", b"r"], "workers: bad ready"),
+        ([b"RWW1", b"HELLO", b"", b"[]", b"", b""], "workers: bad info"),
+    ],
+)
+def test_malformed_worker_message_is_counted_and_dropped(h, frames, key):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.clear()
+    h.core.on_worker(W1, frames)
+    h.core.on_worker(W2, frames)  # unregistered: still no answer to garbage
+    assert h.worker_out == []
+    assert h.client_out == []
+    assert h.snap()["bad_messages"] == {key: 2}
+    assert h.worker_state(W1) == "busy"
+
+
+def test_result_for_a_job_not_held_is_counted_and_ignored(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.to_client(C1)
+    h.result(W1, "j2", 1)  # j2 is W2's
+    h.result(W1, "j1", 2)  # wrong attempt
+    h.result(W2, "nope", 1)  # unknown job
+    assert h.to_client(C1) == []
+    assert h.snap()["bad_messages"] == {"workers: RESULT for a job the worker does not hold": 3}
+    assert h.worker_state(W1) == "busy" and h.worker_state(W2) == "busy"
+    assert h.info("j2")["state"] == "running"
+    h.error(W2, "j1", 1, "x")
+    assert h.snap()["bad_messages"]["workers: ERROR for a job the worker does not hold"] == 1
+    assert h.info("j1")["state"] == "running"
+
+
+def test_unregistered_worker_is_told_to_say_hello(h):
+    h.core.on_worker(W1, p.HEARTBEAT_FRAMES)
+    h.core.on_worker(W1, p.encode_return("j", 1))
+    h.core.on_worker(W1, p.encode_worker_error("j", 1, True, "e"))
+    assert h.to_worker(W1) == [p.Disconnect("unknown worker, say HELLO")] * 3
+    h.core.on_worker(W1, p.BYE_FRAMES)
+    assert h.to_worker(W1) == []
+    assert h.snap()["workers"] == []
+
+
+def test_result_from_an_unregistered_worker_for_a_known_job_is_accepted(h):
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")  # queued: no ready worker
+    h.to_client(C1)
+    h.result(W2, "j1", 1, payload=[b"orphan"])
+    assert h.to_worker(W2) == [p.Disconnect("unknown worker, say HELLO")]
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"orphan"])]
+    h.result(W3, "j2", 4, payload=[b"q"])  # even one still queued
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j2", [b"q"])]
+    assert h.snap()["queued"] == 0
+    h.result(W3, "j2", 4, payload=[b"again"])  # finished: dropped
+    assert h.to_client(C1) == []
+    assert h.snap()["totals"]["duplicates"] == 1
+    h.result(W3, "never-seen", 1)
+    assert h.to_client(C1) == []
+    # the registered holder's own answer is a duplicate now, and frees it
+    h.result(W1, "j1", 1)
+    assert h.to_client(C1) == []
+    assert h.worker_state(W1) == "idle"
+
+
+# ================================================================================================
+# retention
+# ================================================================================================
+
+
+def test_finished_jobs_are_forgotten_after_retention():
+    h = Harness(heartbeat=1.0, retention=100.0)
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.result(W1, "j1", 1)
+    for _ in range(99):
+        h.advance(1.0)
+        h.beat(W1)
+    assert h.info("j1")["state"] == "done"
+    assert h.snap()["retained"] == 1
+    h.advance(1.5)
+    h.ref(C2, p.QUERY, "j1")
+    assert h.to_client(C2) == [p.Reply(p.UNKNOWN, "j1", [])]
+    assert h.snap()["retained"] == 0
+    h.beat(W1)
+    h.clear()
+    h.submit(C2, "j1")  # a new job now: it runs again
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+
+
+def test_retention_uses_the_wall_clock():
+    h = Harness(heartbeat=1.0, retention=100.0)
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.result(W1, "j1", 1)
+    h.wall += 500.0  # wall clock jumps, monotonic barely moves
+    h.advance(1.0)
+    assert h.snap()["retained"] == 0
+    h.ref(C2, p.WAIT, "j1")
+    assert h.to_client(C2) == [p.Reply(p.UNKNOWN, "j1", [])]
+
+
+def test_finished_jobs_beyond_max_retained_are_forgotten_oldest_first():
+    h = Harness(max_retained=2)
+    h.hello(W1)
+    for i in range(4):
+        h.submit(C1, f"j{i}")
+        h.result(W1, f"j{i}", 1)
+    h.submit(C1, "running")
+    assert h.snap()["retained"] == 4  # only on the heartbeat tick
+    h.advance(1000.0)
+    assert h.snap()["retained"] == 2
+    h.clear()
+    for job_id, cmd in (("j0", p.UNKNOWN), ("j1", p.UNKNOWN), ("j2", p.INFO), ("j3", p.INFO),
+                        ("running", p.INFO)):
+        h.ref(C2, p.QUERY, job_id)
+        (reply,) = h.to_client(C2)
+        assert reply.command == cmd, job_id
+
+
+def test_unfinished_jobs_are_never_expired():
+    h = Harness(heartbeat=1.0, retention=1.0, max_retained=0)
+    h.submit(C1, "queued-forever", queue="none")
+    for _ in range(5):
+        h.advance(1.0)
+    assert h.info("queued-forever")["state"] == "queued"
+
+
+# ================================================================================================
+# snapshot
+# ================================================================================================
+
+
+def test_snapshot_describes_workers_and_queues(h):
+    h.hello(W1, queues=("a", "b"), info={"name": "w1", "host": "h", "pid": 42})
+    h.hello(W2, queues=("b",))
+    h.submit(C1, "j1", queue="a")
+    h.advance(2.0)
+    snap = h.snap()
+    w1 = next(w for w in snap["workers"] if w["name"] == "w1")
+    assert (w1["host"], w1["pid"], w1["queues"], w1["state"], w1["job"], w1["attempt"], w1["busy_for"]) == (
+        "h", 42, ["a", "b"], "busy", "j1", 1, 2.0
+    )
+    assert snap["queues"]["a"] == {"queued": 0, "running": 1, "workers": 1, "idle": 0}
+    assert snap["queues"]["b"] == {"queued": 0, "running": 0, "workers": 2, "idle": 1}
+    assert snap["broker"]["defaults"] == {"timeout": 60.0, "tries": 3}
+    assert snap["in_flight"] == 1
+
+
+# ================================================================================================
+# a randomised run: invariants that must hold whatever the interleaving
+# ================================================================================================
+
+_submit_op = st.tuples(st.just("submit"), st.integers(0, 1), st.integers(0, 7),
+                       st.sampled_from(["default", "default", "x"]), st.one_of(st.none(), st.integers(1, 3)))
+_answer_op = st.tuples(st.just("answer"), st.integers(0, 2),
+                       st.sampled_from(["result", "result", "error", "return"]),
+                       st.sampled_from([True, True, True, False]))
+_op = st.one_of(
+    _submit_op, _submit_op, _answer_op, _answer_op,
+    st.tuples(st.just("hello"), st.integers(0, 2), st.booleans()),
+    st.tuples(st.just("bye"), st.integers(0, 2)),
+    st.tuples(st.just("cancel"), st.integers(0, 7)),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+              st.sampled_from([None, None, 0, 1, 2])),
+)
+_CLIENTS = [C1, C2]
+
+
+class Sim:
+    """Simulated workers that remember the attempt they hold and check what the broker sends them."""
+
+    def __init__(self) -> None:
+        self.h = Harness(timeout=2.0, tries=2, heartbeat=1.0, liveness=2)
+        self.wids = [W1, W2, W3]  # the current socket of each pool slot
+        self.holding: dict[bytes, tuple[str, int] | None] = {}
+        self.finals: dict[tuple[bytes, str], int] = {}
+        self.submitted: set[tuple[bytes, str]] = set()
+        for slot in range(3):
+            self.apply(("hello", slot, False))
+        self.pump()
+
+    def pump(self) -> None:
+        h = self.h
+        for wid, frames in h.worker_out:
+            msg = p.decode_broker(frames)
+            if isinstance(msg, p.Job):
+                assert self.holding.get(wid) is None, f"{wid!r} got {msg} while holding {self.holding[wid]}"
+                self.holding[wid] = (msg.job_id, msg.attempt)
+        h.worker_out.clear()
+        for client, frames in h.client_out:
+            reply = p.decode_reply(frames)
+            if reply.command in (p.RESULT, p.FAILED, p.CANCELLED):
+                key = (client, reply.job_id)
+                self.finals[key] = self.finals.get(key, 0) + 1
+        h.client_out.clear()
+
+    def check(self) -> None:
+        core = self.h.core
+        running = [j for j in core.jobs.values() if j.state == "running"]
+        for job in running:
+            assert job.worker is not None and core.workers.get(job.worker.wid) is job.worker
+            assert job.worker.job_id == job.id
+        assert sum(len(g) for g in core.inflight.values()) == len(running)
+        for w in core.workers.values():
+            if w.ready:
+                assert w.job_id is None
+                assert all(w.wid in core.ready.get(q, {}) for q in w.queues)
+        for q, ready in core.ready.items():
+            assert not core.pending.get(q), f"queue {q} has jobs waiting and idle workers"
+            assert all(w.ready and core.workers.get(w.wid) is w for w in ready.values())
+        queued = sum(len(d) for d in core.pending.values())
+        assert queued == sum(1 for j in core.jobs.values() if j.state == "queued")
+        for key, n in self.finals.items():
+            assert n == 1, f"{key} told {n} times"
+
+    def apply(self, op: tuple) -> None:
+        h = self.h
+        kind = op[0]
+        if kind == "submit":
+            client, job_id = _CLIENTS[op[1]], f"j{op[2]}"
+            if (client, job_id) in self.submitted:
+                return
+            self.submitted.add((client, job_id))
+            h.submit(client, job_id, queue=op[3], tries=op[4])
+        elif kind == "hello":
+            slot, reconnect = op[1], op[2]
+            wid = self.wids[slot]
+            held = self.holding.get(wid)
+            info = {"name": f"slot{slot}", "slot": str(slot)}
+            if reconnect and held:  # same process, fresh socket, job in hand
+                new = wid + b"'"
+                self.wids[slot] = new
+                self.holding.pop(wid)
+                self.holding[new] = held
+                h.hello(new, info=info, job_id=held[0], attempt=held[1])
+            elif wid not in h.core.workers:
+                self.holding[wid] = None  # a new process in the slot
+                h.hello(wid, info=info)
+        elif kind == "answer":
+            wid = self.wids[op[1]]
+            held = self.holding.get(wid)
+            if held is None:
+                return
+            self.holding[wid] = None
+            if op[2] == "result":
+                h.result(wid, held[0], held[1], ready=op[3])
+            elif op[2] == "error":
+                h.error(wid, held[0], held[1], "tb", ready=op[3])
+            else:
+                h.core.on_worker(wid, p.encode_return(*held))
+        elif kind == "bye":
+            wid = self.wids[op[1]]
+            if wid in h.core.workers:
+                h.core.on_worker(wid, p.BYE_FRAMES)
+                self.holding.pop(wid, None)
+        elif kind == "cancel":
+            h.ref(C3, p.CANCEL, f"j{op[1]}")
+        else:
+            _, dt, silent = op
+            h.mono += dt
+            h.wall += dt
+            h.core.set_time(h.mono, h.wall)
+            for i, wid in enumerate(self.wids):  # all but the silent one keep beating
+                if i != silent and wid in h.core.workers:
+                    h.beat(wid)
+            h.core.tick()
+
+
+def run_sim(ops: list[tuple]) -> Sim:
+    """Apply the operations, checking invariants after each; then drain: every job must end."""
+    sim = Sim()
+    h = sim.h
+    for op in ops:
+        sim.apply(op)
+        sim.pump()
+        sim.check()
+    # drain: a fresh worker for every queue; everyone answers what they hold; every job must end
+    h.hello(W4, queues=("default", "x"))
+    sim.holding[W4] = None
+    for _ in range(100):
+        sim.pump()
+        held = [(wid, job) for wid, job in sim.holding.items() if job is not None]
+        for wid, job in held:
+            sim.holding[wid] = None
+            h.result(wid, job[0], job[1], ready=True)
+        if not held:
+            h.mono += 3.0
+            h.wall += 3.0
+            h.core.set_time(h.mono, h.wall)
+            for wid in list(h.core.workers):
+                h.beat(wid)
+            h.core.tick()
+        sim.pump()
+        sim.check()
+        if all(j.state in ("done", "failed", "cancelled") for j in h.core.jobs.values()):
+            break
+    assert all(j.state in ("done", "failed", "cancelled") for j in h.core.jobs.values())
+    for key in sim.submitted:
+        assert sim.finals.get(key) == 1, key
+    return sim
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(_op, max_size=60))
+def test_random_traffic_keeps_the_broker_consistent(ops):
+    run_sim(ops)
+
+
+def _random_op(rng) -> tuple:
+    kind = rng.choice(["submit", "submit", "answer", "answer", "answer", "hello", "bye", "cancel",
+                       "advance", "advance"])
+    if kind == "submit":
+        return (kind, rng.randrange(2), rng.randrange(8), rng.choice(["default", "default", "x"]),
+                rng.choice([None, 1, 2, 3]))
+    if kind == "answer":
+        return (kind, rng.randrange(3), rng.choice(["result", "result", "error", "return"]),
+                rng.random() < 0.8)
+    if kind == "hello":
+        return (kind, rng.randrange(3), rng.random() < 0.5)
+    if kind == "bye":
+        return (kind, rng.randrange(3))
+    if kind == "cancel":
+        return (kind, rng.randrange(8))
+    return (kind, rng.choice([0.5, 1.0, 2.0, 3.0]), rng.choice([None, None, 0, 1, 2]))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_long_random_runs_keep_the_broker_consistent(seed):
+    rng = random.Random(seed)
+    sim = run_sim([_random_op(rng) for _ in range(300)])
+    c = sim.h.core.counters
+    assert sim.submitted
+    assert c.done + c.failed + c.cancelled == c.submitted == len({job_id for _, job_id in sim.submitted})
