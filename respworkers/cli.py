@@ -133,10 +133,12 @@ def worker(config_path: str | None, target: str, queues: tuple[str, ...], **flag
 @click.option("--tries", type=int, help="Tries for jobs that set none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-wait", is_flag=True,
+              help="Print the job ids once the broker has them; fetch results with rw result.")
 def submit(
     config_path: str | None, jobfile: str | None, broker: str | None,
     payloads: tuple[str, ...], queue: str | None, timeout: float | None, tries: int | None,
-    as_json: bool, no_progress: bool,
+    as_json: bool, no_progress: bool, no_wait: bool,
 ) -> None:
     """Submit the jobs in JOBFILE ('-' for stdin), wait for and print their results.
 
@@ -176,10 +178,9 @@ def submit(
     if not specs:
         raise click.UsageError("give a JOBFILE ('-' for stdin) or --payload TEXT")
 
-    console_err = _console(stderr=True)
     client = Client(cfg.client.broker, status=cfg.client.status,
                     request_timeout=cfg.client.request_timeout)
-    failed = 0
+    ids: list[str] = []
     try:
         ids = [
             client.submit(s.payload, id=s.id, queue=s.queue or queue or protocol.DEFAULT_QUEUE,
@@ -187,8 +188,27 @@ def submit(
                           tries=s.tries if s.tries is not None else tries)
             for s in specs
         ]
-        show_bar = len(ids) > 1 and not no_progress and console_err.is_terminal
-        outcomes = {}
+        if no_wait:
+            client.wait_confirmed(ids)
+            for job_id in ids:
+                click.echo(json.dumps({"id": job_id, "status": "accepted"}) if as_json else job_id)
+            return
+        outcomes = _collect(client, ids, no_progress)
+    except BrokerUnavailable as exc:
+        _fail(str(exc), RET_UNAVAILABLE)
+    finally:
+        client.close()
+    if _print_outcomes(ids, outcomes, as_json):
+        sys.exit(RET_JOBS_FAILED)
+
+
+def _collect(client: Any, ids: list[str], no_progress: bool) -> dict[str, Any]:
+    """Wait for every job's outcome, with a progress bar for batches on a terminal."""
+    console_err = _console(stderr=True)
+    show_bar = len(ids) > 1 and not no_progress and console_err.is_terminal
+    outcomes: dict[str, Any] = {}
+    failed = 0
+    try:
         if show_bar:
             from rich.progress import (
                 BarColumn,
@@ -211,29 +231,52 @@ def submit(
             client.on_event = lambda note: console_err.print(f"[yellow]{note}")
             for r in client.results(ids):
                 outcomes[r.id] = r
-                failed += not r.ok
-    except BrokerUnavailable as exc:
-        _fail(str(exc), RET_UNAVAILABLE)
     except KeyboardInterrupt:
-        console_err.print("interrupted; jobs already accepted keep running on the broker")
+        console_err.print("interrupted; accepted jobs keep running on the broker. "
+                          "Fetch them later with: rw result JOB_ID...")
         sys.exit(RET_OK)
-    finally:
-        client.close()
+    return outcomes
+
+
+def _print_outcomes(ids: list[str], outcomes: dict[str, Any], as_json: bool) -> int:
+    """Print one line per job in input order; return how many did not succeed."""
+    from rich.text import Text
+
     out = _console()
+    failed = 0
     for job_id in ids:
         r = outcomes[job_id]
+        failed += not r.ok
         if as_json:
             click.echo(json.dumps(r.as_dict()))
         elif r.ok:
             body = b"".join(r.frames or []).decode("utf-8", "replace")
-            out.print(f"[green]✓[/] {job_id}  {body}", markup=True, highlight=False, soft_wrap=True)
+            out.print(Text.assemble(("✓", "green"), f" {job_id}  {body}"), soft_wrap=True)
         else:
             last = (r.error or "").strip().splitlines()
-            out.print(f"[red]✗[/] {job_id}  {r.status} ({r.reason})"
-                      f"{': ' + last[-1] if last else ''}", highlight=False, soft_wrap=True)
-    if failed:
-        if not as_json:
-            console_err.print(f"[red]{failed} of {len(ids)} jobs did not succeed")
+            out.print(Text.assemble(("✗", "red"), f" {job_id}  {r.status} ({r.reason})",
+                                    f": {last[-1]}" if last else ""), soft_wrap=True)
+    if failed and not as_json:
+        _console(stderr=True).print(f"[red]{failed} of {len(ids)} jobs did not succeed")
+    return failed
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@_config_option
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def result(config_path: str | None, job_ids: tuple[str, ...], broker: str | None, as_json: bool,
+           no_progress: bool) -> None:
+    """Wait for jobs submitted earlier (by anyone) and print their results."""
+    ids = list(dict.fromkeys(job_ids))
+    with _job_client(config_path, broker) as client:
+        try:
+            outcomes = _collect(client, ids, no_progress)
+        except (BrokerUnavailable, RespWorkersError) as exc:
+            _fail(str(exc), RET_UNAVAILABLE)
+    if _print_outcomes(ids, outcomes, as_json):
         sys.exit(RET_JOBS_FAILED)
 
 

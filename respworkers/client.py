@@ -166,6 +166,13 @@ class Client:
             self._pending[job_id] = _Pending([], confirmed=True)
             self._send(protocol.encode_job_ref(protocol.WAIT, job_id))
 
+    def wait_confirmed(self, job_ids: Iterable[str], timeout: float | None = None) -> None:
+        """Return once the broker has confirmed (journaled) these jobs, or they ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job_id in job_ids:
+            while (p := self._pending.get(job_id)) is not None and not p.confirmed:
+                self._wait_step(deadline)
+
     def _send(self, frames: list[bytes]) -> None:
         """Send without ever blocking forever: read replies while the pipe is full."""
         while True:
@@ -266,9 +273,11 @@ class Client:
         self._last_heard = time.monotonic()
         cmd = reply.command
         if cmd == protocol.ACCEPTED:
-            p = self._pending.get(reply.job_id)
-            if p is not None:
-                p.confirmed = True
+            pending = self._pending
+            for job_id in (reply.job_id, *(f.decode("utf-8", "replace") for f in reply.frames)):
+                p = pending.get(job_id)
+                if p is not None:
+                    p.confirmed = True
         elif cmd == protocol.RESULT:
             self._finish(JobResult(reply.job_id, "done", reply.frames))
         elif cmd == protocol.FAILED:

@@ -245,8 +245,9 @@ def encode_ping() -> list[bytes]:
 # --- broker -> client ------------------------------------------------------------------------
 
 
-def encode_accepted(job_id: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, ACCEPTED, job_id.encode()]
+def encode_accepted(job_ids: list[bytes]) -> list[bytes]:
+    """ACCEPTED confirms one or more jobs (the broker batches them per client)."""
+    return [_EMPTY, CLIENT, ACCEPTED, *job_ids]
 
 
 def encode_result(job_id: str, payload: list[bytes]) -> list[bytes]:
@@ -291,7 +292,9 @@ class Reply(NamedTuple):
 
     command: bytes
     job_id: str
-    frames: list[bytes]  # RESULT: result frames; FAILED: [reason, error]; REFUSED: [code, text]
+    # RESULT: result frames; FAILED: [reason, error]; REFUSED: [code, text];
+    # ACCEPTED: the further job ids it confirms (job_id is the first)
+    frames: list[bytes]
     info: dict[str, Any] | None = None  # INFO only
 
 

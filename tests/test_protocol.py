@@ -128,7 +128,8 @@ def test_decode_client_rejects(frames, reason):
 
 
 def test_reply_round_trips():
-    assert p.decode_reply(p.encode_accepted("j")) == p.Reply(p.ACCEPTED, "j", [])
+    assert p.decode_reply(p.encode_accepted([b"j"])) == p.Reply(p.ACCEPTED, "j", [])
+    assert p.decode_reply(p.encode_accepted([b"j", b"k"])) == p.Reply(p.ACCEPTED, "j", [b"k"])
     assert p.decode_reply(p.encode_result("j", [b"r1", b"r2"])) == p.Reply(p.RESULT, "j", [b"r1", b"r2"])
     assert p.decode_reply(p.encode_failed("j", "timeout", "boom")) == p.Reply(
         p.FAILED, "j", [b"timeout", b"boom"]

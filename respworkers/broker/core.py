@@ -320,10 +320,17 @@ class BrokerCore:
         """Make this batch durable, then confirm its submissions (ACCEPTED after the journal)."""
         self.journal.commit()
         if self.unconfirmed:
-            send = self.send_client
+            # One ACCEPTED per client per batch, naming every job it confirms.
+            batches: dict[bytes, list[bytes]] = {}
             for client, bid in self.unconfirmed:
-                send(client, [b"", protocol.CLIENT, protocol.ACCEPTED, bid])
+                frames = batches.get(client)
+                if frames is None:
+                    batches[client] = protocol.encode_accepted([bid])
+                else:
+                    frames.append(bid)
             self.unconfirmed.clear()
+            for client, frames in batches.items():
+                self.send_client(client, frames)
 
     def _tell(self, job: Job, client: bytes, plain: bool) -> None:
         """Send a finished job's outcome to one client."""

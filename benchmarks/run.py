@@ -1,0 +1,215 @@
+"""Throughput of the respworkers broker, as ratios against a minimal on-demand broker run alongside.
+
+    python benchmarks/run.py [--jobs N] [--workers W] [--rounds R] [--json]
+
+Each round runs, one after the other on the same machine:
+
+- ``baseline``: a minimal ~40-line Python on-demand (LRU) broker in the style of the
+  ZeroMQ guide: a ROUTER for clients, a ROUTER for workers, a deque of ready workers;
+- ``rw-memory``: the respworkers broker with ``journal = ":memory:"``;
+- ``rw-sqlite``: the respworkers broker with its sqlite journal (WAL, sync=normal).
+
+In every case the same kind of load runs against it: W worker processes that answer at
+once (raw sockets speaking each broker's protocol, so the broker is what is measured)
+and one client process keeping a window of jobs in flight. Figures are jobs per second
+and, because these machines are shared and noisy, ratios to the baseline of the same
+round; the report gives the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+
+import zmq
+
+WINDOW = 500  # jobs a client keeps in flight
+
+
+# ------------------------------------------------------------------------------ baseline broker
+def baseline_broker(front: str, back: str) -> None:
+    """The minimal on-demand broker the respworkers broker is held against (~40 lines)."""
+    ctx = zmq.Context()
+    frontend = ctx.socket(zmq.ROUTER)
+    frontend.bind(front)
+    backend = ctx.socket(zmq.ROUTER)
+    backend.bind(back)
+    ready: deque[bytes] = deque()
+    pending: deque[list[bytes]] = deque()
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if backend in events:
+            while True:
+                try:
+                    frames = backend.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                worker = frames[0]
+                if len(frames) > 2:  # [worker, client, empty, reply...]
+                    frontend.send_multipart(frames[1:])
+                if pending:
+                    backend.send_multipart([worker, *pending.popleft()])
+                else:
+                    ready.append(worker)
+        if frontend in events:
+            while True:
+                try:
+                    frames = frontend.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if ready:
+                    backend.send_multipart([ready.popleft(), *frames])
+                else:
+                    pending.append(frames)
+
+
+def baseline_worker(back: str) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(back)
+    s.send(b"READY")
+    while True:
+        frames = s.recv_multipart()  # [client, empty, payload]
+        s.send_multipart(frames)
+
+
+def baseline_client(front: str, n: int, out: mp.Queue) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(front)
+    time.sleep(0.3)
+    payload = b"x" * 64
+    sent = got = 0
+    started = time.perf_counter()
+    while got < n:
+        while sent < n and sent - got < WINDOW:
+            s.send_multipart([b"", payload])
+            sent += 1
+        s.recv_multipart()
+        got += 1
+    out.put(time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------ respworkers
+def rw_broker(front: str, back: str, status: str, journal: str) -> None:
+    from respworkers.broker.server import run_broker
+    from respworkers.config import BrokerConfig
+
+    run_broker(BrokerConfig(clients=front, workers=back, status=status, journal=journal))
+
+
+def rw_worker(back: str) -> None:
+    """A raw RWW1 worker: the protocol with no work, so the broker is what is measured."""
+    from respworkers import protocol
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(back)
+    s.send_multipart(protocol.encode_hello(["default"], {"name": f"bench:{os.getpid()}"}, None, 0))
+    while True:
+        frames = s.recv_multipart()
+        if frames[1] == protocol.JOB:
+            s.send_multipart([protocol.WORKER, protocol.RESULT, frames[2], frames[3], b"1",
+                              *frames[5:]])
+
+
+def rw_client(front: str, n: int, out: mp.Queue) -> None:
+    from respworkers import protocol
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(front)
+    time.sleep(0.3)
+    payload = b"x" * 64
+    sent = got = 0
+    started = time.perf_counter()
+    while got < n:
+        while sent < n and sent - got < WINDOW:
+            s.send_multipart(protocol.encode_submit(f"b{sent}", "default", None, None, [payload]))
+            sent += 1
+        frames = s.recv_multipart()
+        if frames[2] == protocol.RESULT:
+            got += 1
+    out.put(time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------ driver
+def measure(kind: str, jobs: int, workers: int) -> float:
+    tmp = tempfile.mkdtemp(prefix="rwb-")
+    front, back, status = (f"ipc://{tmp}/{name}" for name in ("c", "w", "s"))
+    procs: list[mp.Process] = []
+    if kind == "baseline":
+        procs.append(mp.Process(target=baseline_broker, args=(front, back), daemon=True))
+        worker, client = baseline_worker, baseline_client
+    else:
+        journal = ":memory:" if kind == "rw-memory" else os.path.join(tmp, "journal.sqlite3")
+        procs.append(mp.Process(target=rw_broker, args=(front, back, status, journal), daemon=True))
+        worker, client = rw_worker, rw_client
+    procs += [mp.Process(target=worker, args=(back,), daemon=True) for _ in range(workers)]
+    out: mp.Queue = mp.Queue()
+    try:
+        for p in procs:
+            p.start()
+        time.sleep(0.5)
+        c = mp.Process(target=client, args=(front, jobs, out), daemon=True)
+        c.start()
+        seconds = out.get(timeout=300)
+        c.join(5)
+        return jobs / seconds
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(5)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+    kinds = ("baseline", "rw-memory", "rw-sqlite")
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    ratios: dict[str, list[float]] = {k: [] for k in kinds[1:]}
+    for r in range(args.rounds):
+        got = {k: measure(k, args.jobs, args.workers) for k in kinds}
+        for k in kinds:
+            rates[k].append(got[k])
+        for k in kinds[1:]:
+            ratios[k].append(got[k] / got["baseline"])
+        print(f"round {r + 1}: " + "  ".join(f"{k} {got[k]:,.0f}/s" for k in kinds),
+              file=sys.stderr)
+    report = {
+        "jobs": args.jobs, "workers": args.workers, "rounds": args.rounds,
+        "median_jobs_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
+        "median_ratio_to_baseline": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
+        "journal_cost": round(1 - statistics.median(
+            [s / m for s, m in zip(rates["rw-sqlite"], rates["rw-memory"])]), 3),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.jobs} jobs, {args.workers} workers, median of {args.rounds} rounds")
+        for k in kinds:
+            ratio = "" if k == "baseline" else (
+                f"  x{report['median_ratio_to_baseline'][k]:.2f} of baseline")
+            print(f"  {k:10s} {report['median_jobs_per_s'][k]:>8,} jobs/s{ratio}")
+        print(f"  journal costs {report['journal_cost']:.1%} of rw-memory throughput")
+    return 0
+
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    sys.exit(main())
