@@ -86,6 +86,8 @@ def broker(config_path: str | None, **flags: Any) -> None:
         run_broker(cfg.broker)
     except (BindError, JournalError) as exc:
         _fail(str(exc), RET_USAGE)
+    except ConfigError as exc:
+        _fail(f"{cfg.source}: {exc}", RET_USAGE)
 
 
 # ================================================================================= worker
@@ -108,6 +110,12 @@ def worker(config_path: str | None, target: str, queues: tuple[str, ...], **flag
         cls = import_target(target)
     except TargetError as exc:
         raise click.BadParameter(str(exc), param_hint="TARGET") from None
+    from .security import client_keys
+
+    try:
+        client_keys(cfg.worker.secret_key, cfg.worker.broker_key, "worker")  # fail here, not N times
+    except ConfigError as exc:
+        raise click.UsageError(f"{cfg.source}: {exc}") from None
     serve = cfg.worker.queues or tuple(cls.queues)
     try:
         serve = _override(cfg, "worker", queues=list(serve)).worker.queues
@@ -148,7 +156,6 @@ def submit(
     """
     from . import jobfile as jf
     from . import protocol
-    from .client import Client
 
     cfg = _override(_load(config_path), "client", broker=broker)
     if timeout is not None and not timeout > 0:
@@ -178,8 +185,7 @@ def submit(
     if not specs:
         raise click.UsageError("give a JOBFILE ('-' for stdin) or --payload TEXT")
 
-    client = Client(cfg.client.broker, status=cfg.client.status,
-                    request_timeout=cfg.client.request_timeout)
+    client = _client(cfg)
     ids: list[str] = []
     try:
         ids = [
@@ -298,13 +304,18 @@ def status(config_path: str | None, status: str | None, once: bool, as_json: boo
            interval: float) -> None:
     """Show the broker's state: a live table until Ctrl-C, or one snapshot."""
     from .client import fetch_status
+    from .security import client_keys
     from .status import render, render_unreachable
 
     cfg = _override(_load(config_path), "client", status=status)
     endpoint, wait = cfg.client.status, cfg.client.request_timeout
+    try:
+        keys = client_keys(cfg.client.secret_key, cfg.client.broker_key, "client")
+    except ConfigError as exc:
+        raise click.UsageError(f"{cfg.source}: {exc}") from None
     if as_json or once:
         try:
-            snap = fetch_status(endpoint, wait)
+            snap = fetch_status(endpoint, wait, keys=keys)
         except BrokerUnavailable as exc:
             _fail(str(exc), RET_UNAVAILABLE)
         if as_json:
@@ -321,7 +332,7 @@ def status(config_path: str | None, status: str | None, once: bool, as_json: boo
             while True:
                 started = time.monotonic()
                 try:
-                    live.update(render(fetch_status(endpoint, wait)), refresh=True)
+                    live.update(render(fetch_status(endpoint, wait, keys=keys)), refresh=True)
                 except BrokerUnavailable as exc:
                     live.update(render_unreachable(f"{exc}; retrying"), refresh=True)
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
@@ -330,12 +341,17 @@ def status(config_path: str | None, status: str | None, once: bool, as_json: boo
 
 
 # ================================================================================= jobs
-def _job_client(config_path: str | None, broker: str | None) -> Any:
+def _client(cfg: Config) -> Any:
     from .client import Client
 
-    cfg = _override(_load(config_path), "client", broker=broker)
-    return Client(cfg.client.broker, status=cfg.client.status,
-                  request_timeout=cfg.client.request_timeout)
+    try:
+        return Client.from_config(cfg.client)
+    except ConfigError as exc:
+        raise click.UsageError(f"{cfg.source}: {exc}") from None
+
+
+def _job_client(config_path: str | None, broker: str | None) -> Any:
+    return _client(_override(_load(config_path), "client", broker=broker))
 
 
 @cli.command()
@@ -385,6 +401,25 @@ def cancel(config_path: str | None, job_ids: tuple[str, ...], broker: str | None
                 click.echo(f"{job_id}: {info['state']}")
     if missing:
         sys.exit(RET_JOBS_FAILED)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-d", "--dir", "folder", default=".", show_default=True, metavar="DIR",
+              help="Folder to write the two files into.")
+def keygen(name: str, folder: str) -> None:
+    """Write a CURVE key pair: NAME.key (public, to hand out) and NAME.key_secret (private).
+
+    Put a client's NAME.key into the broker's client_keys folder, a worker's into
+    worker_keys; give everyone the broker's broker.key as their broker_key.
+    """
+    from .security import keygen as make_keys
+
+    try:
+        public, secret = make_keys(name, folder)
+    except ConfigError as exc:
+        _fail(str(exc), RET_USAGE)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it private; mode 600)")
 
 
 def main() -> None:

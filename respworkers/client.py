@@ -13,13 +13,17 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import zmq
 
 from . import protocol
 from .config import DEFAULT_CLIENTS, DEFAULT_STATUS
 from .errors import BrokerUnavailable, JobFailed, ProtocolError, Refused
+from .security import ClientKeys, client_keys, handshake_failure, secure_client, watch_handshakes
+
+if TYPE_CHECKING:
+    from .config import ClientConfig
 
 Payload = Union[bytes, bytearray, memoryview, str, list, tuple]
 
@@ -99,17 +103,22 @@ class Client:
         *,
         status: str = DEFAULT_STATUS,
         request_timeout: float = 5.0,
+        keys: ClientKeys | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
         self.broker = broker
         self.status_endpoint = status
         self.request_timeout = request_timeout
+        self.keys = keys
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, b"rwc-" + uuid.uuid4().bytes)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        secure_client(self.sock, keys)
+        self._monitor = watch_handshakes(self.sock)
         self.sock.connect(broker)
+        self.limits: dict[str, Any] = {}  # the broker's, from its PONG
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, JobResult] = {}
         self._replies: dict[tuple[bytes, str], protocol.Reply] = {}
@@ -123,6 +132,12 @@ class Client:
         self._pings = 1
         self.sock.send_multipart(protocol.encode_ping())
 
+    @classmethod
+    def from_config(cls, cfg: ClientConfig, **kw: Any) -> Client:
+        """A client for the ``[client]`` section of a config (endpoints, keys, timeout)."""
+        return cls(cfg.broker, status=cfg.status, request_timeout=cfg.request_timeout,
+                   keys=client_keys(cfg.secret_key, cfg.broker_key, "client"), **kw)
+
     # ----------------------------------------------------------------- context manager
     def __enter__(self) -> Client:
         return self
@@ -131,6 +146,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
 
     # ----------------------------------------------------------------- submitting
@@ -155,6 +172,13 @@ class Client:
             return job_id
         self._done.pop(job_id, None)
         frames = protocol.encode_submit(job_id, queue, timeout, tries, _frames(payload))
+        if not self.limits:
+            self._first_contact()
+        limit = self.limits.get("max_message_size")
+        size = sum(map(len, frames[7:]))
+        if isinstance(limit, int) and size > limit:
+            raise ValueError(f"job {job_id!r}: payload of {size} bytes is over the broker's "
+                             f"max_message_size of {limit} bytes")
         self._pending[job_id] = _Pending(frames)
         self._send(frames)
         return job_id
@@ -233,10 +257,19 @@ class Client:
         self._pump(step)
         self._check_broker()
 
+    def _first_contact(self) -> None:
+        """Wait for the answer to our first ping: the broker's id and limits."""
+        while self._last_heard == 0.0:
+            self._pump(0.05)
+            self._check_broker()
+
     def _check_broker(self) -> None:
         """Ping while waiting; before first contact, give up after ``request_timeout``."""
         now = time.monotonic()
         if self._last_heard == 0.0:
+            why = handshake_failure(self._monitor, self.broker, self.keys)
+            if why:
+                raise BrokerUnavailable(why)
             if now - self._last_ping > self.request_timeout:
                 raise BrokerUnavailable(
                     f"no answer from the broker at {self.broker} within {self.request_timeout:g}s"
@@ -289,7 +322,10 @@ class Client:
             code, text = (f.decode("utf-8", "replace") for f in reply.frames)
             self._finish(JobResult(reply.job_id, "refused", None, code, text))
         elif cmd == protocol.PONG:
-            broker_id = reply.frames[0].decode() if reply.frames else ""
+            try:
+                broker_id, self.limits = protocol.decode_pong(reply)
+            except ProtocolError:
+                return
             if self._broker_id is not None and broker_id != self._broker_id:
                 cut_off = True  # the broker restarted
             elif self._broker_id is None and self._pings > 1:
@@ -355,23 +391,28 @@ class Client:
         return self._request(protocol.CANCEL, job_id)
 
     def status(self) -> dict[str, Any]:
-        return fetch_status(self.status_endpoint, self.request_timeout, self.ctx)
+        return fetch_status(self.status_endpoint, self.request_timeout, self.ctx, self.keys)
 
 
-def fetch_status(endpoint: str, timeout: float = 5.0, ctx: zmq.Context | None = None
-                 ) -> dict[str, Any]:
+def fetch_status(endpoint: str, timeout: float = 5.0, ctx: zmq.Context | None = None,
+                 keys: ClientKeys | None = None) -> dict[str, Any]:
     """Ask a broker's status endpoint for one snapshot (a fresh REQ each time, never stuck)."""
     ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, keys)
+    monitor = watch_handshakes(sock)
     try:
         sock.connect(endpoint)
         sock.send_multipart(protocol.encode_status_request()[1:])  # REQ adds the delimiter
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-            raise BrokerUnavailable(
+            why = handshake_failure(monitor, endpoint, keys)
+            raise BrokerUnavailable(why or (
                 f"no answer from the broker's status endpoint {endpoint} within {timeout:g}s"
                 " (is `rw broker` running, and is this its status endpoint?)"
-            )
+            ))
         return protocol.decode_snapshot(sock.recv_multipart())
     finally:
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close(0)

@@ -99,6 +99,20 @@ def _sync(value: Any) -> str:
     return value
 
 
+def _opt_path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a path (a string); empty means not set")
+    return value
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number of bytes")
+    if value < 1024:
+        raise ValueError("must be at least 1024 bytes")
+    return value
+
+
 def _log_level(value: Any) -> str:
     levels = ("debug", "info", "warning", "error")
     if not isinstance(value, str) or value.lower() not in levels:
@@ -108,6 +122,11 @@ def _log_level(value: Any) -> str:
 
 def _check(fn: Callable[[Any], Any], doc: str) -> dict[str, Any]:
     return {"check": fn, "doc": doc}
+
+
+def _path(doc: str) -> dict[str, Any]:
+    """A file or folder: relative values in a config file are relative to that file."""
+    return {"check": _opt_path, "doc": doc, "path": True}
 
 
 @dataclass(frozen=True)
@@ -121,8 +140,18 @@ class BrokerConfig:
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
     retention: float = field(default=3600.0, metadata=_check(_positive_float, "seconds"))
     max_retained: int = field(default=100_000, metadata=_check(_int_at_least(0), "count"))
-    journal: str = field(default_factory=_default_journal, metadata=_check(_journal, "path"))
+    journal: str = field(default_factory=_default_journal,
+                         metadata={**_check(_journal, "path"), "path": True})
     journal_sync: str = field(default="normal", metadata=_check(_sync, "mode"))
+    # --- security and limits (README: Security) ---
+    secret_key: str = field(default="", metadata=_path("the broker's secret key file"))
+    client_keys: str = field(default="", metadata=_path("folder of allowed client public keys"))
+    worker_keys: str = field(default="", metadata=_path("folder of allowed worker public keys"))
+    status_keys: str = field(default="", metadata=_path("folder of keys allowed to read status"))
+    max_message_size: int = field(default=64 << 20, metadata=_check(_size, "bytes"))
+    max_queued: int = field(default=1_000_000, metadata=_check(_int_at_least(1), "count"))
+    max_timeout: float = field(default=86400.0, metadata=_check(_positive_float, "seconds"))
+    max_tries: int = field(default=100, metadata=_check(_int_at_least(1), "count"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
 
 
@@ -133,6 +162,8 @@ class WorkerConfig:
     queues: tuple[str, ...] = field(default=(), metadata=_check(_queue_list, "queues"))
     heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
+    secret_key: str = field(default="", metadata=_path("this worker's secret key file"))
+    broker_key: str = field(default="", metadata=_path("the broker's public key file"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
 
 
@@ -141,6 +172,8 @@ class ClientConfig:
     broker: str = field(default=DEFAULT_CLIENTS, metadata=_check(_endpoint, "endpoint"))
     status: str = field(default=DEFAULT_STATUS, metadata=_check(_endpoint, "endpoint"))
     request_timeout: float = field(default=5.0, metadata=_check(_positive_float, "seconds"))
+    secret_key: str = field(default="", metadata=_path("this client's secret key file"))
+    broker_key: str = field(default="", metadata=_path("the broker's public key file"))
 
 
 _SECTIONS: dict[str, type] = {"broker": BrokerConfig, "worker": WorkerConfig, "client": ClientConfig}
@@ -174,7 +207,7 @@ def _validate(section_obj: Any, key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _build(section: str, table: Any, source: str) -> Any:
+def _build(section: str, table: Any, source: str, base: Path | None) -> Any:
     cls = _SECTIONS[section]
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{section}] must be a table")
@@ -185,12 +218,21 @@ def _build(section: str, table: Any, source: str) -> Any:
             hint = difflib.get_close_matches(key, names, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{source}: [{section}] unknown key {key!r}{extra}")
-        values[key] = _validate(cls(), key, value, f"{source}: [{section}] {key}")
+        value = _validate(cls(), key, value, f"{source}: [{section}] {key}")
+        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
+        if meta.get("path") and value and base is not None and value != ":memory:":
+            expanded = os.path.expanduser(value)
+            if not os.path.isabs(expanded):
+                value = str(base / expanded)
+        values[key] = value
     return cls(**values)
 
 
-def parse(text: str, source: str) -> Config:
-    """Parse TOML text; every error names ``source`` and the offending section/key."""
+def parse(text: str, source: str, base: Path | None = None) -> Config:
+    """Parse TOML text; every error names ``source`` and the offending section/key.
+
+    Relative paths in it are taken relative to ``base`` (the file's folder).
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -201,7 +243,7 @@ def parse(text: str, source: str) -> Config:
             hint = difflib.get_close_matches(name, list(_SECTIONS), n=1)
             extra = f" (did you mean [{hint[0]}]?)" if hint else ""
             raise ConfigError(f"{source}: unknown section [{name}]{extra}")
-        sections[name] = _build(name, table, source)
+        sections[name] = _build(name, table, source, base)
     return Config(**sections, source=source)
 
 
@@ -225,4 +267,4 @@ def load(explicit: str | os.PathLike[str] | None = None) -> Config:
     except OSError as exc:
         origin = "" if explicit else f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else ""
         raise ConfigError(f"cannot read config {path}{origin}: {exc.strerror or exc}") from None
-    return parse(text, str(path))
+    return parse(text, str(path), path.parent)

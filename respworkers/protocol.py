@@ -202,6 +202,8 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
     if len(frames) < 2 or frames[0]:
         raise ProtocolError("no delimiter", "client messages start with an empty frame")
     if frames[1] != CLIENT:
+        if len(frames[1]) == 4 and frames[1].startswith(b"RWC"):
+            raise ProtocolError("unsupported version", f"{frames[1]!r}; this broker speaks RWC1")
         return Plain(frames[1:])
     if len(frames) < 3:
         raise ProtocolError("no command", "RWC1 header without a command frame")
@@ -274,8 +276,16 @@ def encode_unknown(job_id: str) -> list[bytes]:
     return [_EMPTY, CLIENT, UNKNOWN, job_id.encode()]
 
 
-def encode_pong(broker_id: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, PONG, broker_id.encode()]
+def encode_pong(broker_id: str, limits: dict[str, Any]) -> list[bytes]:
+    """PONG carries the broker's id (a new id means a restart) and its limits, as JSON."""
+    return [_EMPTY, CLIENT, PONG, broker_id.encode(), json.dumps(limits).encode()]
+
+
+def decode_pong(reply: Reply) -> tuple[str, dict[str, Any]]:
+    if not reply.frames:
+        raise ProtocolError("bad PONG", "no broker id")
+    limits = _json_object(reply.frames[1], "limits") if len(reply.frames) > 1 else {}
+    return _text(reply.frames[0]), limits
 
 
 def encode_invalid(reason: str) -> list[bytes]:
@@ -442,6 +452,7 @@ class Welcome(NamedTuple):
     broker_id: str
     heartbeat: float  # seconds between the broker's heartbeats
     liveness: int  # beats the broker may miss before the worker reconnects
+    max_message_size: int | None = None  # the largest frame the broker takes
 
 
 class Job(NamedTuple):
@@ -458,8 +469,11 @@ class Disconnect(NamedTuple):
 BrokerMessage = Union[Welcome, Job, Heartbeat, Disconnect]
 
 
-def encode_welcome(broker_id: str, heartbeat: float, liveness: int) -> list[bytes]:
-    info = {"broker": broker_id, "heartbeat": heartbeat, "liveness": liveness}
+def encode_welcome(
+    broker_id: str, heartbeat: float, liveness: int, max_message_size: int | None = None
+) -> list[bytes]:
+    info = {"broker": broker_id, "heartbeat": heartbeat, "liveness": liveness,
+            "max_message_size": max_message_size}
     return [WORKER, WELCOME, json.dumps(info).encode()]
 
 
@@ -490,7 +504,9 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
             raise ProtocolError("bad WELCOME", "needs one JSON frame")
         info = _json_object(frames[2], "welcome")
         try:
-            return Welcome(str(info["broker"]), float(info["heartbeat"]), int(info["liveness"]))
+            size = info.get("max_message_size")
+            return Welcome(str(info["broker"]), float(info["heartbeat"]), int(info["liveness"]),
+                           None if size is None else int(size))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError("bad WELCOME", f"missing or wrong field {exc}") from None
     if cmd == DISCONNECT:

@@ -154,7 +154,7 @@ def test_queued_job_goes_to_a_worker_only_after_hello(h):
     h.hello(W1)
     msgs = h.to_worker(W1)
     assert isinstance(msgs[0], p.Welcome)
-    assert msgs[0] == p.Welcome(h.core.broker_id, 1000.0, 3)
+    assert msgs[0] == p.Welcome(h.core.broker_id, 1000.0, 3, h.core.cfg.max_message_size)
     assert msgs[1:] == [p.Job("j1", 1, 60.0, [b"a", b"b"])]
     assert h.snap()["queued"] == 0
     assert h.snap()["in_flight"] == 1
@@ -940,7 +940,9 @@ def test_unknown_ids_get_unknown(h):
 
 def test_ping_gets_pong_with_the_broker_id(h):
     h.core.on_client(C1, p.encode_ping())
-    assert h.raw_to_client(C1) == [[b"", b"RWC1", b"PONG", h.core.broker_id.encode()]]
+    [pong] = h.raw_to_client(C1)
+    assert pong[:4] == [b"", b"RWC1", b"PONG", h.core.broker_id.encode()]
+    assert p.decode_pong(p.decode_reply(pong))[1]["max_tries"] == h.core.cfg.max_tries
     assert h.core.broker_id
 
 
@@ -994,7 +996,7 @@ def test_cancel_a_running_job_drops_the_late_result_and_frees_the_worker(h):
 def test_refused_while_not_accepting(h):
     h.core.accepting = False
     h.submit(C1, "j1")
-    assert h.to_client(C1) == [p.Reply(p.REFUSED, "j1", [b"shutdown", b"broker is stopping"])]
+    assert h.to_client(C1) == [p.Reply(p.REFUSED, "j1", [b"shutdown", b"the broker is stopping"])]
     h.core.on_client(C2, [b"", b"plain"])
     assert h.raw_to_client(C2) == [[b"", b""]]
     assert h.snap()["totals"]["submitted"] == 0

@@ -92,8 +92,11 @@ def test_ping_round_trip():
 def test_plain_request():
     assert p.decode_client([b"", b"hello", b"world"]) == p.Plain([b"hello", b"world"])
     assert p.decode_client([b"", b""]) == p.Plain([b""])
-    # a near-miss of the header is still a plain request
-    assert p.decode_client([b"", b"RWC2", b"SUBMIT"]) == p.Plain([b"RWC2", b"SUBMIT"])
+    # another version of the header is refused, not taken for a payload
+    with pytest.raises(ProtocolError) as err:
+        p.decode_client([b"", b"RWC2", b"SUBMIT"])
+    assert err.value.reason == "unsupported version"
+    assert p.decode_client([b"", b"RWX2", b"SUBMIT"]) == p.Plain([b"RWX2", b"SUBMIT"])
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,9 @@ def test_reply_round_trips():
     info = {"state": "running", "attempt": 2, "workers_tried": ["a", "b"]}
     assert p.decode_reply(p.encode_info("j", info)) == p.Reply(p.INFO, "j", [json.dumps(info).encode()], info)
     assert p.decode_reply(p.encode_unknown("j")) == p.Reply(p.UNKNOWN, "j", [])
-    assert p.decode_reply(p.encode_pong("brk")) == p.Reply(p.PONG, "", [b"brk"])
+    pong = p.decode_reply(p.encode_pong("brk", {"max_tries": 3}))
+    assert pong == p.Reply(p.PONG, "", [b"brk", b'{"max_tries": 3}'])
+    assert p.decode_pong(pong) == ("brk", {"max_tries": 3})
     assert p.decode_reply(p.encode_invalid("bad job id")) == p.Reply(p.INVALID, "", [b"bad job id"])
 
 

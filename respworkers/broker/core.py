@@ -138,7 +138,7 @@ class WorkerRec:
 class Counters:
     __slots__ = (
         "submitted", "done", "failed", "cancelled", "retried", "duplicates", "late",
-        "lost_workers", "resubmitted",
+        "lost_workers", "resubmitted", "refused",
     )
 
     def __init__(self) -> None:
@@ -193,7 +193,10 @@ class BrokerCore:
         self._plain_seq = 0
         self._next_beat = 0.0
         self._bad_logged = 0.0
-        self._welcome = protocol.encode_welcome(self.broker_id, cfg.heartbeat, cfg.liveness)
+        self._welcome = protocol.encode_welcome(
+            self.broker_id, cfg.heartbeat, cfg.liveness, cfg.max_message_size)
+        self.limits = {"max_message_size": cfg.max_message_size, "max_queued": cfg.max_queued,
+                       "max_timeout": cfg.max_timeout, "max_tries": cfg.max_tries}
 
     # ------------------------------------------------------------------ restart
     def restore(self, stored: list[Stored]) -> dict[str, int]:
@@ -263,7 +266,7 @@ class BrokerCore:
         elif kind is protocol.JobRef:
             self._job_ref(client, req.command, req.job_id)
         else:
-            self.send_client(client, protocol.encode_pong(self.broker_id))
+            self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
 
     def _submit(
         self, client: bytes, job_id: str, queue: str, timeout: float | None, tries: int | None,
@@ -279,14 +282,13 @@ class BrokerCore:
             elif (client, plain) not in job.waiters:
                 job.waiters.append((client, plain))
             return
-        if not self.accepting:
+        refusal = self._refusal(timeout, tries, payload)
+        if refusal is not None:
+            self.counters.refused += 1
             if plain:
                 self.send_client(client, protocol.encode_plain_reply(None))
             else:
-                self.send_client(
-                    client,
-                    protocol.encode_refused(job_id, protocol.REFUSE_SHUTDOWN, "broker is stopping"),
-                )
+                self.send_client(client, protocol.encode_refused(job_id, *refusal))
             return
         self._seq += 1
         job = Job(
@@ -300,6 +302,28 @@ class BrokerCore:
         if not plain:
             self.unconfirmed.append((client, job.bid))
         self._enqueue(job, front=False)
+
+    def _refusal(
+        self, timeout: float | None, tries: int | None, payload: list[bytes]
+    ) -> tuple[str, str] | None:
+        """Why a new job cannot be accepted (code, text), or None. O(frames), no scans."""
+        cfg = self.cfg
+        if not self.accepting:
+            return protocol.REFUSE_SHUTDOWN, "the broker is stopping"
+        if len(self.jobs) - len(self.finished) >= cfg.max_queued:
+            return (protocol.REFUSE_FULL,
+                    f"broker full: {cfg.max_queued} jobs waiting or running (max_queued)")
+        if timeout is not None and timeout > cfg.max_timeout:
+            return (protocol.REFUSE_LIMIT,
+                    f"timeout {timeout:g}s is over the broker's max_timeout of {cfg.max_timeout:g}s")
+        if tries is not None and tries > cfg.max_tries:
+            return (protocol.REFUSE_LIMIT,
+                    f"tries {tries} is over the broker's max_tries of {cfg.max_tries}")
+        size = sum(map(len, payload))
+        if size > cfg.max_message_size:
+            return (protocol.REFUSE_LIMIT, f"payload of {size} bytes is over the broker's "
+                    f"max_message_size of {cfg.max_message_size} bytes")
+        return None
 
     def _job_ref(self, client: bytes, command: bytes, job_id: str) -> None:
         job = self.jobs.get(job_id)

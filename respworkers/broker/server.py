@@ -17,7 +17,8 @@ import zmq
 
 from .. import protocol
 from ..config import BrokerConfig
-from ..errors import ProtocolError, RespWorkersError
+from ..errors import ConfigError, ProtocolError, RespWorkersError
+from ..security import CLIENTS, STATUS, WORKERS, BrokerSecurity, is_loopback
 from .core import BrokerCore
 from .journal import Journal, open_journal
 
@@ -38,6 +39,28 @@ class BrokerServer:
         self.cfg = cfg
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
+        self.security: BrokerSecurity | None = None
+        if cfg.secret_key:
+            if not (cfg.client_keys and cfg.worker_keys):
+                raise ConfigError("[broker] secret_key needs client_keys and worker_keys folders")
+            # The ZAP handler must run before the first handshake, so before binding.
+            self.security = BrokerSecurity(self.ctx, cfg.secret_key, {
+                CLIENTS: cfg.client_keys, WORKERS: cfg.worker_keys,
+                STATUS: cfg.status_keys or cfg.client_keys,
+            })
+        else:
+            for name in (CLIENTS, WORKERS, STATUS):
+                endpoint = getattr(cfg, name)
+                if not is_loopback(endpoint):
+                    log.warning(
+                        "binding the %s endpoint %s WITHOUT AUTHENTICATION: anyone who can "
+                        "reach it can %s. Set [broker] secret_key, client_keys and worker_keys "
+                        "(README: Security).", name, endpoint,
+                        {CLIENTS: "submit jobs and read their results",
+                         WORKERS: "register as a worker and receive job data",
+                         STATUS: "read the broker's state"}[name],
+                    )
+        self._reload = False
         self.clients = self._bind("clients", cfg.clients, unlimited_send=True)
         self.workers = self._bind("workers", cfg.workers, unlimited_send=False)
         self.status = self._bind("status", cfg.status, unlimited_send=False)
@@ -66,6 +89,11 @@ class BrokerServer:
     def _bind(self, name: str, endpoint: str, unlimited_send: bool) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
+        # libzmq disconnects a peer that sends a larger frame: garbage never reaches Python.
+        # The core refuses jobs whose frames add up to more.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_size + 1024)
+        if self.security is not None:
+            self.security.secure(sock, name)
         if unlimited_send:
             # Results must not be dropped because a client reads slowly; the core
             # bounds what it holds, not the socket.
@@ -85,9 +113,13 @@ class BrokerServer:
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.stop()
+        if signum == signal.SIGHUP:
+            self._reload = True  # re-read the key folders
+        else:
+            self.stop()
 
     def stop(self) -> None:
         self._stop = True
@@ -145,6 +177,12 @@ class BrokerServer:
                     pass
             if core.now >= wake:
                 wake = core.tick()
+                if self.security is not None:
+                    if self._reload:
+                        self._reload = False
+                        self.security.reload()
+                    else:
+                        self.security.watch(core.now)
             else:
                 wake = min(wake, core.next_wake())
             core.flush()
@@ -163,7 +201,7 @@ class BrokerServer:
                 self.core.count_bad("status", exc)
                 self.status.send_multipart([rid, *protocol.encode_status_invalid(str(exc))])
                 continue
-            self.status.send_multipart([rid, *protocol.encode_snapshot(self.core.snapshot())])
+            self.status.send_multipart([rid, *protocol.encode_snapshot(self.snapshot())])
 
     def _shutdown(self) -> None:
         log.info("broker stopping: flushing the journal")
@@ -176,6 +214,8 @@ class BrokerServer:
     def close(self) -> None:
         for sock in (self.clients, self.workers, self.status):
             sock.close()
+        if self.security is not None:
+            self.security.stop()
         if self._own_ctx:
             self.ctx.term()  # waits (up to each socket's LINGER) for replies still queued
         for fd in (self._wake_r, self._wake_w):
@@ -185,7 +225,9 @@ class BrokerServer:
                 pass
 
     def snapshot(self) -> dict[str, Any]:
-        return self.core.snapshot()
+        snap = self.core.snapshot()
+        snap["security"] = self.security.describe() if self.security else {"curve": False}
+        return snap
 
 
 def run_broker(cfg: BrokerConfig) -> None:

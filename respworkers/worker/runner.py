@@ -24,6 +24,7 @@ import zmq
 from .. import __version__, protocol
 from ..config import WorkerConfig
 from ..errors import ProtocolError
+from ..security import client_keys, handshake_failure, secure_client, watch_handshakes
 from .base import JobContext, Worker
 from .base import __file__ as base_file
 
@@ -89,7 +90,12 @@ class Runner:
             "heartbeat": cfg.heartbeat,
             "slot": slot or uuid.uuid4().hex,
         }
+        self.keys = client_keys(cfg.secret_key, cfg.broker_key, "worker")
         self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.max_message_size: int | None = None  # the broker's, from WELCOME
+        self.bad_messages = 0
+        self._bad_logged = 0.0
         self.job: tuple[str, int] | None = None  # (id, attempt) in hand
         # The last RESULT/ERROR sent, until the broker is heard from again: if we must
         # reconnect first, it may be lost with the old socket, so it is sent again.
@@ -125,11 +131,14 @@ class Runner:
     def _connect(self) -> None:
         if self.dealer is not None:
             self.poller.unregister(self.dealer)
-            self.dealer.close(0)
+            self._close_dealer(0)
         d = self.ctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 2000)
         d.setsockopt(zmq.RECONNECT_IVL, 100)
         d.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        secure_client(d, self.keys)
+        self.monitor = watch_handshakes(d)
+        self.welcomed = False
         d.connect(self.cfg.broker)
         self.dealer = d
         self.poller.register(d, zmq.POLLIN)
@@ -143,6 +152,12 @@ class Runner:
         self.last_heard = time.monotonic()
         self.broker_interval = self.cfg.heartbeat
         self.broker_liveness = self.cfg.liveness
+
+    def _close_dealer(self, linger: int | None = None) -> None:
+        assert self.dealer is not None and self.monitor is not None
+        self.dealer.disable_monitor()
+        self.monitor.close(0)
+        self.dealer.close(linger)
 
     def _send(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
@@ -221,6 +236,11 @@ class Runner:
                     attempt = int(attempt_b)
                     self.job = None
                     ready = self.signals == 0
+                    size = sum(map(len, rest))
+                    if status == _OK and self.max_message_size and size > self.max_message_size:
+                        status, rest = _ERR, [
+                            f"the result of {size} bytes is over the broker's max_message_size "
+                            f"of {self.max_message_size} bytes".encode()]
                     if status == _OK:
                         answer = protocol.encode_worker_result(job_id, attempt, ready, rest)
                     else:
@@ -238,6 +258,11 @@ class Runner:
                 if now >= next_beat:
                     next_beat = now + self.cfg.heartbeat
                     self._send(protocol.HEARTBEAT_FRAMES)
+                    if not self.welcomed:
+                        assert self.monitor is not None
+                        why = handshake_failure(self.monitor, self.cfg.broker, self.keys)
+                        if why:
+                            log.error("%s; retrying", why)
                     silent = now - self.last_heard
                     if silent > self.broker_interval * self.broker_liveness:
                         log.warning(
@@ -256,7 +281,7 @@ class Runner:
                 except Exception:
                     log.exception("teardown failed")
             if self.dealer is not None:
-                self.dealer.close()
+                self._close_dealer()
             pair.close()
             for fd in (self._wake_r, self._wake_w):
                 try:
@@ -281,7 +306,11 @@ class Runner:
             try:
                 msg = protocol.decode_broker(frames)
             except ProtocolError as exc:
-                log.warning("ignored a bad message from the broker: %s", exc)
+                self.bad_messages += 1
+                if self.last_heard - self._bad_logged >= 1.0:  # at most one line a second
+                    self._bad_logged = self.last_heard
+                    log.warning("ignored a bad message from the broker (%d so far): %s",
+                                self.bad_messages, exc)
                 continue
             kind = type(msg)
             if kind is protocol.Job:
@@ -301,6 +330,8 @@ class Runner:
                 self.broker_id = msg.broker_id
                 self.broker_interval = msg.heartbeat
                 self.broker_liveness = msg.liveness
+                self.max_message_size = msg.max_message_size
+                self.welcomed = True
             elif kind is protocol.Disconnect:
                 log.info("broker asked us to register again (%s)", msg.reason)
                 self._connect()

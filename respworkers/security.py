@@ -1,0 +1,228 @@
+"""CURVE encryption and ZAP authentication, from pyzmq, with one folder of allowed keys per role.
+
+The broker's three endpoints are three ZAP domains: ``clients``, ``workers`` and
+``status``. Each domain allows the public keys found in its own folder, so a client
+key cannot register as a worker and a worker key cannot submit jobs or read the
+status (unless an operator puts the same key in both folders). Key files are
+pyzmq certificates, as written by ``rw keygen`` (``zmq.auth.create_certificates``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CLIENTS, WORKERS, STATUS = "clients", "workers", "status"
+
+#: How often (seconds) the broker looks at the key folders for added or removed keys.
+WATCH_INTERVAL = 1.0
+
+
+class KeyPair(NamedTuple):
+    public: bytes
+    secret: bytes
+
+
+def load_secret(path: str, what: str) -> KeyPair:
+    """Read a ``.key_secret`` certificate (public and secret key), naming ``what`` on error."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise ConfigError(f"{what}: no key file at {p} (create one with: rw keygen NAME)")
+    try:
+        public, secret = zmq.auth.load_certificate(str(p))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{what}: {p} is not a key file: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{what}: {p} holds only a public key; give the .key_secret file")
+    return KeyPair(public, secret)
+
+
+def load_public(path: str, what: str) -> bytes:
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise ConfigError(f"{what}: no key file at {p}")
+    try:
+        public, _ = zmq.auth.load_certificate(str(p))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{what}: {p} is not a key file: {exc}") from None
+    return public
+
+
+def keygen(name: str, folder: str | os.PathLike[str] = ".") -> tuple[Path, Path]:
+    """Write NAME.key (public, to hand out) and NAME.key_secret (keep private)."""
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"bad key name {name!r}: use a plain file name such as 'broker'")
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    public, secret = d / f"{name}.key", d / f"{name}.key_secret"
+    for p in (public, secret):
+        if p.exists():
+            raise ConfigError(f"{p} already exists; remove it or choose another name")
+    pub, sec = zmq.auth.create_certificates(str(d), name)
+    os.chmod(sec, 0o600)
+    return Path(pub), Path(sec)
+
+
+class ClientKeys(NamedTuple):
+    """What a client or worker needs to talk to a secured broker."""
+
+    own: KeyPair
+    broker: bytes
+
+
+def client_keys(secret_key: str, broker_key: str, section: str) -> ClientKeys | None:
+    """Keys from a ``[client]`` or ``[worker]`` section, or None when security is off."""
+    if not secret_key and not broker_key:
+        return None
+    if not (secret_key and broker_key):
+        raise ConfigError(f"[{section}] needs both secret_key and broker_key to use CURVE")
+    return ClientKeys(load_secret(secret_key, f"[{section}] secret_key"),
+                      load_public(broker_key, f"[{section}] broker_key"))
+
+
+def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+    """Make ``sock`` a CURVE client of the broker (call before connect)."""
+    if keys is None:
+        return
+    sock.curve_publickey = keys.own.public
+    sock.curve_secretkey = keys.own.secret
+    sock.curve_serverkey = keys.broker
+
+
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def watch_handshakes(sock: zmq.Socket) -> zmq.Socket:
+    """A monitor of ``sock``'s failed handshakes, for :func:`handshake_failure`."""
+    return sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+
+
+def handshake_failure(monitor: zmq.Socket, endpoint: str, keys: ClientKeys | None) -> str | None:
+    """Why the broker would not talk to us, if a handshake failed since the last call."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    why = None
+    while monitor.poll(0):
+        event = recv_monitor_message(monitor)["event"]
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = (f"the broker at {endpoint} refused this key (its public key is not in the "
+                   "broker's folder of allowed keys for this role)")
+        elif why is None:
+            why = (f"secure handshake with {endpoint} failed: "
+                   + ("check broker_key (is it this broker's public key?)" if keys else
+                      "the broker requires CURVE keys; set secret_key and broker_key"))
+    return why
+
+
+def is_loopback(endpoint: str) -> bool:
+    """ipc:// and inproc:// are local; tcp:// is local only on a loopback host."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: reachable from elsewhere
+
+
+class _CountingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, counting refusals and logging them at a bounded rate."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        super().__init__(context)
+        self.refused: dict[str, int] = {}
+        self._logged = 0.0
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if not allowed:
+            self.refused[domain] = self.refused.get(domain, 0) + 1
+            now = time.monotonic()
+            if now - self._logged >= 1.0:
+                self._logged = now
+                log.warning(
+                    "refused a connection on the %s endpoint: key %s is not in the %s folder "
+                    "(%d refused there so far)",
+                    domain, zmq.utils.z85.encode(client_key).decode()[:12] + "...", domain,
+                    self.refused[domain],
+                )
+        return allowed, reason
+
+
+class BrokerSecurity:
+    """The broker's side: its key pair, the authenticator, and the watched key folders."""
+
+    def __init__(self, ctx: zmq.Context, secret_key: str, folders: dict[str, str]) -> None:
+        self.keys = load_secret(secret_key, "[broker] secret_key")
+        self.folders: dict[str, Path] = {}
+        for domain, folder in folders.items():
+            p = Path(os.path.expanduser(folder))
+            if not p.is_dir():
+                raise ConfigError(f"[broker] {domain}_keys: {p} is not a folder of public keys")
+            self.folders[domain] = p
+        self.auth = _CountingAuthenticator(ctx)
+        self.auth.start()
+        self._stamps: dict[str, tuple[Any, ...]] = {}
+        self._next_watch = 0.0
+        self.reloads = 0
+        self.reload()
+
+    def _stamp(self, folder: Path) -> tuple[Any, ...]:
+        try:
+            return tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                                if e.name.endswith(".key")))
+        except OSError:
+            return ()
+
+    def reload(self) -> None:
+        """Read every key folder again (SIGHUP, or a change seen by :meth:`watch`)."""
+        for domain, folder in self.folders.items():
+            self.auth.configure_curve(domain=domain, location=str(folder))
+            self._stamps[domain] = self._stamp(folder)
+        self.reloads += 1
+        counts = {d: len(self.auth.certs.get(d, {})) for d in self.folders}
+        log.info("allowed keys: %s", ", ".join(f"{d} {n}" for d, n in counts.items()))
+
+    def watch(self, now: float) -> None:
+        """Reload when a key file was added, removed or changed (checked once a second)."""
+        if now < self._next_watch:
+            return
+        self._next_watch = now + WATCH_INTERVAL
+        if any(self._stamp(f) != self._stamps.get(d) for d, f in self.folders.items()):
+            self.reload()
+
+    def secure(self, sock: zmq.Socket, domain: str) -> None:
+        """Make ``sock`` a CURVE server whose peers must hold a key of ``domain`` (before bind)."""
+        sock.zap_domain = domain.encode()
+        sock.curve_server = True
+        sock.curve_publickey = self.keys.public
+        sock.curve_secretkey = self.keys.secret
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "curve": True,
+            "allowed_keys": {d: len(self.auth.certs.get(d, {})) for d in self.folders},
+            "refused": dict(self.auth.refused),
+            "reloads": self.reloads,
+        }
+
+    def stop(self) -> None:
+        self.auth.stop()
