@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+
 from conftest import Cluster
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import zmq
+
 from conftest import Cluster, alive, wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+
 from conftest import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -310,9 +310,6 @@ class BrokerCore:
         cfg = self.cfg
         if not self.accepting:
             return protocol.REFUSE_SHUTDOWN, "the broker is stopping"
-        if len(self.jobs) - len(self.finished) >= cfg.max_queued:
-            return (protocol.REFUSE_FULL,
-                    f"broker full: {cfg.max_queued} jobs waiting or running (max_queued)")
         if timeout is not None and timeout > cfg.max_timeout:
             return (protocol.REFUSE_LIMIT,
                     f"timeout {timeout:g}s is over the broker's max_timeout of {cfg.max_timeout:g}s")
@@ -323,6 +320,9 @@ class BrokerCore:
         if size > cfg.max_message_size:
             return (protocol.REFUSE_LIMIT, f"payload of {size} bytes is over the broker's "
                     f"max_message_size of {cfg.max_message_size} bytes")
+        if len(self.jobs) - len(self.finished) >= cfg.max_queued:
+            return (protocol.REFUSE_FULL,
+                    f"broker full: {cfg.max_queued} jobs waiting or running (max_queued)")
         return None
 
     def _job_ref(self, client: bytes, command: bytes, job_id: str) -> None:

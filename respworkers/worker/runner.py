@@ -144,11 +144,11 @@ class Runner:
         self.poller.register(d, zmq.POLLIN)
         if self.unconfirmed is not None:
             job_id, attempt, answer = self.unconfirmed
-            d.send_multipart(protocol.encode_hello(self.queues, self.info, job_id, attempt))
-            d.send_multipart(answer)
+            self._send(protocol.encode_hello(self.queues, self.info, job_id, attempt))
+            self._send(answer)
         else:
             job_id, attempt = self.job if self.job else (None, 0)
-            d.send_multipart(protocol.encode_hello(self.queues, self.info, job_id, attempt))
+            self._send(protocol.encode_hello(self.queues, self.info, job_id, attempt))
         self.last_heard = time.monotonic()
         self.broker_interval = self.cfg.heartbeat
         self.broker_liveness = self.cfg.liveness
@@ -160,8 +160,14 @@ class Runner:
         self.dealer.close(linger)
 
     def _send(self, frames: list[bytes]) -> None:
+        """Never block: with no usable connection (broker gone, handshake refused) the
+        message is dropped. Heartbeats do not matter then, and an answer is kept in
+        ``unconfirmed`` and sent again after reconnecting."""
         assert self.dealer is not None
-        self.dealer.send_multipart(frames)
+        try:
+            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     # ------------------------------------------------------------------ executor
     def _executor(self, worker: Worker, endpoint: str) -> None:
