@@ -67,9 +67,14 @@ def main() -> int:
         procs.append(pool)
         _wait_until(lambda: len((_status() or {}).get("workers", [])) == 4, 20, "4 workers")
 
+        # Ids are unique per run: the journal keeps finished jobs for an hour, and
+        # submitting a known id attaches to that job instead of running it again.
+        run = time.strftime("%H%M%S")
         jobs = [{"payload": w} for w in "the quick brown fox jumps over the lazy dog".split()]
-        jobs += [{"payload": f"sleep:{0.1 * (i % 5):.1f}", "id": f"sleepy-{i}"} for i in range(30)]
-        jobs.append({"payload": "fail", "id": "always-fails", "tries": 2})
+        jobs += [{"payload": f"sleep:{0.1 * (i % 5):.1f}", "id": f"sleepy-{run}-{i}"}
+                 for i in range(30)]
+        failing = f"always-fails-{run}"
+        jobs.append({"payload": "fail", "id": failing, "tries": 2})
         jobfile = work / "jobs.json"
         jobfile.write_text(json.dumps(jobs, indent=1))
         console.print(f"[dim]{len(jobs)} jobs in {jobfile}; one of them always raises, to show "
@@ -82,8 +87,8 @@ def main() -> int:
 
         _show(["status", "--once"])
         subprocess.run(RW + ["status", "--once"], stdin=subprocess.DEVNULL)
-        _show(["inspect", "always-fails"])
-        subprocess.run(RW + ["inspect", "always-fails"], stdin=subprocess.DEVNULL)
+        _show(["inspect", failing])
+        subprocess.run(RW + ["inspect", failing], stdin=subprocess.DEVNULL)
 
         console.rule("stopping: SIGTERM to the pool (each worker finishes its job), then the broker")
         for proc in (pool, broker):
