@@ -14,7 +14,14 @@ import click
 
 from . import __version__
 from .config import Config, load
-from .errors import BrokerUnavailable, ConfigError, JobFileError, RespWorkersError, TargetError
+from .errors import (
+    BrokerUnavailable,
+    ConfigError,
+    JobFileError,
+    ProtocolError,
+    RespWorkersError,
+    TargetError,
+)
 
 #: Exit codes (also in the README).
 RET_OK = 0
@@ -156,6 +163,7 @@ def submit(
     """
     from . import jobfile as jf
     from . import protocol
+    from .client import new_job_id
 
     cfg = _override(_load(config_path), "client", broker=broker)
     if timeout is not None and not timeout > 0:
@@ -188,12 +196,17 @@ def submit(
     client = _client(cfg)
     ids: list[str] = []
     try:
-        ids = [
-            client.submit(s.payload, id=s.id, queue=s.queue or queue or protocol.DEFAULT_QUEUE,
-                          timeout=s.timeout if s.timeout is not None else timeout,
-                          tries=s.tries if s.tries is not None else tries)
-            for s in specs
-        ]
+        jobs = [dict(payload=s.payload, id=s.id or new_job_id(),
+                     queue=s.queue or queue or protocol.DEFAULT_QUEUE,
+                     timeout=s.timeout if s.timeout is not None else timeout,
+                     tries=s.tries if s.tries is not None else tries) for s in specs]
+        for spec, job in zip(specs, jobs):  # all of them first: nothing or everything is sent
+            try:
+                client.validate(**job)
+            except (ValueError, ProtocolError) as exc:
+                where = f"{jobfile}: line {spec.line}: " if spec.line else ""
+                _fail(f"{where}{exc} (nothing was submitted)", RET_USAGE)
+        ids = [client.submit(**job) for job in jobs]
         if no_wait:
             client.wait_confirmed(ids)
             for job_id in ids:

@@ -20,7 +20,14 @@ import zmq
 from . import protocol
 from .config import DEFAULT_CLIENTS, DEFAULT_STATUS
 from .errors import BrokerUnavailable, JobFailed, ProtocolError, Refused
-from .security import ClientKeys, client_keys, handshake_failure, secure_client, watch_handshakes
+from .security import (
+    ClientKeys,
+    client_keys,
+    handshake_events,
+    handshake_failure,
+    secure_client,
+    watch_handshakes,
+)
 
 if TYPE_CHECKING:
     from .config import ClientConfig
@@ -119,6 +126,7 @@ class Client:
         self._monitor = watch_handshakes(self.sock)
         self.sock.connect(broker)
         self.limits: dict[str, Any] = {}  # the broker's, from its PONG
+        self._handshakes = 0
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, JobResult] = {}
         self._replies: dict[tuple[bytes, str], protocol.Reply] = {}
@@ -160,28 +168,51 @@ class Client:
         timeout: float | None = None,
         tries: int | None = None,
     ) -> str:
-        """Send one job and return its id at once; collect it with :meth:`result`."""
+        """Send one job and return its id at once; collect it with :meth:`result`.
+
+        Raises ValueError, before sending anything, for an id, queue, time limit, number
+        of tries or size the broker would refuse (its limits are learnt on first contact).
+        """
         job_id = id or new_job_id()
+        frames = self.validate(payload, id=job_id, queue=queue, timeout=timeout, tries=tries)
+        if job_id in self._pending:
+            return job_id
+        self._done.pop(job_id, None)
+        self._pending[job_id] = _Pending(frames)
+        self._send(frames)
+        return job_id
+
+    def validate(
+        self,
+        payload: Payload,
+        *,
+        id: str,
+        queue: str = protocol.DEFAULT_QUEUE,
+        timeout: float | None = None,
+        tries: int | None = None,
+    ) -> list[bytes]:
+        """Check a job against the protocol and the broker's limits; return its SUBMIT frames."""
+        job_id = id
         protocol.check_job_id(job_id.encode())
         protocol.check_queue(queue.encode())
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
             raise ValueError(f"tries must be a whole number >= 1, got {tries!r}")
-        if job_id in self._pending:
-            return job_id
-        self._done.pop(job_id, None)
-        frames = protocol.encode_submit(job_id, queue, timeout, tries, _frames(payload))
         if not self.limits:
             self._first_contact()
+        for value, key, unit in ((timeout, "max_timeout", "s"), (tries, "max_tries", "")):
+            limit = self.limits.get(key)
+            if value is not None and isinstance(limit, (int, float)) and value > limit:
+                raise ValueError(f"job {job_id!r}: {key[4:]} {value:g}{unit} is over the "
+                                 f"broker's {key} of {limit:g}{unit}")
+        frames = protocol.encode_submit(job_id, queue, timeout, tries, _frames(payload))
         limit = self.limits.get("max_message_size")
         size = sum(map(len, frames[7:]))
         if isinstance(limit, int) and size > limit:
             raise ValueError(f"job {job_id!r}: payload of {size} bytes is over the broker's "
                              f"max_message_size of {limit} bytes")
-        self._pending[job_id] = _Pending(frames)
-        self._send(frames)
-        return job_id
+        return frames
 
     def attach(self, job_id: str) -> None:
         """Follow a job submitted elsewhere (another process, an earlier run)."""
@@ -266,8 +297,13 @@ class Client:
     def _check_broker(self) -> None:
         """Ping while waiting; before first contact, give up after ``request_timeout``."""
         now = time.monotonic()
+        succeeded, why = handshake_events(self._monitor, self.broker, self.keys)
+        if succeeded:
+            reconnected = self._handshakes > 0
+            self._handshakes += succeeded
+            if reconnected and self._pending:
+                self._resync()  # replies sent while we were away may be lost
         if self._last_heard == 0.0:
-            why = handshake_failure(self._monitor, self.broker, self.keys)
             if why:
                 raise BrokerUnavailable(why)
             if now - self._last_ping > self.request_timeout:

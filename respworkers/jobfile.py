@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import protocol
 from .errors import JobFileError, ProtocolError
@@ -31,6 +31,19 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
+def _name(obj: dict[str, Any], key: str, check: Callable[[bytes], str], where: str) -> str | None:
+    """An optional string field validated by the protocol's own rule for it."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise JobFileError(f"{where}: field {key!r} must be a string")
+    try:
+        return check(value.encode())
+    except ProtocolError as exc:
+        raise JobFileError(f"{where}: field {key!r}: {exc.detail}") from None
+
+
 def _check(obj: Any, where: str, line: int) -> JobSpec:
     if not isinstance(obj, dict):
         raise JobFileError(f"{where}: a job must be a JSON object, got {type(obj).__name__}")
@@ -43,22 +56,8 @@ def _check(obj: Any, where: str, line: int) -> JobSpec:
         raise JobFileError(f"{where}: missing field 'payload'")
     value = obj["payload"]
     payload = value.encode() if isinstance(value, str) else json.dumps(value).encode()
-    job_id = obj.get("id")
-    if job_id is not None:
-        if not isinstance(job_id, str):
-            raise JobFileError(f"{where}: field 'id' must be a string")
-        try:
-            protocol.check_job_id(job_id.encode())
-        except ProtocolError as exc:
-            raise JobFileError(f"{where}: field 'id': {exc.detail}") from None
-    queue = obj.get("queue")
-    if queue is not None:
-        if not isinstance(queue, str):
-            raise JobFileError(f"{where}: field 'queue' must be a string")
-        try:
-            protocol.check_queue(queue.encode())
-        except ProtocolError as exc:
-            raise JobFileError(f"{where}: field 'queue': {exc.detail}") from None
+    job_id = _name(obj, "id", protocol.check_job_id, where)
+    queue = _name(obj, "queue", protocol.check_queue, where)
     timeout = obj.get("timeout")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float))

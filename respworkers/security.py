@@ -35,8 +35,7 @@ class KeyPair(NamedTuple):
     secret: bytes
 
 
-def load_secret(path: str, what: str) -> KeyPair:
-    """Read a ``.key_secret`` certificate (public and secret key), naming ``what`` on error."""
+def _read_certificate(path: str, what: str) -> tuple[Path, bytes, bytes | None]:
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise ConfigError(f"{what}: no key file at {p} (create one with: rw keygen NAME)")
@@ -44,20 +43,19 @@ def load_secret(path: str, what: str) -> KeyPair:
         public, secret = zmq.auth.load_certificate(str(p))
     except (ValueError, OSError) as exc:
         raise ConfigError(f"{what}: {p} is not a key file: {exc}") from None
+    return p, public, secret
+
+
+def load_secret(path: str, what: str) -> KeyPair:
+    """Read a ``.key_secret`` certificate (public and secret key), naming ``what`` on error."""
+    p, public, secret = _read_certificate(path, what)
     if not secret:
         raise ConfigError(f"{what}: {p} holds only a public key; give the .key_secret file")
     return KeyPair(public, secret)
 
 
 def load_public(path: str, what: str) -> bytes:
-    p = Path(os.path.expanduser(path))
-    if not p.is_file():
-        raise ConfigError(f"{what}: no key file at {p}")
-    try:
-        public, _ = zmq.auth.load_certificate(str(p))
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{what}: {p} is not a key file: {exc}") from None
-    return public
+    return _read_certificate(path, what)[1]
 
 
 def keygen(name: str, folder: str | os.PathLike[str] = ".") -> tuple[Path, Path]:
@@ -108,25 +106,39 @@ _HANDSHAKE_FAILURES = (
 
 
 def watch_handshakes(sock: zmq.Socket) -> zmq.Socket:
-    """A monitor of ``sock``'s failed handshakes, for :func:`handshake_failure`."""
-    return sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+    """A monitor of ``sock``'s handshakes, for :func:`handshake_events`."""
+    return sock.get_monitor_socket(_HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 def handshake_failure(monitor: zmq.Socket, endpoint: str, keys: ClientKeys | None) -> str | None:
     """Why the broker would not talk to us, if a handshake failed since the last call."""
+    return handshake_events(monitor, endpoint, keys)[1]
+
+
+def handshake_events(
+    monitor: zmq.Socket, endpoint: str, keys: ClientKeys | None
+) -> tuple[int, str | None]:
+    """Handshakes that succeeded since the last call, and why the last failure failed.
+
+    A success after the first one means the connection was re-established: replies
+    sent meanwhile may have been dropped by the broker's ROUTER.
+    """
     from zmq.utils.monitor import recv_monitor_message
 
     why = None
+    succeeded = 0
     while monitor.poll(0):
         event = recv_monitor_message(monitor)["event"]
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            succeeded += 1
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             why = (f"the broker at {endpoint} refused this key (its public key is not in the "
                    "broker's folder of allowed keys for this role)")
         elif why is None:
             why = (f"secure handshake with {endpoint} failed: "
                    + ("check broker_key (is it this broker's public key?)" if keys else
                       "the broker requires CURVE keys; set secret_key and broker_key"))
-    return why
+    return succeeded, why
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from respworkers import protocol
 from respworkers.client import Client, fetch_status
 from respworkers.config import load
 from respworkers.errors import BrokerUnavailable
@@ -148,12 +149,23 @@ def test_queue_limit_refuses_with_broker_full(cluster: Cluster) -> None:
         assert all(r.status == "refused" and r.reason == "full" for r in outcomes.values())
         assert "broker full" in outcomes[ids[7]].error
         assert c.query(ids[0])["state"] == "queued"  # type: ignore[index]
-        over = c.outcome(c.submit("x", tries=5), timeout=5)
-        assert over.status == "refused" and "max_tries of 4" in over.error
+        with pytest.raises(ValueError, match="max_tries of 4"):
+            c.submit("x", tries=5)  # the client knows the broker's limits
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(cluster.clients)
+    try:  # a client that does not check is refused by the broker
+        raw.send_multipart(protocol.encode_submit("over", "default", None, 5, [b"x"]))
+        assert raw.poll(5000)
+        reply = protocol.decode_reply(raw.recv_multipart())
+        assert reply.command == protocol.REFUSED and b"max_tries of 4" in reply.frames[1]
+    finally:
+        raw.close()
     r = cluster.run("submit", "-p", "one-more", "--broker", cluster.clients)
     assert r.returncode == 1 and "refused (full)" in r.stdout
     r = cluster.run("submit", "-p", "x", "--timeout", "500", "--broker", cluster.clients)
-    assert r.returncode == 1 and "max_timeout of 100s" in r.stdout
+    assert r.returncode == 2 and "max_timeout of 100s" in r.stderr
+    assert "nothing was submitted" in r.stderr
     assert cluster.snapshot()["totals"]["refused"] >= 5
 
 

@@ -793,6 +793,8 @@ class BrokerCore:
 
         for name, d in self.pending.items():
             entry(name)["queued"] = len(d)
+        for job in self.recovering.values():  # held back after a restart: queued too
+            entry(job.queue)["queued"] += 1
         workers = []
         for w in self.workers.values():
             for q in w.queues:
@@ -838,7 +840,7 @@ class BrokerCore:
             },
             "workers": workers,
             "queues": queues,
-            "queued": sum(len(d) for d in self.pending.values()),
+            "queued": sum(len(d) for d in self.pending.values()) + len(self.recovering),
             "in_flight": sum(len(g) for g in self.inflight.values()),
             "retained": len(self.finished),
             "totals": self.counters.as_dict(),

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -141,6 +141,16 @@ class BrokerServer:
         monotonic, wall = time.monotonic, time.time
         noblock = zmq.NOBLOCK
         again = zmq.Again
+
+        def drain(recv: Callable[[int], list[bytes]], handle: Callable[[bytes, list[bytes]], None]
+                  ) -> None:
+            """Up to BATCH messages from one socket, then the others get their turn."""
+            for _ in range(BATCH):
+                try:
+                    frames = recv(noblock)
+                except again:
+                    return
+                handle(frames[0], frames[1:])
         core.set_time(monotonic(), wall())
         wake = core.tick()
         log.info(
@@ -153,21 +163,9 @@ class BrokerServer:
             events = dict(poller.poll(max(0.0, (wake - now) * 1000.0)))
             core.set_time(monotonic(), wall())
             if clients in events:
-                recv = clients.recv_multipart
-                for _ in range(BATCH):
-                    try:
-                        frames = recv(noblock)
-                    except again:
-                        break
-                    on_client(frames[0], frames[1:])
+                drain(clients.recv_multipart, on_client)
             if workers in events:
-                recv = workers.recv_multipart
-                for _ in range(BATCH):
-                    try:
-                        frames = recv(noblock)
-                    except again:
-                        break
-                    on_worker(frames[0], frames[1:])
+                drain(workers.recv_multipart, on_worker)
             if status in events:
                 self._serve_status()
             if self._wake_r in events:
@@ -175,14 +173,13 @@ class BrokerServer:
                     os.read(self._wake_r, 4096)
                 except OSError:
                     pass
+            if self._reload and self.security is not None:  # SIGHUP: at once
+                self._reload = False
+                self.security.reload()
             if core.now >= wake:
                 wake = core.tick()
                 if self.security is not None:
-                    if self._reload:
-                        self._reload = False
-                        self.security.reload()
-                    else:
-                        self.security.watch(core.now)
+                    self.security.watch(core.now)
             else:
                 wake = min(wake, core.next_wake())
             core.flush()

@@ -38,12 +38,17 @@ _QUIT = b"quit"
 _LIBRARY_FILES = {__file__, base_file}
 
 
+#: Longest error text sent to the broker; the end of a traceback is what matters.
+MAX_ERROR_CHARS = 32_000
+
+
 def _user_traceback() -> str:
     """The exception's traceback without the library's own frames on top."""
     etype, value, tb = sys.exc_info()
     while tb is not None and tb.tb_frame.f_code.co_filename in _LIBRARY_FILES:
         tb = tb.tb_next
-    return "".join(traceback.format_exception(etype, value, tb))
+    text = "".join(traceback.format_exception(etype, value, tb))
+    return text if len(text) <= MAX_ERROR_CHARS else "[...]\n" + text[-MAX_ERROR_CHARS:]
 
 
 def _as_frames(value: Any, who: str) -> list[bytes]:
@@ -308,7 +313,6 @@ class Runner:
             except zmq.Again:
                 return
             self.last_heard = time.monotonic()
-            self.unconfirmed = None
             try:
                 msg = protocol.decode_broker(frames)
             except ProtocolError as exc:
@@ -319,6 +323,8 @@ class Runner:
                                 self.bad_messages, exc)
                 continue
             kind = type(msg)
+            if kind is not protocol.Disconnect:
+                self.unconfirmed = None  # it is answering us: what we sent before arrived
             if kind is protocol.Job:
                 if self.job is not None or self.signals:
                     # Not ready for it (a stop crossed the dispatch): hand it straight back.
