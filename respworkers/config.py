@@ -64,12 +64,14 @@ def _int_at_least(minimum: int) -> Callable[[Any], int]:
 
 
 def _queue_list(value: Any) -> tuple[str, ...]:
-    from .protocol import check_queue
+    from .protocol import MAX_WORKER_QUEUES, check_queue
 
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError("must be a list of queue names")
+    if len(value) > MAX_WORKER_QUEUES:
+        raise ValueError(f"at most {MAX_WORKER_QUEUES} queues")
     try:
         return tuple(check_queue(v.encode()) for v in value)
     except Exception as exc:

@@ -74,6 +74,7 @@ MAX_QUEUE_BYTES = 64
 MAX_INFO_BYTES = 8192  #: JSON frames peers send the broker (HELLO info)
 MAX_REPLY_INFO_BYTES = 64 << 20  #: INFO from the broker carries tracebacks
 DEFAULT_QUEUE = "default"
+MAX_WORKER_QUEUES = 64  #: queues one worker may serve
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _EMPTY = b""
@@ -404,6 +405,8 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
         if len(frames) != 6:
             raise ProtocolError("bad HELLO", "needs queues, info, job id and attempt")
         names = frames[2].split(b",") if frames[2] else [DEFAULT_QUEUE.encode()]
+        if len(names) > MAX_WORKER_QUEUES:
+            raise ProtocolError("bad HELLO", f"more than {MAX_WORKER_QUEUES} queues")
         queues = tuple(dict.fromkeys(check_queue(q) for q in names))
         job_id = check_job_id(frames[4]) if frames[4] else None
         attempt = _uint(frames[5], "attempt", 1) if job_id else 0

@@ -970,7 +970,7 @@ def test_cancelling_the_only_queued_job_forgets_the_empty_queue(h):
     assert h.snap()["queues"]["rare"]["queued"] == 1
     h.ref(C1, p.CANCEL, "j1")
     assert "rare" not in h.snap()["queues"]
-    assert "rare" not in h.core.pending
+    assert "rare" not in h.core.depth and "rare" not in h.core.pending
 
 
 def test_cancel_a_running_job_drops_the_late_result_and_frees_the_worker(h):
@@ -1252,9 +1252,9 @@ class Sim:
                 assert w.job_id is None
                 assert all(w.wid in core.ready.get(q, {}) for q in w.queues)
         for q, ready in core.ready.items():
-            assert not core.pending.get(q), f"queue {q} has jobs waiting and idle workers"
+            assert not core.depth.get(q), f"queue {q} has jobs waiting and idle workers"
             assert all(w.ready and core.workers.get(w.wid) is w for w in ready.values())
-        queued = sum(len(d) for d in core.pending.values())
+        queued = sum(core.depth.values())
         assert queued == sum(1 for j in core.jobs.values() if j.state == "queued")
         for key, n in self.finals.items():
             assert n == 1, f"{key} told {n} times"
@@ -1377,3 +1377,124 @@ def test_long_random_runs_keep_the_broker_consistent(seed):
     c = sim.h.core.counters
     assert sim.submitted
     assert c.done + c.failed + c.cancelled == c.submitted == len({job_id for _, job_id in sim.submitted})
+
+
+# ================================================================================================
+# regressions from the code review
+# ================================================================================================
+
+
+def test_worker_name_with_a_lone_surrogate_does_not_kill_the_broker(tmp_path):
+    from respworkers.broker.journal import SqliteJournal
+
+    hello = [p.WORKER, p.HELLO, b"default", b'{"name": "bad\\ud800name"}', b"", b""]
+    h = Harness(tries=1)
+    h.core.on_worker(W1, hello)
+    h.submit(C1, "j1", timeout=1.0)
+    h.advance(2.0)  # the FAILED text names the worker
+    failed = [r for r in h.to_client(C1) if r.command == p.FAILED]
+    assert failed and "bad?name" in failed[0].frames[1].decode()
+    core = BrokerCore(BrokerConfig(heartbeat=1000.0), lambda r, f: None, lambda r, f: None,
+                      SqliteJournal(tmp_path / "j.db"))
+    core.set_time(T0, WALL0)
+    core.tick()
+    core.on_worker(W1, hello)
+    core.on_client(C1, p.encode_submit("j1", "", None, None, [b"x"]))
+    core.flush()  # the journal stores the worker's name in workers_tried
+
+
+def test_a_silent_idle_worker_is_never_handed_a_job():
+    h = Harness(heartbeat=1.0, liveness=3, timeout=3.8, tries=2)
+    h.hello(W1)
+    h.hello(W2)
+    h.hello(W3)  # W2 dies silently; W1 and W3 keep beating
+    h.submit(C1, "j1")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.to_client(C1)
+    for _ in range(3):
+        h.advance(1.0)
+        h.beat(W1, W3)
+    h.advance(0.8)  # j1's deadline, and W2 has been silent past its expiry
+    h.beat(W1, W3)
+    assert h.jobs_to(W2) == []
+    assert ids(h.jobs_to(W3)) == [("j1", 2)]
+    assert h.worker_state(W2) is None
+
+
+def test_cancelled_jobs_leave_the_queue_in_order_without_scanning_it():
+    h = Harness()
+    for i in range(5):
+        h.submit(C1, f"j{i}")
+    h.ref(C2, p.CANCEL, "j1")
+    h.ref(C2, p.CANCEL, "j3")
+    assert h.snap()["queues"]["default"]["queued"] == 3
+    h.hello(W1)
+    got = [h.job_to(W1).job_id]
+    for _ in range(2):
+        h.result(W1, got[-1], 1)
+        got.append(h.job_to(W1).job_id)
+    assert got == ["j0", "j2", "j4"]
+    assert h.snap()["queued"] == 0
+
+
+def test_a_job_taken_out_and_queued_again_runs_once():
+    h = Harness()
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.hello(W1, job_id="j1", attempt=1)  # claims j1 out of the queue (stale entry left)
+    h.hello(W2)
+    assert ids(h.jobs_to(W2)) == [("j2", 1)]
+    h.core.on_worker(W1, list(p.BYE_FRAMES))  # gives j1 back: queued again at the front
+    h.hello(W3)
+    assert ids(h.jobs_to(W3)) == [("j1", 1)]
+    h.result(W2, "j2", 1)
+    assert h.jobs_to(W2) == []  # the stale entry of j1 is not dispatched a second time
+
+
+def test_hello_with_too_many_queues_is_refused():
+    h = Harness()
+    queues = ",".join(f"q{i}" for i in range(p.MAX_WORKER_QUEUES + 1)).encode()
+    h.core.on_worker(W1, [p.WORKER, p.HELLO, queues, b"{}", b"", b""])
+    assert h.worker_state(W1) is None
+    assert h.snap()["bad_messages"] == {"workers: bad HELLO": 1}
+
+
+def test_next_wake_follows_new_deadlines_in_constant_time():
+    h = Harness(heartbeat=1000.0)
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "long", timeout=50.0)
+    assert h.core.next_wake() == pytest.approx(T0 + 50.0)
+    h.submit(C1, "short", timeout=2.0)
+    assert h.core.next_wake() == pytest.approx(T0 + 2.0)
+
+
+def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
+    from respworkers.broker.journal import SqliteJournal
+
+    def core_on(journal):
+        sent: list = []
+        core = BrokerCore(BrokerConfig(heartbeat=1.0, liveness=3), lambda r, f: None,
+                          lambda r, f: sent.append(list(f)), journal)
+        core.set_time(T0, WALL0)
+        return core, sent
+
+    path = tmp_path / "j.db"
+    core, _ = core_on(SqliteJournal(path))
+    for i in range(5):
+        core.on_client(C1, p.encode_submit(f"j{i}", "", None, None, [b"x"]))
+    core.on_worker(W1, p.encode_hello(["default"], {"name": "w1"}, None, 0))  # runs j0
+    core.flush()
+    core.journal.db.close()  # the broker dies (kill -9): no clean close
+    core, sent = core_on(SqliteJournal(path))
+    assert core.restore(core.journal.load()) == {"queued": 4, "interrupted": 1, "finished": 0}
+    core.start_recovery()
+    core.set_time(T0 + 10, WALL0 + 10)  # nobody claimed j0 within the window
+    core.tick()
+    order = []
+    core.on_worker(W2, p.encode_hello(["default"], {"name": "w2"}, None, 0))
+    for _ in range(5):
+        job = p.decode_broker(sent[-1])
+        order.append((job.job_id, job.attempt))
+        core.on_worker(W2, p.encode_worker_result(job.job_id, job.attempt, True, [b"r"]))
+    assert order == [("j0", 1), ("j1", 1), ("j2", 1), ("j3", 1), ("j4", 1)]

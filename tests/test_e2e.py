@@ -178,3 +178,16 @@ def test_second_signal_gives_the_job_back_without_counting_a_try(cluster: Cluste
                         what="the job to be queued again")
         assert info["attempt"] == 0  # tries=1 and still not failed: the attempt did not count
         c.cancel(job)
+
+
+def test_a_hung_job_does_not_hold_its_worker_forever(cluster: Cluster) -> None:
+    cluster.broker()
+    pool = cluster.pool(n=1)
+    first = set(pool.children())
+    with cluster.client() as c:
+        hung = c.outcome(c.submit("sleep:60", timeout=0.5, tries=1), timeout=10)
+        assert hung.status == "failed" and hung.reason == "timeout"
+        # at 2 x 0.5s + 5s the process gives up and the pool replaces it
+        assert c.run("after", timeout=20).endswith(b":after")
+    assert set(pool.children()) != first
+    assert "still running at twice its time limit" in pool.output()

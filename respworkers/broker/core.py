@@ -9,6 +9,7 @@ and workers; anything that scans runs on the heartbeat tick, not per message.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -48,7 +49,7 @@ class Job:
     __slots__ = (
         "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
         "waiters", "tried", "worker", "deadline", "created", "started", "finished",
-        "result", "reason", "error", "errors",
+        "result", "reason", "error", "errors", "qtoken",
     )
 
     def __init__(
@@ -75,6 +76,7 @@ class Job:
         self.reason = ""
         self.error = ""
         self.errors = 0
+        self.qtoken = 0  # matches the token of its live queue entry, if it has one
 
     def info(self, now_wall: float) -> dict[str, Any]:
         return {
@@ -111,7 +113,8 @@ class WorkerRec:
         self.queues = queues
         self.info = info
         name = info.get("name")
-        self.name = str(name)[:80] if name else wid.hex()
+        # Clean whatever a peer sent (JSON allows lone surrogates, which cannot be encoded).
+        self.name = str(name)[:80].encode("utf-8", "replace").decode() if name else wid.hex()
         self.job: Job | None = None
         self.job_id: str | None = None  # may name a job this broker does not know
         self.attempt = 0
@@ -170,7 +173,11 @@ class BrokerCore:
         self.wall = time.time()
         self.started_wall = self.wall
         self.jobs: dict[str, Job] = {}
-        self.pending: dict[str, deque[Job]] = {}
+        # Per queue, entries (token, job) oldest first. Taking a job out of the middle
+        # (cancel, a late answer, a claim) only bumps job.qtoken, which makes its entry
+        # stale: O(1) instead of deque.remove. depth counts the live entries.
+        self.pending: dict[str, deque[tuple[int, Job]]] = {}
+        self.depth: dict[str, int] = {}
         self.ready: dict[str, dict[bytes, WorkerRec]] = {}
         self.workers: dict[bytes, WorkerRec] = {}
         self.slots: dict[str, bytes] = {}  # a pool slot -> the worker process now in it
@@ -192,6 +199,7 @@ class BrokerCore:
         self._seq = 0
         self._plain_seq = 0
         self._next_beat = 0.0
+        self._earliest = math.inf  # no attempt's deadline is earlier than this
         self._bad_logged = 0.0
         self._welcome = protocol.encode_welcome(
             self.broker_id, cfg.heartbeat, cfg.liveness, cfg.max_message_size)
@@ -209,7 +217,7 @@ class BrokerCore:
         """
         counts = {"queued": 0, "interrupted": 0, "finished": 0}
         finished: list[Job] = []
-        self.recover_at = self.now + self.cfg.heartbeat * self.cfg.liveness
+        self.start_recovery()
         for row in stored:
             job = Job(row.id, row.queue, row.payload or [b""], row.timeout, row.tries, row.seq,
                       row.created)
@@ -232,6 +240,10 @@ class BrokerCore:
             self.finished[job.id] = job
         counts["finished"] = len(finished)
         return counts
+
+    def start_recovery(self) -> None:
+        """Open the window in which workers may claim interrupted jobs (call when serving)."""
+        self.recover_at = self.now + self.cfg.heartbeat * self.cfg.liveness + 1.0
 
     # ------------------------------------------------------------------ clock
     def set_time(self, mono: float, wall: float) -> None:
@@ -377,17 +389,34 @@ class BrokerCore:
 
     # ================================================================== dispatch
     def _unqueue(self, job: Job) -> None:
-        """Take a queued job out of its queue (rare paths only: O(queue length))."""
+        """Take a queued job out of its queue in O(1); its entry is skipped later."""
         if self.recovering.pop(job.id, None) is not None:
             return
-        q = self.pending.get(job.queue)
-        if q is not None:
-            try:
-                q.remove(job)
-            except ValueError:
-                return
-            if not q:
-                del self.pending[job.queue]
+        job.qtoken += 1
+        self._dec_depth(job.queue)
+
+    def _dec_depth(self, queue: str) -> None:
+        left = self.depth[queue] - 1
+        if left:
+            self.depth[queue] = left
+        else:  # nothing live left: forget the queue and its stale entries
+            del self.depth[queue]
+            self.pending.pop(queue, None)
+
+    def _head(self, queue: str) -> Job | None:
+        """The oldest live job of a queue, dropping stale entries on the way."""
+        d = self.pending.get(queue)
+        while d:
+            token, job = d[0]
+            if job.qtoken == token:
+                return job
+            d.popleft()
+        return None
+
+    def _take(self, job: Job) -> None:
+        """Remove a live job from its queue for dispatch."""
+        job.qtoken += 1
+        self._dec_depth(job.queue)
 
     def _enqueue(self, job: Job, front: bool) -> None:
         job.state = QUEUED
@@ -395,17 +424,25 @@ class BrokerCore:
         if front:  # a retry or a give-back: the journal must know the attempt count
             self.journal.attempted(job)
         ready = self.ready.get(job.queue)
-        if ready:
+        while ready:
             w = self._pick(ready, job) if job.tried else next(iter(ready.values()))
-            self._assign(job, w)
-            return
+            if self.now - w.last_seen <= w.expiry:
+                self._assign(job, w)
+                return
+            # Idle but silent past its expiry (dead; the sweep has not run yet): never
+            # hand it a job, which would only burn a try.
+            self.counters.lost_workers += 1
+            self._drop_worker(w, "stopped answering")
+            ready = self.ready.get(job.queue)
         q = self.pending.get(job.queue)
         if q is None:
             q = self.pending[job.queue] = deque()
+        job.qtoken += 1
         if front:
-            q.appendleft(job)
+            q.appendleft((job.qtoken, job))
         else:
-            q.append(job)
+            q.append((job.qtoken, job))
+        self.depth[job.queue] = self.depth.get(job.queue, 0) + 1
 
     @staticmethod
     def _pick(ready: dict[bytes, WorkerRec], job: Job) -> WorkerRec:
@@ -429,11 +466,7 @@ class BrokerCore:
         if not job.started:
             job.started = self.wall
         job.tried.append(w.name)
-        job.deadline = self.now + job.timeout
-        group = self.inflight.get(job.timeout)
-        if group is None:
-            group = self.inflight[job.timeout] = OrderedDict()
-        group[job.id] = job
+        self._start_clock(job)
         w.job = job
         w.job_id = job.id
         w.attempt = job.attempt
@@ -442,6 +475,16 @@ class BrokerCore:
         self.send_worker(
             w.wid, protocol.encode_job(job.bid, job.attempt, job.timeout, job.payload or [b""])
         )
+
+    def _start_clock(self, job: Job) -> None:
+        """The attempt's deadline: in-flight group of its timeout, and the earliest wake."""
+        job.deadline = deadline = self.now + job.timeout
+        group = self.inflight.get(job.timeout)
+        if group is None:
+            group = self.inflight[job.timeout] = OrderedDict()
+        group[job.id] = job
+        if deadline < self._earliest:
+            self._earliest = deadline
 
     def _unready(self, w: WorkerRec) -> None:
         if w.ready:
@@ -455,23 +498,24 @@ class BrokerCore:
 
     def _make_ready(self, w: WorkerRec) -> None:
         """The worker asked for a job: give it the oldest waiting one it serves, or park it."""
-        best: deque[Job] | None = None
+        best: Job | None = None
         for q in w.queues:
-            d = self.pending.get(q)
-            if d and (best is None or d[0].seq < best[0].seq):
-                best = d
+            head = self._head(q)
+            if head is not None and (best is None or head.seq < best.seq):
+                best = head
         if best is not None:
-            job = best[0]
-            if (job.tried and w.name in job.tried and len(best) > 1
+            job = best
+            if (job.tried and w.name in job.tried and self.depth[job.queue] > 1
                     and self.serving.get(job.queue, 0) > 1):
                 # Leave a retry for another worker when this one already failed it and
-                # there is other work for this one.
-                job = best[1]
-                del best[1]
-            else:
-                best.popleft()
-            if not best:
-                del self.pending[job.queue]
+                # there is other work for this one (a bounded look further down).
+                for i, (token, other) in enumerate(self.pending[job.queue]):
+                    if other is not job and other.qtoken == token:
+                        job = other
+                        break
+                    if i >= RETRY_SCAN:
+                        break
+            self._take(job)
             self._assign(job, w)
             return
         w.ready = True
@@ -593,11 +637,9 @@ class BrokerCore:
             job.attempt = max(job.attempt, msg.attempt)
             job.state = RUNNING
             job.worker = w
-            job.deadline = self.now + job.timeout
+            self._start_clock(job)
             if not job.tried or job.tried[-1] != w.name:
                 job.tried.append(w.name)
-            group = self.inflight.setdefault(job.timeout, OrderedDict())
-            group[job.id] = job
             self.journal.attempted(job)
 
     def _replace_slot(self, w: WorkerRec, msg: protocol.Hello) -> None:
@@ -696,8 +738,9 @@ class BrokerCore:
 
     def _drop_worker(self, w: WorkerRec, why: str) -> None:
         """Forget a worker; its current attempt, if any, failed (a crash counts as a try)."""
-        if self.workers.pop(w.wid, None) is None:
+        if self.workers.get(w.wid) is not w:
             return
+        del self.workers[w.wid]
         for q in w.queues:
             left = self.serving[q] - 1
             if left:
@@ -719,11 +762,13 @@ class BrokerCore:
         """Expire attempts and silent workers, send heartbeats; return when to tick next."""
         now = self.now
         if self.recovering and now >= self.recover_at:
-            for job in sorted(self.recovering.values(), key=lambda j: j.seq):
-                self._enqueue(job, front=False)
+            # Nobody claimed them: they were running, so they go first, oldest first.
+            for job in sorted(self.recovering.values(), key=lambda j: j.seq, reverse=True):
+                self._enqueue(job, front=True)
             self.recovering.clear()
+        earliest = math.inf
         for timeout in list(self.inflight):
-            group = self.inflight[timeout]
+            group = self.inflight.get(timeout)
             while group:
                 job = next(iter(group.values()))
                 if job.deadline > now:
@@ -734,20 +779,19 @@ class BrokerCore:
                     f"no answer within {job.timeout:g}s (attempt {job.attempt} of {job.tries}"
                     f" on {holder.name if holder else '?'})",
                 )
+            if group:
+                earliest = min(earliest, next(iter(group.values())).deadline)
+        self._earliest = earliest
         if now >= self._next_beat:
             self._next_beat = now + self.cfg.heartbeat
             self._heartbeat(now)
         return self.next_wake()
 
     def next_wake(self) -> float:
-        wake = self._next_beat
+        """When :meth:`tick` is due: O(1), from a lower bound kept as deadlines are set."""
+        wake = min(self._next_beat, self._earliest)
         if self.recovering and self.recover_at < wake:
             wake = self.recover_at
-        for group in self.inflight.values():
-            if group:
-                deadline = next(iter(group.values())).deadline
-                if deadline < wake:
-                    wake = deadline
         return wake
 
     def _heartbeat(self, now: float) -> None:
@@ -791,8 +835,8 @@ class BrokerCore:
                 e = queues[name] = {"queued": 0, "running": 0, "workers": 0, "idle": 0}
             return e
 
-        for name, d in self.pending.items():
-            entry(name)["queued"] = len(d)
+        for name, n in self.depth.items():
+            entry(name)["queued"] = n
         for job in self.recovering.values():  # held back after a restart: queued too
             entry(job.queue)["queued"] += 1
         workers = []
@@ -840,7 +884,7 @@ class BrokerCore:
             },
             "workers": workers,
             "queues": queues,
-            "queued": sum(len(d) for d in self.pending.values()) + len(self.recovering),
+            "queued": sum(self.depth.values()) + len(self.recovering),
             "in_flight": sum(len(g) for g in self.inflight.values()),
             "retained": len(self.finished),
             "totals": self.counters.as_dict(),

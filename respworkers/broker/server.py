@@ -152,6 +152,7 @@ class BrokerServer:
                     return
                 handle(frames[0], frames[1:])
         core.set_time(monotonic(), wall())
+        core.start_recovery()  # restore() may have taken a while: the window starts now
         wake = core.tick()
         log.info(
             "broker %s listening: clients %s, workers %s, status %s",

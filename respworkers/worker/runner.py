@@ -30,6 +30,11 @@ from .base import __file__ as base_file
 
 log = logging.getLogger(__name__)
 
+#: A job still running at HUNG_FACTOR x its time limit + HUNG_GRACE seconds is hung.
+HUNG_FACTOR = 2.0
+HUNG_GRACE = 5.0
+EXIT_HUNG = 75
+
 _OK = b"ok"
 _ERR = b"err"
 _QUIT = b"quit"
@@ -102,6 +107,7 @@ class Runner:
         self.bad_messages = 0
         self._bad_logged = 0.0
         self.job: tuple[str, int] | None = None  # (id, attempt) in hand
+        self.job_deadline = 0.0  # past it the job is hung: this process gives up
         # The last RESULT/ERROR sent, until the broker is heard from again: if we must
         # reconnect first, it may be lost with the old socket, so it is sent again.
         self.unconfirmed: tuple[str, int, list[bytes]] | None = None
@@ -268,6 +274,14 @@ class Runner:
                     self._drain_broker(pair)
                 if now >= next_beat:
                     next_beat = now + self.cfg.heartbeat
+                    if self.job is not None and now > self.job_deadline:
+                        # The broker gave this job to another worker long ago; a thread
+                        # cannot be interrupted, so the process leaves and its pool
+                        # starts a fresh one. Otherwise a hung job holds a worker forever.
+                        log.error("job %s is still running at twice its time limit: "
+                                  "exiting so this worker can be replaced", self.job[0])
+                        logging.shutdown()
+                        os._exit(EXIT_HUNG)
                     self._send(protocol.HEARTBEAT_FRAMES)
                     if not self.welcomed:
                         assert self.monitor is not None
@@ -331,6 +345,7 @@ class Runner:
                     self._send(protocol.encode_return(msg.job_id, msg.attempt))
                     continue
                 self.job = (msg.job_id, msg.attempt)
+                self.job_deadline = time.monotonic() + HUNG_FACTOR * msg.timeout + HUNG_GRACE
                 pair.send_multipart(
                     [msg.job_id.encode(), str(msg.attempt).encode(), repr(msg.timeout).encode(),
                      *msg.payload],
