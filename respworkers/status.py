@@ -47,6 +47,17 @@ def render(snap: dict[str, Any]) -> Group:
         f"rates/s: submitted {r.get('submitted', 0):.1f}  done {r.get('done', 0):.1f}  "
         f"failed {r.get('failed', 0):.1f}"
     )
+    sec = snap.get("security") or {}
+    if sec.get("curve"):
+        refused = sec.get("refused") or {}
+        head.append("\nCURVE on; allowed keys " + ", ".join(
+            f"{d} {n}" for d, n in sorted((sec.get("allowed_keys") or {}).items())))
+        if refused:
+            head.append("; refused " + ", ".join(f"{d} {n}" for d, n in sorted(refused.items())),
+                        style="red")
+    journal = b.get("journal") or {}
+    if journal.get("kind") == "sqlite":
+        head.append(f"\njournal {journal.get('path')}", style="dim")
     bad = snap.get("bad_messages") or {}
     if bad:
         head.append(f"\nbad messages {sum(bad.values())}: ", style="red")
