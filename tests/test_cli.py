@@ -159,7 +159,7 @@ def test_inspect_and_cancel(cluster: Cluster) -> None:
     cluster.broker()  # no workers: jobs stay queued
     with cluster.client() as c:
         c.submit("x", id="waiting-job", queue="nobody")
-        c._pump(0.5)
+        c.wait_confirmed(["waiting-job"], timeout=10)
     shown = cluster.run("inspect", "waiting-job", "--broker", cluster.clients, "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "queued"
     gone = cluster.run("cancel", "waiting-job", "nope", "--broker", cluster.clients)

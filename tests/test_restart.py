@@ -61,7 +61,7 @@ def test_job_running_during_broker_restart_is_claimed_not_rerun(cluster: Cluster
         job = c.submit("sleep:3", id="long-one")
         wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]),
                  what="the job to start")
-        c._pump(0.2)  # take the ACCEPTED: the job is confirmed, hence journaled
+        c.wait_confirmed([job], timeout=10)  # confirmed, hence journaled
         broker.signal(signal.SIGKILL)
         broker.wait(5)
         cluster.broker()
@@ -98,8 +98,7 @@ def test_confirmed_jobs_survive_when_no_worker_ever_ran_them(cluster: Cluster) -
     broker = cluster.broker()
     with cluster.client() as c:
         ids = [c.submit(f"q{i}", queue="later") for i in range(50)]
-        wait_for(lambda: cluster.snapshot()["queued"] == 50, what="50 queued jobs")
-        c._pump(0.2)
+        c.wait_confirmed(ids, timeout=10)  # confirmed means journaled: that is the promise
     broker.signal(signal.SIGKILL)
     broker.wait(5)
     cluster.broker()
