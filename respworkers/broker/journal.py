@@ -121,7 +121,8 @@ class SqliteJournal(Journal):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                      timeout=1.0)
             # One broker per journal: an exclusive lock makes a second broker fail at once.
             self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -141,47 +142,58 @@ class SqliteJournal(Journal):
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"journal {self.path} is not a usable sqlite file: {exc}") from None
         self.sync = sync
-        self._new: list[tuple] = []
-        self._attempts: list[tuple] = []
-        self._done: list[tuple] = []
-        self._gone: list[tuple] = []
+        self._new: dict[str, Job] = {}
+        self._changed: dict[str, Job] = {}
+        self._gone: list[tuple[str]] = []
         self.batches = 0
         self.rows = 0
 
-    # -- buffered verbs: one tuple appended per call ---------------------------------------
+    # -- buffered verbs: O(1) each, they only note which jobs changed ----------------------
+    # At commit each changed job is written once from its current state, so a job that
+    # is submitted, dispatched and even finished within one loop turn costs one row.
     def submitted(self, job: Job) -> None:
-        self._new.append((job.id, job.seq, job.queue, job.timeout, job.tries, job.state,
-                          pack_frames(job.payload or []), job.created))
+        self._new[job.id] = job
 
     def attempted(self, job: Job) -> None:
-        self._attempts.append((job.state, job.attempt, job.started, "\n".join(job.tried), job.id))
+        if job.id not in self._new:
+            self._changed[job.id] = job
 
     def finished(self, job: Job) -> None:
-        self._done.append((
-            job.state, job.attempt, pack_frames(job.result) if job.result is not None else None,
-            job.reason, job.error, "\n".join(job.tried), job.finished, job.id,
-        ))
+        if job.id not in self._new:
+            self._changed[job.id] = job
 
     def forget(self, job_id: str) -> None:
-        self._gone.append((job_id,))
+        self._changed.pop(job_id, None)
+        if self._new.pop(job_id, None) is None:
+            self._gone.append((job_id,))
+
+    @staticmethod
+    def _row(job: Job) -> tuple:
+        return (
+            job.state, job.attempt, pack_frames(job.result) if job.result is not None else None,
+            job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
+        )
 
     def commit(self) -> None:
-        if not (self._new or self._attempts or self._done or self._gone):
+        if not (self._new or self._changed or self._gone):
             return
         db = self.db
         db.execute("BEGIN")
         try:
             if self._new:
                 db.executemany(
-                    "INSERT OR IGNORE INTO jobs (id, seq, queue, timeout, tries, state, payload, created)"
-                    " VALUES (?,?,?,?,?,?,?,?)", self._new)
-            if self._attempts:
-                db.executemany("UPDATE jobs SET state=?, attempt=?, started=?, tried=? WHERE id=?",
-                               self._attempts)
-            if self._done:
+                    "INSERT OR IGNORE INTO jobs (id, seq, queue, timeout, tries, created, payload,"
+                    " state, attempt, result, reason, error, tried, started, finished)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(j.id, j.seq, j.queue, j.timeout, j.tries, j.created,
+                      None if j.payload is None else pack_frames(j.payload), *self._row(j))
+                     for j in self._new.values()])
+            if self._changed:
                 db.executemany(
                     "UPDATE jobs SET state=?, attempt=?, result=?, reason=?, error=?, tried=?,"
-                    " finished=?, payload=NULL WHERE id=?", self._done)
+                    " started=?, finished=?, payload=CASE WHEN ? THEN NULL ELSE payload END"
+                    " WHERE id=?",
+                    [(*self._row(j), j.payload is None, j.id) for j in self._changed.values()])
             if self._gone:
                 db.executemany("DELETE FROM jobs WHERE id=?", self._gone)
             db.execute("COMMIT")
@@ -189,10 +201,9 @@ class SqliteJournal(Journal):
             db.execute("ROLLBACK")
             raise
         self.batches += 1
-        self.rows += len(self._new) + len(self._attempts) + len(self._done) + len(self._gone)
+        self.rows += len(self._new) + len(self._changed) + len(self._gone)
         self._new.clear()
-        self._attempts.clear()
-        self._done.clear()
+        self._changed.clear()
         self._gone.clear()
 
     def load(self) -> list[Stored]:

@@ -27,6 +27,28 @@ log = logging.getLogger(__name__)
 #: Messages taken from one socket before looking at the others (fairness between sockets).
 BATCH = 500
 
+# The hot path talks to libzmq through pyzmq's backend socket methods with plain int
+# flags: the friendly send_multipart/recv_multipart combine enum flags per frame, which
+# measured at more than half the cost of moving a small multipart message.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_more = zmq.backend.Socket.get
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def _sender(sock: zmq.Socket) -> Callable[[bytes, list[bytes]], None]:
+    """send(routing_id, frames) for a ROUTER socket; ``frames`` is not modified."""
+
+    def send(rid: bytes, frames: list[bytes]) -> None:
+        _send(sock, rid, _SNDMORE)
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            _send(sock, frame, _SNDMORE if i < last else 0)
+
+    return send
+
 
 class BindError(RespWorkersError):
     """An endpoint could not be bound (in use, bad interface, no permission)."""
@@ -70,17 +92,8 @@ class BrokerServer:
                                ("status", self.status))
         }
         self.endpoints = endpoints
-        clients_send = self.clients.send_multipart
-        workers_send = self.workers.send_multipart
-
-        def send_client(rid: bytes, frames: list[bytes]) -> None:
-            frames.insert(0, rid)
-            clients_send(frames, copy=False)
-
-        def send_worker(rid: bytes, frames: list[bytes]) -> None:
-            workers_send([rid, *frames], copy=False)
-
-        self.core = BrokerCore(cfg, send_client, send_worker, journal, endpoints)
+        self.core = BrokerCore(
+            cfg, _sender(self.clients), _sender(self.workers), journal, endpoints)
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -139,18 +152,19 @@ class BrokerServer:
         poller.register(status, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         monotonic, wall = time.monotonic, time.time
-        noblock = zmq.NOBLOCK
         again = zmq.Again
 
-        def drain(recv: Callable[[int], list[bytes]], handle: Callable[[bytes, list[bytes]], None]
-                  ) -> None:
+        def drain(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
             """Up to BATCH messages from one socket, then the others get their turn."""
             for _ in range(BATCH):
                 try:
-                    frames = recv(noblock)
+                    rid = _recv(sock, _NOBLOCK)
                 except again:
                     return
-                handle(frames[0], frames[1:])
+                frames = []
+                while _more(sock, _RCVMORE):
+                    frames.append(_recv(sock, _NOBLOCK))
+                handle(rid, frames)
         core.set_time(monotonic(), wall())
         core.start_recovery()  # restore() may have taken a while: the window starts now
         wake = core.tick()
@@ -164,9 +178,9 @@ class BrokerServer:
             events = dict(poller.poll(max(0.0, (wake - now) * 1000.0)))
             core.set_time(monotonic(), wall())
             if clients in events:
-                drain(clients.recv_multipart, on_client)
+                drain(clients, on_client)
             if workers in events:
-                drain(workers.recv_multipart, on_worker)
+                drain(workers, on_worker)
             if status in events:
                 self._serve_status()
             if self._wake_r in events:
