@@ -7,7 +7,9 @@ Each round runs, one after the other on the same machine:
 - ``baseline``: a minimal ~40-line Python on-demand (LRU) broker in the style of the
   ZeroMQ guide: a ROUTER for clients, a ROUTER for workers, a deque of ready workers;
 - ``rw-memory``: the respworkers broker with ``journal = ":memory:"``;
-- ``rw-sqlite``: the respworkers broker with its sqlite journal (WAL, sync=normal).
+- ``rw-sqlite``: the respworkers broker with its sqlite journal (WAL, sync=normal);
+- ``rw-full`` (with --full): the same broker with real respworkers worker processes and
+  the real ``respworkers.Client``, as users run it.
 
 In every case the same kind of load runs against it: W worker processes that answer at
 once (raw sockets speaking each broker's protocol, so the broker is what is measured)
@@ -143,6 +145,30 @@ def rw_client(front: str, n: int, out: mp.Queue) -> None:
     out.put(time.perf_counter() - started)
 
 
+def full_worker(back: str) -> None:
+    """The real thing: respworkers' own worker process (job in a thread, heartbeats)."""
+    from respworkers.config import WorkerConfig
+    from respworkers.examples import Echo
+    from respworkers.worker.runner import Runner
+
+    Runner(Echo, WorkerConfig(broker=back), ("default",)).run()
+
+
+def full_client(front: str, n: int, out: mp.Queue) -> None:
+    """The real thing: respworkers.Client submitting in windows and collecting results."""
+    from respworkers import Client
+
+    with Client(front) as c:
+        c.run(b"warm-up")
+        payload = b"x" * 64
+        started = time.perf_counter()
+        done = 0
+        while done < n:
+            ids = [c.submit(payload) for _ in range(min(WINDOW, n - done))]
+            done += sum(1 for r in c.results(ids) if r.ok)
+        out.put(time.perf_counter() - started)
+
+
 # ------------------------------------------------------------------------------ driver
 def measure(kind: str, jobs: int, workers: int) -> float:
     tmp = tempfile.mkdtemp(prefix="rwb-")
@@ -154,7 +180,7 @@ def measure(kind: str, jobs: int, workers: int) -> float:
     else:
         journal = ":memory:" if kind == "rw-memory" else os.path.join(tmp, "journal.sqlite3")
         procs.append(mp.Process(target=rw_broker, args=(front, back, status, journal), daemon=True))
-        worker, client = rw_worker, rw_client
+        worker, client = (full_worker, full_client) if kind == "rw-full" else (rw_worker, rw_client)
     procs += [mp.Process(target=worker, args=(back,), daemon=True) for _ in range(workers)]
     out: mp.Queue = mp.Queue()
     try:
@@ -179,8 +205,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--full", action="store_true",
+                    help="also rw-full: sqlite journal, real Worker processes and real Client")
     args = ap.parse_args()
-    kinds = ("baseline", "rw-memory", "rw-sqlite")
+    kinds: tuple[str, ...] = ("baseline", "rw-memory", "rw-sqlite")
+    if args.full:
+        kinds += ("rw-full",)
     rates: dict[str, list[float]] = {k: [] for k in kinds}
     ratios: dict[str, list[float]] = {k: [] for k in kinds[1:]}
     for r in range(args.rounds):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import zmq
 
-from . import protocol
+from . import protocol, sockets
 from .config import DEFAULT_CLIENTS, DEFAULT_STATUS
 from .errors import BrokerUnavailable, JobFailed, ProtocolError, Refused
 from .security import (
@@ -232,7 +232,7 @@ class Client:
         """Send without ever blocking forever: read replies while the pipe is full."""
         while True:
             try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK)
+                sockets.send(self.sock, frames, sockets.NOBLOCK)
                 return
             except zmq.Again:
                 self._pump(0.05, want_out=True)
@@ -326,7 +326,7 @@ class Client:
             return
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = sockets.recv(self.sock, sockets.NOBLOCK)
             except zmq.Again:
                 return
             self._handle(frames)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .. import protocol
+from .. import protocol, sockets
 from ..config import BrokerConfig
 from ..errors import ConfigError, ProtocolError, RespWorkersError
 from ..security import CLIENTS, STATUS, WORKERS, BrokerSecurity, is_loopback
@@ -27,27 +27,6 @@ log = logging.getLogger(__name__)
 #: Messages taken from one socket before looking at the others (fairness between sockets).
 BATCH = 500
 
-# The hot path talks to libzmq through pyzmq's backend socket methods with plain int
-# flags: the friendly send_multipart/recv_multipart combine enum flags per frame, which
-# measured at more than half the cost of moving a small multipart message.
-_send = zmq.backend.Socket.send
-_recv = zmq.backend.Socket.recv
-_more = zmq.backend.Socket.get
-_SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
-
-
-def _sender(sock: zmq.Socket) -> Callable[[bytes, list[bytes]], None]:
-    """send(routing_id, frames) for a ROUTER socket; ``frames`` is not modified."""
-
-    def send(rid: bytes, frames: list[bytes]) -> None:
-        _send(sock, rid, _SNDMORE)
-        last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            _send(sock, frame, _SNDMORE if i < last else 0)
-
-    return send
 
 
 class BindError(RespWorkersError):
@@ -93,7 +72,8 @@ class BrokerServer:
         }
         self.endpoints = endpoints
         self.core = BrokerCore(
-            cfg, _sender(self.clients), _sender(self.workers), journal, endpoints)
+            cfg, sockets.router_sender(self.clients), sockets.router_sender(self.workers),
+            journal, endpoints)
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -153,17 +133,15 @@ class BrokerServer:
         poller.register(self._wake_r, zmq.POLLIN)
         monotonic, wall = time.monotonic, time.time
         again = zmq.Again
+        recv = sockets.router_recv
 
         def drain(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
             """Up to BATCH messages from one socket, then the others get their turn."""
             for _ in range(BATCH):
                 try:
-                    rid = _recv(sock, _NOBLOCK)
+                    rid, frames = recv(sock)
                 except again:
                     return
-                frames = []
-                while _more(sock, _RCVMORE):
-                    frames.append(_recv(sock, _NOBLOCK))
                 handle(rid, frames)
         core.set_time(monotonic(), wall())
         core.start_recovery()  # restore() may have taken a while: the window starts now

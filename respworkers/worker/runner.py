@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from .. import __version__, protocol
+from .. import __version__, protocol, sockets
 from ..config import WorkerConfig
 from ..errors import ProtocolError
 from ..security import client_keys, handshake_failure, secure_client, watch_handshakes
@@ -176,7 +176,7 @@ class Runner:
         ``unconfirmed`` and sent again after reconnecting."""
         assert self.dealer is not None
         try:
-            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+            sockets.send(self.dealer, frames, sockets.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -187,16 +187,16 @@ class Runner:
         pair.connect(endpoint)
         try:
             while True:
-                frames = pair.recv_multipart()
+                frames = sockets.recv(pair)
                 if frames[0] == _QUIT:
                     return
                 job_id, attempt, timeout = frames[0], frames[1], frames[2]
                 worker.job = JobContext(job_id.decode(), int(attempt), float(timeout))
                 try:
                     out = _as_frames(worker.process_multipart(frames[3:]), type(worker).__name__)
-                    pair.send_multipart([_OK, job_id, attempt, *out])
+                    sockets.send(pair, [_OK, job_id, attempt, *out])
                 except BaseException:
-                    pair.send_multipart([_ERR, job_id, attempt, _user_traceback().encode()])
+                    sockets.send(pair, [_ERR, job_id, attempt, _user_traceback().encode()])
                 finally:
                     worker.job = None
         finally:
@@ -248,7 +248,7 @@ class Runner:
                     self._send(protocol.BYE_FRAMES)
                     return 0
                 if pair in events:
-                    status, job_id_b, attempt_b, *rest = pair.recv_multipart()
+                    status, job_id_b, attempt_b, *rest = sockets.recv(pair)
                     job_id = job_id_b.decode()
                     attempt = int(attempt_b)
                     self.job = None
@@ -323,7 +323,7 @@ class Runner:
         assert self.dealer is not None
         while True:
             try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                frames = sockets.recv(self.dealer, sockets.NOBLOCK)
             except zmq.Again:
                 return
             self.last_heard = time.monotonic()
@@ -346,11 +346,8 @@ class Runner:
                     continue
                 self.job = (msg.job_id, msg.attempt)
                 self.job_deadline = time.monotonic() + HUNG_FACTOR * msg.timeout + HUNG_GRACE
-                pair.send_multipart(
-                    [msg.job_id.encode(), str(msg.attempt).encode(), repr(msg.timeout).encode(),
-                     *msg.payload],
-                    copy=False,
-                )
+                sockets.send(pair, [msg.job_id.encode(), str(msg.attempt).encode(),
+                                    repr(msg.timeout).encode(), *msg.payload])
             elif kind is protocol.Welcome:
                 if self.broker_id is not None and msg.broker_id != self.broker_id:
                     log.info("registered with a new broker (%s)", msg.broker_id)

@@ -1,0 +1,56 @@
+"""Fast multipart send/receive: pyzmq's backend socket calls with plain int flags.
+
+pyzmq's friendly ``send_multipart``/``recv_multipart`` combine ``enum.Flag`` values for
+every frame, which costs more than moving a small frame through libzmq. Every hot
+path (the broker loop, the worker, the client) sends and receives through here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import zmq
+
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+SNDMORE = int(zmq.SNDMORE)
+RCVMORE = int(zmq.RCVMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
+    """Send ``frames`` as one message; with NOBLOCK, raises zmq.Again before sending any."""
+    last = len(frames) - 1
+    more = SNDMORE | flags
+    for i, frame in enumerate(frames):
+        _send(sock, frame, more if i < last else flags)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """Receive one whole message (raises zmq.Again with NOBLOCK when there is none)."""
+    parts = [_recv(sock, flags)]
+    while _get(sock, RCVMORE):
+        parts.append(_recv(sock, flags))
+    return parts
+
+
+def router_sender(sock: zmq.Socket) -> Callable[[bytes, list[bytes]], None]:
+    """``send(routing_id, frames)`` for a ROUTER socket; ``frames`` is not modified."""
+
+    def send_to(rid: bytes, frames: list[bytes]) -> None:
+        _send(sock, rid, SNDMORE)
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            _send(sock, frame, SNDMORE if i < last else 0)
+
+    return send_to
+
+
+def router_recv(sock: zmq.Socket) -> tuple[bytes, list[bytes]]:
+    """(routing id, frames) of one message waiting on a ROUTER; raises zmq.Again if none."""
+    rid = _recv(sock, NOBLOCK)
+    frames = []
+    while _get(sock, RCVMORE):
+        frames.append(_recv(sock, NOBLOCK))
+    return rid, frames
