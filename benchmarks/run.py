@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from typing import Callable
 
 import zmq
 
@@ -85,21 +86,29 @@ def baseline_worker(back: str) -> None:
         s.send_multipart(frames)
 
 
-def baseline_client(front: str, n: int, out: mp.Queue) -> None:
+def windowed_client(front: str, n: int, out: mp.Queue, request: Callable[[int], list[bytes]],
+                    is_answer: Callable[[list[bytes]], bool]) -> None:
+    """The load for every broker: keep WINDOW jobs in flight until n answers came back."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.connect(front)
     time.sleep(0.3)
-    payload = b"x" * 64
     sent = got = 0
     started = time.perf_counter()
     while got < n:
         while sent < n and sent - got < WINDOW:
-            s.send_multipart([b"", payload])
+            s.send_multipart(request(sent))
             sent += 1
-        s.recv_multipart()
-        got += 1
+        if is_answer(s.recv_multipart()):
+            got += 1
     out.put(time.perf_counter() - started)
+
+
+PAYLOAD = b"x" * 64
+
+
+def baseline_client(front: str, n: int, out: mp.Queue) -> None:
+    windowed_client(front, n, out, lambda i: [b"", PAYLOAD], lambda reply: True)
 
 
 # ------------------------------------------------------------------------------ respworkers
@@ -128,21 +137,11 @@ def rw_worker(back: str) -> None:
 def rw_client(front: str, n: int, out: mp.Queue) -> None:
     from respworkers import protocol
 
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(front)
-    time.sleep(0.3)
-    payload = b"x" * 64
-    sent = got = 0
-    started = time.perf_counter()
-    while got < n:
-        while sent < n and sent - got < WINDOW:
-            s.send_multipart(protocol.encode_submit(f"b{sent}", "default", None, None, [payload]))
-            sent += 1
-        frames = s.recv_multipart()
-        if frames[2] == protocol.RESULT:
-            got += 1
-    out.put(time.perf_counter() - started)
+    windowed_client(
+        front, n, out,
+        lambda i: protocol.encode_submit(f"b{i}", "default", None, None, [PAYLOAD]),
+        lambda reply: reply[2] == protocol.RESULT,  # not the batched ACCEPTEDs
+    )
 
 
 def full_worker(back: str) -> None:
@@ -160,11 +159,10 @@ def full_client(front: str, n: int, out: mp.Queue) -> None:
 
     with Client(front) as c:
         c.run(b"warm-up")
-        payload = b"x" * 64
         started = time.perf_counter()
         done = 0
         while done < n:
-            ids = [c.submit(payload) for _ in range(min(WINDOW, n - done))]
+            ids = [c.submit(PAYLOAD) for _ in range(min(WINDOW, n - done))]
             done += sum(1 for r in c.results(ids) if r.ok)
         out.put(time.perf_counter() - started)
 

@@ -53,6 +53,17 @@ def _override(cfg: Config, section: str, **flags: Any) -> Config:
         raise click.UsageError(str(exc)) from None
 
 
+def _keys(cfg: Config, section: str) -> Any:
+    """The CURVE keys of a [client]/[worker] section (None without), or a usage error."""
+    from .security import client_keys
+
+    part = getattr(cfg, section)
+    try:
+        return client_keys(part.secret_key, part.broker_key, section)
+    except ConfigError as exc:
+        raise click.UsageError(f"{cfg.source}: {exc}") from None
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -117,12 +128,7 @@ def worker(config_path: str | None, target: str, queues: tuple[str, ...], **flag
         cls = import_target(target)
     except TargetError as exc:
         raise click.BadParameter(str(exc), param_hint="TARGET") from None
-    from .security import client_keys
-
-    try:
-        client_keys(cfg.worker.secret_key, cfg.worker.broker_key, "worker")  # fail here, not N times
-    except ConfigError as exc:
-        raise click.UsageError(f"{cfg.source}: {exc}") from None
+    _keys(cfg, "worker")  # a bad key fails here, not once per child process
     serve = cfg.worker.queues or tuple(cls.queues)
     try:
         serve = _override(cfg, "worker", queues=list(serve)).worker.queues
@@ -317,15 +323,11 @@ def status(config_path: str | None, status: str | None, once: bool, as_json: boo
            interval: float) -> None:
     """Show the broker's state: a live table until Ctrl-C, or one snapshot."""
     from .client import fetch_status
-    from .security import client_keys
     from .status import render, render_unreachable
 
     cfg = _override(_load(config_path), "client", status=status)
     endpoint, wait = cfg.client.status, cfg.client.request_timeout
-    try:
-        keys = client_keys(cfg.client.secret_key, cfg.client.broker_key, "client")
-    except ConfigError as exc:
-        raise click.UsageError(f"{cfg.source}: {exc}") from None
+    keys = _keys(cfg, "client")
     if as_json or once:
         try:
             snap = fetch_status(endpoint, wait, keys=keys)

@@ -79,16 +79,6 @@ class _Pending:
     confirmed: bool = False
 
 
-def _frames(payload: Payload) -> list[bytes]:
-    if isinstance(payload, str):
-        return [payload.encode()]
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return [bytes(payload)]
-    if isinstance(payload, (list, tuple)) and payload:
-        return [p.encode() if isinstance(p, str) else bytes(p) for p in payload]
-    raise TypeError("a payload is bytes, str, or a non-empty list of them")
-
-
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -206,7 +196,8 @@ class Client:
             if value is not None and isinstance(limit, (int, float)) and value > limit:
                 raise ValueError(f"job {job_id!r}: {key[4:]} {value:g}{unit} is over the "
                                  f"broker's {key} of {limit:g}{unit}")
-        frames = protocol.encode_submit(job_id, queue, timeout, tries, _frames(payload))
+        frames = protocol.encode_submit(
+            job_id, queue, timeout, tries, protocol.as_frames(payload, "a payload"))
         limit = self.limits.get("max_message_size")
         size = sum(map(len, frames[7:]))
         if isinstance(limit, int) and size > limit:

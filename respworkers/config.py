@@ -194,15 +194,19 @@ class Config:
         if not given:
             return self
         current = getattr(self, section)
+        fields = _fields(type(current))
         checked = {
-            key: _validate(current, key, value, f"--{key.replace('_', '-')}")
+            key: _validate(fields[key], value, f"--{key.replace('_', '-')}")
             for key, value in given.items()
         }
         return dataclasses.replace(self, **{section: dataclasses.replace(current, **checked)})
 
 
-def _validate(section_obj: Any, key: str, value: Any, where: str) -> Any:
-    f = {f.name: f for f in dataclasses.fields(section_obj)}[key]
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _validate(f: dataclasses.Field, value: Any, where: str) -> Any:
     try:
         return f.metadata["check"](value)
     except ValueError as exc:
@@ -213,16 +217,16 @@ def _build(section: str, table: Any, source: str, base: Path | None) -> Any:
     cls = _SECTIONS[section]
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{section}] must be a table")
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = _fields(cls)
+    names = list(fields)
     values: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in names:
+        if key not in fields:
             hint = difflib.get_close_matches(key, names, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{source}: [{section}] unknown key {key!r}{extra}")
-        value = _validate(cls(), key, value, f"{source}: [{section}] {key}")
-        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
-        if meta.get("path") and value and base is not None and value != ":memory:":
+        value = _validate(fields[key], value, f"{source}: [{section}] {key}")
+        if fields[key].metadata.get("path") and value and base is not None and value != ":memory:":
             expanded = os.path.expanduser(value)
             if not os.path.isabs(expanded):
                 value = str(base / expanded)

@@ -154,6 +154,28 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+def as_frames(value: Any, what: str) -> list[bytes]:
+    """bytes-like or str (UTF-8) -> one frame; a non-empty list/tuple of them -> frames.
+
+    Both sides of a job use it: the client for payloads, the worker for results.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return [bytes(value)]
+    if isinstance(value, str):
+        return [value.encode()]
+    if isinstance(value, (list, tuple)) and value:
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                item = item.encode()
+            if not isinstance(item, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{what} has a frame of type {type(item).__name__}, not bytes")
+            out.append(bytes(item))
+        return out
+    raise TypeError(f"{what} must be bytes, str or a non-empty list of them, "
+                    f"got {type(value).__name__}")
+
+
 def _ms(seconds: float | None) -> bytes:
     return b"" if seconds is None else str(max(1, round(seconds * 1000))).encode()
 

@@ -442,3 +442,12 @@ def test_worker_messages_round_trip_property(job_id, attempt, ready, payload, er
     assert hello == p.Hello(("q",), {}, job_id, attempt)
     job = p.decode_broker(p.encode_job(job_id.encode(), attempt, attempt / 1000.0, payload))
     assert job == p.Job(job_id, attempt, attempt / 1000.0, payload)
+
+
+def test_as_frames_is_shared_by_payloads_and_results():
+    assert p.as_frames(b"a", "x") == [b"a"]
+    assert p.as_frames("é", "x") == ["é".encode()]
+    assert p.as_frames([b"a", "b", bytearray(b"c")], "x") == [b"a", b"b", b"c"]
+    for bad in ([], 5, [b"a", 5], None):
+        with pytest.raises(TypeError):
+            p.as_frames(bad, "x")

@@ -49,7 +49,7 @@ class Job:
     __slots__ = (
         "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
         "waiters", "tried", "worker", "deadline", "created", "started", "finished",
-        "result", "reason", "error", "errors", "qtoken",
+        "result", "reason", "error", "qtoken",
     )
 
     def __init__(
@@ -75,7 +75,6 @@ class Job:
         self.result: list[bytes] | None = None
         self.reason = ""
         self.error = ""
-        self.errors = 0
         self.qtoken = 0  # matches the token of its live queue entry, if it has one
 
     def info(self, now_wall: float) -> dict[str, Any]:
@@ -533,7 +532,6 @@ class BrokerCore:
     def _attempt_failed(self, job: Job, reason: str, error: str) -> None:
         """The current attempt is over without a result: retry, or fail after the last try."""
         self._stop_running(job)
-        job.errors += 1
         if error:
             job.error = error
         if job.attempt >= job.tries:
@@ -586,9 +584,7 @@ class BrokerCore:
             elif kind is protocol.WorkerError:
                 self._worker_error(w, msg)
             elif kind is protocol.Hello:
-                if msg.job_id is not None and w.job_id == msg.job_id and w.attempt == msg.attempt:
-                    self._release(w)  # it keeps the attempt it holds; the new record claims it
-                self._drop_worker(w, "re-registered")
+                self._supersede(w, msg, "re-registered")
                 self._hello(wid, msg)
             elif kind is protocol.Return:
                 self._worker_return(w, msg)
@@ -652,10 +648,15 @@ class BrokerCore:
         old_wid = self.slots.get(w.slot)  # type: ignore[arg-type]
         old = self.workers.get(old_wid) if old_wid is not None else None
         if old is not None and old.wid != w.wid:
-            if msg.job_id is not None and old.job_id == msg.job_id and old.attempt == msg.attempt:
-                self._release(old)  # the attempt moves to the new record below
-            self._drop_worker(old, "was replaced by a new process")
+            self._supersede(old, msg, "was replaced by a new process")
         self.slots[w.slot] = w.wid  # type: ignore[index]
+
+    def _supersede(self, old: WorkerRec, msg: protocol.Hello, why: str) -> None:
+        """Drop a record a new HELLO replaces. If the HELLO claims the very attempt the old
+        record holds, the attempt moves to the new record instead of failing."""
+        if msg.job_id is not None and old.job_id == msg.job_id and old.attempt == msg.attempt:
+            self._release(old)
+        self._drop_worker(old, why)
 
     @staticmethod
     def _release(w: WorkerRec) -> None:

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 from ..config import WorkerConfig
@@ -49,7 +49,6 @@ class Slot:
     started: float = 0.0
     restart_at: float = 0.0
     backoff: float = 0.5
-    restarts: int = field(default=0)
 
 
 class Pool:
@@ -135,7 +134,6 @@ class Pool:
                         f" in {slot.backoff:.1f}s" if lived < QUICK_DEATH else "",
                     )
                 if not self.signals and now >= slot.restart_at:
-                    slot.restarts += 1
                     self._start(slot)
                     alive += 1
                 elif not self.signals:

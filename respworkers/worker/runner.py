@@ -17,7 +17,6 @@ import time
 import traceback
 import uuid
 from types import FrameType
-from typing import Any
 
 import zmq
 
@@ -54,23 +53,6 @@ def _user_traceback() -> str:
         tb = tb.tb_next
     text = "".join(traceback.format_exception(etype, value, tb))
     return text if len(text) <= MAX_ERROR_CHARS else "[...]\n" + text[-MAX_ERROR_CHARS:]
-
-
-def _as_frames(value: Any, who: str) -> list[bytes]:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return [bytes(value)]
-    if isinstance(value, str):
-        return [value.encode()]
-    if isinstance(value, (list, tuple)) and value:
-        out = []
-        for item in value:
-            if isinstance(item, str):
-                item = item.encode()
-            if not isinstance(item, (bytes, bytearray, memoryview)):
-                raise TypeError(f"{who} returned a frame of type {type(item).__name__}, not bytes")
-            out.append(bytes(item))
-        return out
-    raise TypeError(f"{who} must return bytes (or a non-empty list of bytes), got {type(value).__name__}")
 
 
 class Runner:
@@ -116,7 +98,6 @@ class Runner:
         self.broker_interval = cfg.heartbeat
         self.broker_liveness = cfg.liveness
         self.last_heard = 0.0
-        self.jobs_done = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -193,7 +174,8 @@ class Runner:
                 job_id, attempt, timeout = frames[0], frames[1], frames[2]
                 worker.job = JobContext(job_id.decode(), int(attempt), float(timeout))
                 try:
-                    out = _as_frames(worker.process_multipart(frames[3:]), type(worker).__name__)
+                    out = protocol.as_frames(worker.process_multipart(frames[3:]),
+                                             f"{type(worker).__name__}'s result")
                     sockets.send(pair, [_OK, job_id, attempt, *out])
                 except BaseException:
                     sockets.send(pair, [_ERR, job_id, attempt, _user_traceback().encode()])
@@ -266,7 +248,6 @@ class Runner:
                         answer = protocol.encode_worker_error(job_id, attempt, ready, error)
                     self._send(answer)
                     self.unconfirmed = (job_id, attempt, answer)
-                    self.jobs_done += 1
                     if not ready:
                         self._send(protocol.BYE_FRAMES)
                         return 0
