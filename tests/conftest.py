@@ -83,7 +83,13 @@ class Proc:
             self.popen.send_signal(signum)
 
     def wait(self, timeout: float = 15.0) -> int:
-        return self.popen.wait(timeout)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kids = {pid: alive(pid) for pid in self.known_children | set(self.children())}
+            raise AssertionError(
+                f"{self.popen.args[3:5]} (pid {self.pid}) still running after {timeout}s; "
+                f"children alive: {kids}; its output:\n{self.output()}") from None
 
     def kill_all(self) -> None:
         """SIGKILL this process and every child it ever had that is still alive."""
@@ -174,12 +180,28 @@ class Cluster:
             proc.kill_all()
 
 
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))  # ipc paths must stay short
     c = Cluster(root)
     try:
         yield c
     finally:
         c.cleanup()
+        if request.node.stash.get(FAILED, False):  # CI shows only this: keep the processes' logs
+            for log in sorted(root.glob("*.log")):
+                text = log.read_text(errors="replace")
+                print(f"----- {log.name} (last 60 lines) -----")
+                print("\n".join(text.splitlines()[-60:]))
         shutil.rmtree(root, ignore_errors=True)

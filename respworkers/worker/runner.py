@@ -1,21 +1,25 @@
 """One worker process: a DEALER to the broker, heartbeats, and the user's code in a thread.
 
 The main thread owns every socket: it talks to the broker, sends heartbeats and
-handles signals. The job runs in one long-lived executor thread that exchanges
-messages with the main thread over an inproc PAIR, so a slow job never silences
-the heartbeats (the job's time limit is what covers slow jobs).
+handles signals. The job runs in one long-lived executor thread, so a slow job never
+silences the heartbeats (the job's time limit is what covers slow jobs). The two
+threads exchange plain Python objects through a queue and a deque plus the wake-up
+pipe, not through a ZeroMQ socket: then the context holds only main-thread sockets
+and can always be terminated safely, even while a forced stop leaves a job running.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
 import time
 import traceback
 import uuid
+from collections import deque
 from types import FrameType
 
 import zmq
@@ -33,10 +37,6 @@ log = logging.getLogger(__name__)
 HUNG_FACTOR = 2.0
 HUNG_GRACE = 5.0
 EXIT_HUNG = 75
-
-_OK = b"ok"
-_ERR = b"err"
-_QUIT = b"quit"
 
 
 _LIBRARY_FILES = {__file__, base_file}
@@ -101,6 +101,12 @@ class Runner:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # main -> executor: (job_id, attempt, timeout, frames), or None to end the thread
+        self._todo: queue.SimpleQueue[tuple[str, int, float, list[bytes]] | None] = (
+            queue.SimpleQueue())
+        # executor -> main: (job_id, attempt, ok, result frames or [traceback]); deque
+        # append/popleft are atomic, and a byte on the wake-up pipe says to look.
+        self._done: deque[tuple[str, int, bool, list[bytes]]] = deque()
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -162,27 +168,25 @@ class Runner:
             pass
 
     # ------------------------------------------------------------------ executor
-    def _executor(self, worker: Worker, endpoint: str) -> None:
-        pair = self.ctx.socket(zmq.PAIR)
-        pair.setsockopt(zmq.LINGER, 0)
-        pair.connect(endpoint)
-        try:
-            while True:
-                frames = sockets.recv(pair)
-                if frames[0] == _QUIT:
-                    return
-                job_id, attempt, timeout = frames[0], frames[1], frames[2]
-                worker.job = JobContext(job_id.decode(), int(attempt), float(timeout))
-                try:
-                    out = protocol.as_frames(worker.process_multipart(frames[3:]),
-                                             f"{type(worker).__name__}'s result")
-                    sockets.send(pair, [_OK, job_id, attempt, *out])
-                except BaseException:
-                    sockets.send(pair, [_ERR, job_id, attempt, _user_traceback().encode()])
-                finally:
-                    worker.job = None
-        finally:
-            pair.close()
+    def _executor(self, worker: Worker) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            job_id, attempt, timeout, frames = item
+            worker.job = JobContext(job_id, attempt, timeout)
+            try:
+                out = protocol.as_frames(worker.process_multipart(frames),
+                                         f"{type(worker).__name__}'s result")
+                self._done.append((job_id, attempt, True, out))
+            except BaseException:
+                self._done.append((job_id, attempt, False, [_user_traceback().encode()]))
+            finally:
+                worker.job = None
+            try:
+                os.write(self._wake_w, b"j")
+            except OSError:  # pipe full (main will look anyway) or closed at exit
+                pass
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -190,16 +194,11 @@ class Runner:
 
         worker = self.worker_cls()
         worker.setup()
-        endpoint = f"inproc://rw-exec-{uuid.uuid4().hex}"
-        pair = self.ctx.socket(zmq.PAIR)
-        pair.setsockopt(zmq.LINGER, 0)
-        pair.bind(endpoint)
         thread = threading.Thread(
-            target=self._executor, args=(worker, endpoint), name="rw-executor", daemon=True
+            target=self._executor, args=(worker,), name="rw-executor", daemon=True
         )
         thread.start()
         self.poller = zmq.Poller()
-        self.poller.register(pair, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
         self._connect()
         stopping = False
@@ -229,18 +228,16 @@ class Runner:
                 if stopping and self.job is None:
                     self._send(protocol.BYE_FRAMES)
                     return 0
-                if pair in events:
-                    status, job_id_b, attempt_b, *rest = sockets.recv(pair)
-                    job_id = job_id_b.decode()
-                    attempt = int(attempt_b)
+                if self._done:
+                    job_id, attempt, ok, rest = self._done.popleft()
                     self.job = None
                     ready = self.signals == 0
                     size = sum(map(len, rest))
-                    if status == _OK and self.max_message_size and size > self.max_message_size:
-                        status, rest = _ERR, [
+                    if ok and self.max_message_size and size > self.max_message_size:
+                        ok, rest = False, [
                             f"the result of {size} bytes is over the broker's max_message_size "
                             f"of {self.max_message_size} bytes".encode()]
-                    if status == _OK:
+                    if ok:
                         answer = protocol.encode_worker_result(job_id, attempt, ready, rest)
                     else:
                         error = rest[0].decode("utf-8", "replace")
@@ -252,7 +249,7 @@ class Runner:
                         self._send(protocol.BYE_FRAMES)
                         return 0
                 if self.dealer in events:
-                    self._drain_broker(pair)
+                    self._drain_broker()
                 if now >= next_beat:
                     next_beat = now + self.cfg.heartbeat
                     if self.job is not None and now > self.job_deadline:
@@ -277,30 +274,25 @@ class Runner:
                         )
                         self._connect()
         finally:
-            try:
-                pair.send_multipart([_QUIT], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            self._todo.put(None)
             if self.job is None:  # not while a forced stop leaves the job running
+                thread.join(5.0)
                 try:
                     worker.teardown()
                 except Exception:
                     log.exception("teardown failed")
             if self.dealer is not None:
                 self._close_dealer()
-            pair.close()
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            if not thread.is_alive():  # else the executor may still write to _wake_w
+                os.close(self._wake_r)
+                os.close(self._wake_w)
             if self._own_ctx:
                 # Deliver what is still queued (the last RESULT, BYE) before the process
                 # ends: without term() the I/O thread dies with pending messages, and
                 # multiprocessing children leave through os._exit, which never calls it.
                 self.ctx.destroy(linger=2000)
 
-    def _drain_broker(self, pair: zmq.Socket) -> None:
+    def _drain_broker(self) -> None:
         assert self.dealer is not None
         while True:
             try:
@@ -327,8 +319,7 @@ class Runner:
                     continue
                 self.job = (msg.job_id, msg.attempt)
                 self.job_deadline = time.monotonic() + HUNG_FACTOR * msg.timeout + HUNG_GRACE
-                sockets.send(pair, [msg.job_id.encode(), str(msg.attempt).encode(),
-                                    repr(msg.timeout).encode(), *msg.payload])
+                self._todo.put((msg.job_id, msg.attempt, msg.timeout, msg.payload))
             elif kind is protocol.Welcome:
                 if self.broker_id is not None and msg.broker_id != self.broker_id:
                     log.info("registered with a new broker (%s)", msg.broker_id)
