@@ -129,9 +129,9 @@ def rw_worker(back: str) -> None:
     s.send_multipart(protocol.encode_hello(["default"], {"name": f"bench:{os.getpid()}"}, None, 0))
     while True:
         frames = s.recv_multipart()
-        if frames[1] == protocol.JOB:
-            s.send_multipart([protocol.WORKER, protocol.RESULT, frames[2], frames[3], b"1",
-                              *frames[5:]])
+        words = frames[0].split(b" ")  # RWW2 JOB id attempt timeout
+        if words[1] == protocol.JOB:
+            s.send_multipart([b"RWW2 RESULT %s %s 1" % (words[2], words[3]), *frames[1:]])
 
 
 def rw_client(front: str, n: int, out: mp.Queue) -> None:
@@ -140,7 +140,7 @@ def rw_client(front: str, n: int, out: mp.Queue) -> None:
     windowed_client(
         front, n, out,
         lambda i: protocol.encode_submit(f"b{i}", "default", None, None, [PAYLOAD]),
-        lambda reply: reply[2] == protocol.RESULT,  # not the batched ACCEPTEDs
+        lambda reply: reply[0].startswith(b"RWC2 RESULT "),  # not the batched ACCEPTEDs
     )
 
 
@@ -168,7 +168,15 @@ def full_client(front: str, n: int, out: mp.Queue) -> None:
 
 
 # ------------------------------------------------------------------------------ driver
-def measure(kind: str, jobs: int, workers: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(kind: str, jobs: int, workers: int) -> tuple[float, float]:
+    """(jobs per second, broker CPU microseconds per job) for one run."""
     tmp = tempfile.mkdtemp(prefix="rwb-")
     front, back, status = (f"ipc://{tmp}/{name}" for name in ("c", "w", "s"))
     procs: list[mp.Process] = []
@@ -185,11 +193,15 @@ def measure(kind: str, jobs: int, workers: int) -> float:
         for p in procs:
             p.start()
         time.sleep(0.5)
+        broker_pid = procs[0].pid
+        assert broker_pid is not None
+        cpu_before = cpu_seconds(broker_pid)
         c = mp.Process(target=client, args=(front, jobs, out), daemon=True)
         c.start()
         seconds = out.get(timeout=300)
+        cpu = cpu_seconds(broker_pid) - cpu_before
         c.join(5)
-        return jobs / seconds
+        return jobs / seconds, cpu / jobs * 1e6
     finally:
         for p in procs:
             p.terminate()
@@ -210,19 +222,22 @@ def main() -> int:
     if args.full:
         kinds += ("rw-full",)
     rates: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}
     ratios: dict[str, list[float]] = {k: [] for k in kinds[1:]}
     for r in range(args.rounds):
         got = {k: measure(k, args.jobs, args.workers) for k in kinds}
         for k in kinds:
-            rates[k].append(got[k])
+            rates[k].append(got[k][0])
+            cpus[k].append(got[k][1])
         for k in kinds[1:]:
-            ratios[k].append(got[k] / got["baseline"])
-        print(f"round {r + 1}: " + "  ".join(f"{k} {got[k]:,.0f}/s" for k in kinds),
-              file=sys.stderr)
+            ratios[k].append(got[k][0] / got["baseline"][0])
+        print(f"round {r + 1}: " + "  ".join(
+            f"{k} {got[k][0]:,.0f}/s ({got[k][1]:.0f} us cpu/job)" for k in kinds), file=sys.stderr)
     report = {
         "jobs": args.jobs, "workers": args.workers, "rounds": args.rounds,
         "median_jobs_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
         "median_ratio_to_baseline": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
+        "median_broker_cpu_us_per_job": {k: round(statistics.median(v), 1) for k, v in cpus.items()},
         "journal_cost": round(1 - statistics.median(
             [s / m for s, m in zip(rates["rw-sqlite"], rates["rw-memory"])]), 3),
     }
@@ -233,7 +248,9 @@ def main() -> int:
         for k in kinds:
             ratio = "" if k == "baseline" else (
                 f"  x{report['median_ratio_to_baseline'][k]:.2f} of baseline")
-            print(f"  {k:10s} {report['median_jobs_per_s'][k]:>8,} jobs/s{ratio}")
+            cpu = report["median_broker_cpu_us_per_job"][k]
+            print(f"  {k:10s} {report['median_jobs_per_s'][k]:>8,} jobs/s{ratio:24s}"
+                  f"  broker CPU {cpu:5.1f} us/job")
         print(f"  journal costs {report['journal_cost']:.1%} of rw-memory throughput")
     return 0
 

@@ -199,7 +199,7 @@ class Client:
         frames = protocol.encode_submit(
             job_id, queue, timeout, tries, protocol.as_frames(payload, "a payload"))
         limit = self.limits.get("max_message_size")
-        size = sum(map(len, frames[7:]))
+        size = sum(map(len, frames[1:]))
         if isinstance(limit, int) and size > limit:
             raise ValueError(f"job {job_id!r}: payload of {size} bytes is over the broker's "
                              f"max_message_size of {limit} bytes")

@@ -52,6 +52,14 @@ def _positive_float(value: Any) -> float:
     return float(value)
 
 
+def _commit_interval(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number of seconds")
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError("must be between 0 and 1 second")
+    return float(value)
+
+
 def _int_at_least(minimum: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -145,6 +153,7 @@ class BrokerConfig:
     journal: str = field(default_factory=_default_journal,
                          metadata={**_check(_journal, "path"), "path": True})
     journal_sync: str = field(default="normal", metadata=_check(_sync, "mode"))
+    commit_interval: float = field(default=0.005, metadata=_check(_commit_interval, "seconds"))
     # --- security and limits (README: Security) ---
     secret_key: str = field(default="", metadata=_path("the broker's secret key file"))
     client_keys: str = field(default="", metadata=_path("folder of allowed client public keys"))

@@ -1,10 +1,17 @@
-"""The respworkers wire protocol (RWP/1): the only module that builds, parses and validates frames.
+"""The respworkers wire protocol (RWP/2): the only module that builds, parses and validates frames.
 
 docs/protocol.md is the normative text; this module is its executable form. Every
 ``decode_*`` function takes the frames as received (after the ROUTER identity has
 been split off by the caller) and either returns a small typed record or raises
 :class:`ProtocolError` with a short ``reason``. Every ``encode_*`` function returns
 the list of frames to send (without a ROUTER identity).
+
+On the clients and workers endpoints a message is one *command line* frame (the
+version word, the command and its fields, separated by single spaces) followed by
+the payload frames, if any. Fields never contain spaces (job ids and queue names
+cannot), so a line splits in one C call; free text travels in a frame of its own.
+Few frames matter: receiving a frame costs pyzmq more than anything else the broker
+does per message.
 
 No other module spells a frame literal.
 """
@@ -16,10 +23,10 @@ from typing import Any, NamedTuple, Union
 
 from .errors import ProtocolError
 
-# --- version headers -------------------------------------------------------------------------
-CLIENT = b"RWC1"  #: client <-> broker, on the clients endpoint
-WORKER = b"RWW1"  #: worker <-> broker, on the workers endpoint
-STATUS = b"RWS1"  #: anyone <-> broker, on the status endpoint
+# --- version words: the first word of every command line ---------------------------------------
+CLIENT = b"RWC2"  #: client <-> broker, on the clients endpoint
+WORKER = b"RWW2"  #: worker <-> broker, on the workers endpoint
+STATUS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, multi-frame)
 
 # --- client commands (client -> broker) -------------------------------------------------------
 SUBMIT = b"SUBMIT"
@@ -126,10 +133,6 @@ def _uint(raw: bytes, what: str, minimum: int = 0) -> int:
     return value
 
 
-def _opt_uint(raw: bytes, what: str, minimum: int) -> int | None:
-    return None if not raw else _uint(raw, what, minimum)
-
-
 def _flag(raw: bytes, what: str) -> bool:
     if raw == b"1":
         return True
@@ -176,14 +179,6 @@ def as_frames(value: Any, what: str) -> list[bytes]:
                     f"got {type(value).__name__}")
 
 
-def _ms(seconds: float | None) -> bytes:
-    return b"" if seconds is None else str(max(1, round(seconds * 1000))).encode()
-
-
-def _n(value: int | None) -> bytes:
-    return b"" if value is None else str(value).encode()
-
-
 # ================================================================================================
 # clients endpoint
 # ================================================================================================
@@ -212,42 +207,68 @@ class Ping(NamedTuple):
     pass
 
 
+_PING = Ping()
+
+
 ClientRequest = Union[Submit, Plain, JobRef, Ping]
+
+
+def _line(frames: list[bytes], version: bytes) -> list[bytes]:
+    """The words of a command line; checks the version word."""
+    words = frames[0].split(b" ")
+    if words[0] != version:
+        if len(words[0]) == 4 and words[0][:3] == version[:3]:
+            raise ProtocolError("unsupported version",
+                                f"{words[0]!r}; this broker speaks {version.decode()}")
+        raise ProtocolError("bad header", f"messages start with {version.decode()}")
+    if len(words) < 2:
+        raise ProtocolError("no command", f"{version.decode()} without a command")
+    return words
+
+
+def _tail(frames: list[bytes], what: str) -> bytes:
+    """The one text frame after a command line (error text, JSON, ...)."""
+    if len(frames) != 2:
+        raise ProtocolError(f"bad {what}", "needs the command line and one more frame")
+    return frames[1]
 
 
 def decode_client(frames: list[bytes]) -> ClientRequest:
     """Decode what a client sent (frames after the ROUTER identity).
 
-    Both kinds of client put an empty delimiter first: REQ does so itself, a
-    DEALER must add it. A request whose first frame after the delimiter is not
-    the ``RWC1`` header is a plain request, so any REQ socket is a client.
+    A first frame that is empty is a REQ envelope: everything after it is the payload
+    of a plain request, so any REQ socket is a client. Otherwise the first frame is a
+    ``RWC2`` command line (DEALER clients send no delimiter).
     """
-    if len(frames) < 2 or frames[0]:
-        raise ProtocolError("no delimiter", "client messages start with an empty frame")
-    if frames[1] != CLIENT:
-        if len(frames[1]) == 4 and frames[1].startswith(b"RWC"):
-            raise ProtocolError("unsupported version", f"{frames[1]!r}; this broker speaks RWC1")
+    if not frames:
+        raise ProtocolError("empty message", "no frames")
+    if not frames[0]:
+        if len(frames) < 2:
+            raise ProtocolError("empty request", "a REQ request needs at least one frame")
+        first = frames[1]
+        if len(first) == 4 and first[:3] == b"RWC" or first[:4] == b"RWC1" and first[4:5] == b" ":
+            # An RWP/1 client (it sent a delimiter, then its header): never run it as a job.
+            raise ProtocolError("unsupported version", f"{first[:4]!r}; this broker speaks RWC2")
         return Plain(frames[1:])
-    if len(frames) < 3:
-        raise ProtocolError("no command", "RWC1 header without a command frame")
-    cmd = frames[2]
+    words = _line(frames, CLIENT)
+    cmd = words[1]
     if cmd == SUBMIT:
-        if len(frames) < 8:
-            raise ProtocolError("short SUBMIT", "needs id, queue, timeout, tries and >= 1 payload")
-        timeout = _opt_uint(frames[5], "timeout", 1)
+        if len(words) != 6 or len(frames) < 2:
+            raise ProtocolError("bad SUBMIT", "needs id, queue, timeout, tries and >= 1 payload")
+        timeout = _uint(words[4], "timeout", 0)
         return Submit(
-            check_job_id(frames[3]),
-            check_queue(frames[4]) if frames[4] else DEFAULT_QUEUE,
-            None if timeout is None else timeout / 1000.0,
-            _opt_uint(frames[6], "tries", 1),
-            frames[7:],
+            check_job_id(words[2]), check_queue(words[3]),
+            timeout / 1000.0 if timeout else None, _uint(words[5], "tries", 0) or None,
+            frames[1:],
         )
     if cmd in (WAIT, QUERY, CANCEL):
-        if len(frames) != 4:
-            raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id frame")
-        return JobRef(cmd, check_job_id(frames[3]))
+        if len(words) != 3 or len(frames) != 1:
+            raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
+        return JobRef(cmd, check_job_id(words[2]))
     if cmd == PING:
-        return Ping()
+        if len(words) != 2:
+            raise ProtocolError("bad PING", "takes no fields")
+        return _PING
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
@@ -256,63 +277,66 @@ def encode_submit(
 ) -> list[bytes]:
     if not payload:
         raise ValueError("a job needs at least one payload frame")
-    return [_EMPTY, CLIENT, SUBMIT, job_id.encode(), queue.encode(), _ms(timeout), _n(tries), *payload]
+    ms = 0 if timeout is None else max(1, round(timeout * 1000))
+    return [b"RWC2 SUBMIT %s %s %d %d" % (job_id.encode(), (queue or DEFAULT_QUEUE).encode(), ms,
+                                          tries or 0),
+            *payload]
 
 
 def encode_job_ref(command: bytes, job_id: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, command, job_id.encode()]
+    return [b"RWC2 %s %s" % (command, job_id.encode())]
 
 
 def encode_ping() -> list[bytes]:
-    return [_EMPTY, CLIENT, PING]
+    return [b"RWC2 PING"]
 
 
 # --- broker -> client ------------------------------------------------------------------------
 
 
 def encode_accepted(job_ids: list[bytes]) -> list[bytes]:
-    """ACCEPTED confirms one or more jobs (the broker batches them per client)."""
-    return [_EMPTY, CLIENT, ACCEPTED, *job_ids]
+    """ACCEPTED confirms one or more jobs in one line (the broker batches them per client)."""
+    return [b" ".join((b"RWC2 ACCEPTED", *job_ids))]
 
 
-def encode_result(job_id: str, payload: list[bytes]) -> list[bytes]:
-    return [_EMPTY, CLIENT, RESULT, job_id.encode(), *payload]
+def encode_result(job_id: bytes, payload: list[bytes]) -> list[bytes]:
+    return [b"RWC2 RESULT " + job_id, *payload]
 
 
-def encode_failed(job_id: str, reason: str, error: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, FAILED, job_id.encode(), reason.encode(), error.encode()]
+def encode_failed(job_id: bytes, reason: str, error: str) -> list[bytes]:
+    return [b"RWC2 FAILED %s %s" % (job_id, reason.encode()), error.encode("utf-8", "replace")]
 
 
-def encode_cancelled(job_id: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, CANCELLED, job_id.encode()]
+def encode_cancelled(job_id: bytes) -> list[bytes]:
+    return [b"RWC2 CANCELLED " + job_id]
 
 
 def encode_refused(job_id: str, code: str, text: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, REFUSED, job_id.encode(), code.encode(), text.encode()]
+    return [b"RWC2 REFUSED %s %s" % (job_id.encode(), code.encode()), text.encode()]
 
 
 def encode_info(job_id: str, info: dict[str, Any]) -> list[bytes]:
-    return [_EMPTY, CLIENT, INFO, job_id.encode(), json.dumps(info).encode()]
+    return [b"RWC2 INFO " + job_id.encode(), json.dumps(info).encode()]
 
 
 def encode_unknown(job_id: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, UNKNOWN, job_id.encode()]
+    return [b"RWC2 UNKNOWN " + job_id.encode()]
 
 
 def encode_pong(broker_id: str, limits: dict[str, Any]) -> list[bytes]:
     """PONG carries the broker's id (a new id means a restart) and its limits, as JSON."""
-    return [_EMPTY, CLIENT, PONG, broker_id.encode(), json.dumps(limits).encode()]
+    return [b"RWC2 PONG " + broker_id.encode(), json.dumps(limits).encode()]
 
 
 def decode_pong(reply: Reply) -> tuple[str, dict[str, Any]]:
-    if not reply.frames:
+    if not reply.frames or not reply.frames[0]:
         raise ProtocolError("bad PONG", "no broker id")
     limits = _json_object(reply.frames[1], "limits") if len(reply.frames) > 1 else {}
     return _text(reply.frames[0]), limits
 
 
 def encode_invalid(reason: str) -> list[bytes]:
-    return [_EMPTY, CLIENT, INVALID, reason.encode()]
+    return [b"RWC2 INVALID", reason.encode("utf-8", "replace")]
 
 
 def encode_plain_reply(payload: list[bytes] | None) -> list[bytes]:
@@ -326,34 +350,50 @@ class Reply(NamedTuple):
     command: bytes
     job_id: str
     # RESULT: result frames; FAILED: [reason, error]; REFUSED: [code, text];
-    # ACCEPTED: the further job ids it confirms (job_id is the first)
+    # ACCEPTED: the further job ids it confirms (job_id is the first); PONG: [broker id,
+    # limits]; INVALID: [reason]
     frames: list[bytes]
     info: dict[str, Any] | None = None  # INFO only
 
 
 def decode_reply(frames: list[bytes]) -> Reply:
-    """Decode what the broker sent a DEALER client (after nothing: DEALER has no identity)."""
-    if len(frames) < 3 or frames[0] or frames[1] != CLIENT:
-        raise ProtocolError("bad reply", "expected '' RWC1 COMMAND ...")
-    cmd = frames[2]
-    if cmd in (PONG, INVALID):
-        return Reply(cmd, "", frames[3:])
-    if len(frames) < 4:
+    """Decode what the broker sent a DEALER client."""
+    if not frames:
+        raise ProtocolError("bad reply", "no frames")
+    words = _line(frames, CLIENT)
+    cmd = words[1]
+    if cmd == PONG:
+        if len(words) != 3 or not words[2]:
+            raise ProtocolError("bad reply", "PONG needs a broker id")
+        return Reply(cmd, "", [words[2], _tail(frames, "PONG")])
+    if cmd == INVALID:
+        if len(words) != 2:
+            raise ProtocolError("bad reply", "INVALID takes no fields")
+        return Reply(cmd, "", [_tail(frames, "INVALID")])
+    if len(words) < 3:
         raise ProtocolError("bad reply", f"{cmd[:20]!r} without job id")
-    job_id = _text(frames[3])
-    rest = frames[4:]
+    job_id = check_job_id(words[2])
     if cmd == RESULT:
-        return Reply(cmd, job_id, rest)
+        if len(words) != 3 or len(frames) < 2:
+            raise ProtocolError("bad reply", "RESULT needs a job id and >= 1 frame")
+        return Reply(cmd, job_id, frames[1:])
     if cmd in (FAILED, REFUSED):
-        if len(rest) != 2:
-            raise ProtocolError("bad reply", f"{cmd.decode()} needs two text frames")
-        return Reply(cmd, job_id, rest)
+        if len(words) != 4 or not words[3]:
+            raise ProtocolError("bad reply", f"{cmd.decode()} needs a job id and a word")
+        return Reply(cmd, job_id, [words[3], _tail(frames, cmd.decode())])
     if cmd == INFO:
-        if len(rest) != 1:
-            raise ProtocolError("bad reply", "INFO needs one JSON frame")
-        return Reply(cmd, job_id, rest, _json_object(rest[0], "info", MAX_REPLY_INFO_BYTES))
-    if cmd in (ACCEPTED, CANCELLED, UNKNOWN):
-        return Reply(cmd, job_id, rest)
+        if len(words) != 3:
+            raise ProtocolError("bad reply", "INFO needs one job id")
+        raw = _tail(frames, "INFO")
+        return Reply(cmd, job_id, [raw], _json_object(raw, "info", MAX_REPLY_INFO_BYTES))
+    if cmd == ACCEPTED:
+        if len(frames) != 1 or b"" in words:
+            raise ProtocolError("bad reply", "ACCEPTED is one line of job ids")
+        return Reply(cmd, job_id, words[3:])
+    if cmd in (CANCELLED, UNKNOWN):
+        if len(words) != 3 or len(frames) != 1:
+            raise ProtocolError("bad reply", f"{cmd.decode()} takes one job id")
+        return Reply(cmd, job_id, [])
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
@@ -404,40 +444,46 @@ _BYE = Bye()
 
 def decode_worker(frames: list[bytes]) -> WorkerMessage:
     """Decode what a worker sent (frames after the ROUTER identity)."""
-    if len(frames) < 2 or frames[0] != WORKER:
-        raise ProtocolError("bad header", "worker messages start with RWW1")
-    cmd = frames[1]
+    if not frames:
+        raise ProtocolError("empty message", "no frames")
+    words = _line(frames, WORKER)
+    cmd = words[1]
     if cmd == RESULT:
-        if len(frames) < 6:
-            raise ProtocolError("short RESULT", "needs id, attempt, ready and >= 1 payload")
+        if len(words) != 5 or len(frames) < 2:
+            raise ProtocolError("bad RESULT", "needs id, attempt, ready and >= 1 frame")
         return WorkerResult(
-            check_job_id(frames[2]), _uint(frames[3], "attempt", 1), _flag(frames[4], "ready"),
-            frames[5:],
+            check_job_id(words[2]), _uint(words[3], "attempt", 1), _flag(words[4], "ready"),
+            frames[1:],
         )
     if cmd == HEARTBEAT:
+        if len(words) != 2:
+            raise ProtocolError("bad HEARTBEAT", "takes no fields")
         return _HEARTBEAT
     if cmd == ERROR:
-        if len(frames) != 6:
-            raise ProtocolError("bad ERROR", "needs id, attempt, ready and error text")
+        if len(words) != 5:
+            raise ProtocolError("bad ERROR", "needs id, attempt, ready and an error text frame")
         return WorkerError(
-            check_job_id(frames[2]), _uint(frames[3], "attempt", 1), _flag(frames[4], "ready"),
-            _text(frames[5]),
+            check_job_id(words[2]), _uint(words[3], "attempt", 1), _flag(words[4], "ready"),
+            _text(_tail(frames, "ERROR")),
         )
     if cmd == HELLO:
-        if len(frames) != 6:
-            raise ProtocolError("bad HELLO", "needs queues, info, job id and attempt")
-        names = frames[2].split(b",") if frames[2] else [DEFAULT_QUEUE.encode()]
+        if len(words) not in (3, 5):
+            raise ProtocolError("bad HELLO", "needs queues, then optionally job id and attempt")
+        names = words[2].split(b",")
         if len(names) > MAX_WORKER_QUEUES:
             raise ProtocolError("bad HELLO", f"more than {MAX_WORKER_QUEUES} queues")
         queues = tuple(dict.fromkeys(check_queue(q) for q in names))
-        job_id = check_job_id(frames[4]) if frames[4] else None
-        attempt = _uint(frames[5], "attempt", 1) if job_id else 0
-        return Hello(queues, _json_object(frames[3], "info"), job_id, attempt)
+        info = _json_object(_tail(frames, "HELLO"), "info")
+        if len(words) == 3:
+            return Hello(queues, info, None, 0)
+        return Hello(queues, info, check_job_id(words[3]), _uint(words[4], "attempt", 1))
     if cmd == RETURN:
-        if len(frames) != 4:
-            raise ProtocolError("bad RETURN", "needs id and attempt")
-        return Return(check_job_id(frames[2]), _uint(frames[3], "attempt", 1))
+        if len(words) != 4 or len(frames) != 1:
+            raise ProtocolError("bad RETURN", "needs id and attempt, and nothing more")
+        return Return(check_job_id(words[2]), _uint(words[3], "attempt", 1))
     if cmd == BYE:
+        if len(words) != 2:
+            raise ProtocolError("bad BYE", "takes no fields")
         return _BYE
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
@@ -445,29 +491,29 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
 def encode_hello(
     queues: tuple[str, ...] | list[str], info: dict[str, Any], job_id: str | None, attempt: int
 ) -> list[bytes]:
-    return [
-        WORKER, HELLO, ",".join(queues).encode(), json.dumps(info).encode(),
-        (job_id or "").encode(), str(attempt).encode() if job_id else b"",
-    ]
+    line = b"RWW2 HELLO " + ",".join(queues).encode()
+    if job_id:
+        line += b" %s %d" % (job_id.encode(), attempt)
+    return [line, json.dumps(info).encode()]
 
 
 def encode_worker_result(job_id: str, attempt: int, ready: bool, payload: list[bytes]) -> list[bytes]:
     if not payload:
         raise ValueError("a result needs at least one frame")
-    return [WORKER, RESULT, job_id.encode(), str(attempt).encode(), b"1" if ready else b"0", *payload]
+    return [b"RWW2 RESULT %s %d %d" % (job_id.encode(), attempt, ready), *payload]
 
 
 def encode_worker_error(job_id: str, attempt: int, ready: bool, error: str) -> list[bytes]:
-    return [WORKER, ERROR, job_id.encode(), str(attempt).encode(), b"1" if ready else b"0",
+    return [b"RWW2 ERROR %s %d %d" % (job_id.encode(), attempt, ready),
             error.encode("utf-8", "replace")]
 
 
 def encode_return(job_id: str, attempt: int) -> list[bytes]:
-    return [WORKER, RETURN, job_id.encode(), str(attempt).encode()]
+    return [b"RWW2 RETURN %s %d" % (job_id.encode(), attempt)]
 
 
-HEARTBEAT_FRAMES = [WORKER, HEARTBEAT]  #: both directions; never mutate
-BYE_FRAMES = [WORKER, BYE]
+HEARTBEAT_FRAMES = [b"RWW2 HEARTBEAT"]  #: both directions; never mutate
+BYE_FRAMES = [b"RWW2 BYE"]
 
 
 # --- broker -> worker ------------------------------------------------------------------------
@@ -499,35 +545,38 @@ def encode_welcome(
 ) -> list[bytes]:
     info = {"broker": broker_id, "heartbeat": heartbeat, "liveness": liveness,
             "max_message_size": max_message_size}
-    return [WORKER, WELCOME, json.dumps(info).encode()]
+    return [b"RWW2 WELCOME", json.dumps(info).encode()]
 
 
 def encode_job(job_id: bytes, attempt: int, timeout: float, payload: list[bytes]) -> list[bytes]:
-    return [WORKER, JOB, job_id, str(attempt).encode(), _ms(timeout), *payload]
+    return [b"RWW2 JOB %s %d %d" % (job_id, attempt, max(1, round(timeout * 1000))), *payload]
 
 
 def encode_disconnect(reason: str) -> list[bytes]:
-    return [WORKER, DISCONNECT, reason.encode()]
+    return [b"RWW2 DISCONNECT", reason.encode()]
 
 
 def decode_broker(frames: list[bytes]) -> BrokerMessage:
     """Decode what the broker sent a worker's DEALER."""
-    if len(frames) < 2 or frames[0] != WORKER:
-        raise ProtocolError("bad header", "broker messages to workers start with RWW1")
-    cmd = frames[1]
+    if not frames:
+        raise ProtocolError("empty message", "no frames")
+    words = _line(frames, WORKER)
+    cmd = words[1]
     if cmd == JOB:
-        if len(frames) < 6:
-            raise ProtocolError("short JOB", "needs id, attempt, timeout and >= 1 payload")
+        if len(words) != 5 or len(frames) < 2:
+            raise ProtocolError("bad JOB", "needs id, attempt, timeout and >= 1 payload frame")
         return Job(
-            check_job_id(frames[2]), _uint(frames[3], "attempt", 1),
-            _uint(frames[4], "timeout", 1) / 1000.0, frames[5:],
+            check_job_id(words[2]), _uint(words[3], "attempt", 1),
+            _uint(words[4], "timeout", 1) / 1000.0, frames[1:],
         )
     if cmd == HEARTBEAT:
+        if len(words) != 2 or len(frames) != 1:
+            raise ProtocolError("bad HEARTBEAT", "takes no fields or frames")
         return _HEARTBEAT
     if cmd == WELCOME:
-        if len(frames) != 3:
-            raise ProtocolError("bad WELCOME", "needs one JSON frame")
-        info = _json_object(frames[2], "welcome")
+        if len(words) != 2:
+            raise ProtocolError("bad WELCOME", "takes no fields")
+        info = _json_object(_tail(frames, "WELCOME"), "welcome")
         try:
             size = info.get("max_message_size")
             return Welcome(str(info["broker"]), float(info["heartbeat"]), int(info["liveness"]),
@@ -535,7 +584,9 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError("bad WELCOME", f"missing or wrong field {exc}") from None
     if cmd == DISCONNECT:
-        return Disconnect(_text(frames[2]) if len(frames) > 2 else "")
+        if len(words) != 2 or len(frames) > 2:
+            raise ProtocolError("bad DISCONNECT", "takes no fields and at most a reason frame")
+        return Disconnect(_text(frames[1]) if len(frames) > 1 else "")
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 

@@ -53,8 +53,8 @@ class Harness:
         return self.advance(mono - self.mono)
 
     # ------------------------------------------------------------------ clients
-    def submit(self, client: bytes, job_id: str, payload=(b"in",), queue: str = "", timeout=None,
-               tries=None, flush: bool = True) -> None:
+    def submit(self, client: bytes, job_id: str, payload=(b"in",), queue: str = p.DEFAULT_QUEUE,
+               timeout=None, tries=None, flush: bool = True) -> None:
         self.core.on_client(client, p.encode_submit(job_id, queue, timeout, tries, list(payload)))
         if flush:
             self.core.flush()
@@ -174,9 +174,16 @@ def test_accepted_is_sent_only_on_flush(h):
     h.submit(C1, "j1", flush=False)
     assert h.to_client(C1) == []
     h.core.flush()
-    assert h.raw_to_client(C1) == [[b"", b"RWC1", b"ACCEPTED", b"j1"]]
+    assert h.raw_to_client(C1) == [[b"RWC2 ACCEPTED j1"]]
     h.core.flush()
     assert h.to_client(C1) == []
+    # one ACCEPTED line per client per batch, naming its jobs in order
+    h.submit(C1, "j2", flush=False)
+    h.submit(C2, "j3", flush=False)
+    h.submit(C1, "j4", flush=False)
+    h.core.flush()
+    assert h.raw_to_client(C1) == [[b"RWC2 ACCEPTED j2 j4"]]
+    assert h.raw_to_client(C2) == [[b"RWC2 ACCEPTED j3"]]
 
 
 def test_busy_worker_never_gets_a_second_job(h):
@@ -579,7 +586,7 @@ def test_malformed_messages_do_not_keep_a_worker_alive():
     h = Harness(heartbeat=1.0, liveness=2)
     h.hello(W1)
     for _ in range(3):
-        h.core.on_worker(W1, [b"RWW1", b"NOPE"])
+        h.core.on_worker(W1, [b"RWW2 NOPE"])
         h.advance(1.0)
     assert h.worker_state(W1) is None
     assert h.snap()["bad_messages"] == {"workers: unknown command": 3}
@@ -593,7 +600,7 @@ def test_heartbeats_are_sent_to_every_worker_on_tick():
     h.advance(0.5)  # not yet time to beat
     assert h.worker_out == []
     h.advance(0.5)
-    assert sorted(h.worker_out) == [(W1, [b"RWW1", b"HEARTBEAT"]), (W2, [b"RWW1", b"HEARTBEAT"])]
+    assert sorted(h.worker_out) == [(W1, [b"RWW2 HEARTBEAT"]), (W2, [b"RWW2 HEARTBEAT"])]
     h.clear()
     h.advance(1.0)
     assert [m for m in h.to_worker(W1)] == [p.Heartbeat()]
@@ -941,7 +948,7 @@ def test_unknown_ids_get_unknown(h):
 def test_ping_gets_pong_with_the_broker_id(h):
     h.core.on_client(C1, p.encode_ping())
     [pong] = h.raw_to_client(C1)
-    assert pong[:4] == [b"", b"RWC1", b"PONG", h.core.broker_id.encode()]
+    assert len(pong) == 2 and pong[0] == b"RWC2 PONG " + h.core.broker_id.encode()
     assert p.decode_pong(p.decode_reply(pong))[1]["max_tries"] == h.core.cfg.max_tries
     assert h.core.broker_id
 
@@ -1010,40 +1017,66 @@ def test_refused_while_not_accepting(h):
 @pytest.mark.parametrize(
     "frames, key",
     [
-        ([b"", b"RWC1", b"FROB"], "clients: unknown command"),
-        ([b"", b"RWC1"], "clients: no command"),
-        ([b"", b"RWC1", b"SUBMIT", b"a b", b"", b"", b"", b"x"], "clients: bad job id"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"0", b"", b"x"], "clients: bad timeout"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"", b""], "clients: short SUBMIT"),
-        ([b"", b"RWC1", b"WAIT"], "clients: bad WAIT"),
-        ([b""], "clients: no delimiter"),
+        ([b"RWC2 FROB"], "clients: unknown command"),
+        ([b"RWC2"], "clients: no command"),
+        ([b"RWC1 PING"], "clients: unsupported version"),
+        ([b"hello"], "clients: bad header"),
+        ([b"x", b"RWC2 PING"], "clients: bad header"),  # the command line must come first
+        ([b"RWC2 SUBMIT a\x00b default 0 0", b"x"], "clients: bad job id"),
+        ([b"RWC2 SUBMIT j  0 0", b"x"], "clients: bad queue"),
+        ([b"RWC2 SUBMIT j default -1 0", b"x"], "clients: bad timeout"),
+        ([b"RWC2 SUBMIT j default 0 x", b"x"], "clients: bad tries"),
+        ([b"RWC2 SUBMIT j default 0 0"], "clients: bad SUBMIT"),  # no payload
+        ([b"RWC2 SUBMIT j  default 0 0", b"x"], "clients: bad SUBMIT"),  # double space: 7 words
+        ([b"RWC2 WAIT"], "clients: bad WAIT"),
+        ([b"RWC2 CANCEL j", b"x"], "clients: bad CANCEL"),
     ],
 )
 def test_malformed_client_message_gets_invalid(h, frames, key):
     h.core.on_client(C1, frames)
-    (reply,) = h.to_client(C1)
+    [raw] = h.raw_to_client(C1)
+    assert raw[0] == b"RWC2 INVALID" and len(raw) == 2  # no job id, the reason in its own frame
+    reply = p.decode_reply(raw)
     assert reply.command == p.INVALID
-    assert reply.frames[0].decode().startswith(key.split(": ", 1)[1])
+    assert reply.frames[0].decode().startswith(key.split(": ", 1)[1] + ": ")
     assert h.snap()["bad_messages"] == {key: 1}
     assert h.snap()["totals"]["submitted"] == 0
 
 
-def test_client_message_without_delimiter_is_counted_silently(h):
-    h.core.on_client(C1, [b"RWC1", b"PING"])
+def test_bad_req_envelope_gets_the_plain_failure_and_an_empty_message_nothing(h):
+    h.core.on_client(C1, [b""])  # a REQ envelope with nothing after it
+    assert h.raw_to_client(C1) == [[b"", b""]]  # the plain failure reply, not INVALID
     h.core.on_client(C1, [])
-    assert h.client_out == []
-    assert h.snap()["bad_messages"] == {"clients: no delimiter": 2}
+    assert h.client_out == []  # nothing to answer to
+    assert h.snap()["bad_messages"] == {"clients: empty request": 1, "clients: empty message": 1}
+    assert h.snap()["totals"]["submitted"] == 0
+    assert h.snap()["queued"] == 0
+    # behind a REQ envelope even a command line is a payload: a plain job, not a PING
+    h.hello(W1)
+    h.core.on_client(C2, [b"", b"RWC2 PING"])
+    assert h.raw_to_client(C2) == []
+    assert h.job_to(W1).payload == [b"RWC2 PING"]
 
 
 @pytest.mark.parametrize(
     "frames, key",
     [
-        ([b"RWW2", b"HEARTBEAT"], "workers: bad header"),
-        ([], "workers: bad header"),
-        ([b"RWW1", b"NOPE"], "workers: unknown command"),
-        ([b"RWW1", b"RESULT", b"j1", b"1"], "workers: short RESULT"),
-        ([b"RWW1", b"RESULT", b"j1", b"1", b"x", b"r"], "workers: bad ready"),
-        ([b"RWW1", b"HELLO", b"", b"[]", b"", b""], "workers: bad info"),
+        ([b"RWW1 HEARTBEAT"], "workers: unsupported version"),
+        ([b"RWC2 HEARTBEAT"], "workers: bad header"),
+        ([b"", b"RWW2 HEARTBEAT"], "workers: bad header"),
+        ([], "workers: empty message"),
+        ([b"RWW2"], "workers: no command"),
+        ([b"RWW2 NOPE"], "workers: unknown command"),
+        ([b"RWW2 RESULT j1 1 1"], "workers: bad RESULT"),  # no result frame
+        ([b"RWW2 RESULT j1 1", b"r"], "workers: bad RESULT"),
+        ([b"RWW2 RESULT j1  1 1", b"r"], "workers: bad RESULT"),  # double space: 6 words
+        ([b"RWW2 RESULT j1 1 x", b"r"], "workers: bad ready"),
+        ([b"RWW2 RESULT j1 0 1", b"r"], "workers: bad attempt"),
+        ([b"RWW2 ERROR j1 1 1"], "workers: bad ERROR"),  # no error text frame
+        ([b"RWW2 RETURN j1"], "workers: bad RETURN"),
+        ([b"RWW2 HELLO default", b"[]"], "workers: bad info"),
+        ([b"RWW2 HELLO default"], "workers: bad HELLO"),
+        ([b"RWW2 HELLO default j1", b"{}"], "workers: bad HELLO"),
     ],
 )
 def test_malformed_worker_message_is_counted_and_dropped(h, frames, key):
@@ -1387,7 +1420,7 @@ def test_long_random_runs_keep_the_broker_consistent(seed):
 def test_worker_name_with_a_lone_surrogate_does_not_kill_the_broker(tmp_path):
     from respworkers.broker.journal import SqliteJournal
 
-    hello = [p.WORKER, p.HELLO, b"default", b'{"name": "bad\\ud800name"}', b"", b""]
+    hello = [b"RWW2 HELLO default", b'{"name": "bad\\ud800name"}']
     h = Harness(tries=1)
     h.core.on_worker(W1, hello)
     h.submit(C1, "j1", timeout=1.0)
@@ -1399,7 +1432,7 @@ def test_worker_name_with_a_lone_surrogate_does_not_kill_the_broker(tmp_path):
     core.set_time(T0, WALL0)
     core.tick()
     core.on_worker(W1, hello)
-    core.on_client(C1, p.encode_submit("j1", "", None, None, [b"x"]))
+    core.on_client(C1, p.encode_submit("j1", p.DEFAULT_QUEUE, None, None, [b"x"]))
     core.flush()  # the journal stores the worker's name in workers_tried
 
 
@@ -1454,7 +1487,7 @@ def test_a_job_taken_out_and_queued_again_runs_once():
 def test_hello_with_too_many_queues_is_refused():
     h = Harness()
     queues = ",".join(f"q{i}" for i in range(p.MAX_WORKER_QUEUES + 1)).encode()
-    h.core.on_worker(W1, [p.WORKER, p.HELLO, queues, b"{}", b"", b""])
+    h.core.on_worker(W1, [b"RWW2 HELLO " + queues, b"{}"])
     assert h.worker_state(W1) is None
     assert h.snap()["bad_messages"] == {"workers: bad HELLO": 1}
 
@@ -1482,7 +1515,7 @@ def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
     path = tmp_path / "j.db"
     core, _ = core_on(SqliteJournal(path))
     for i in range(5):
-        core.on_client(C1, p.encode_submit(f"j{i}", "", None, None, [b"x"]))
+        core.on_client(C1, p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, None, [b"x"]))
     core.on_worker(W1, p.encode_hello(["default"], {"name": "w1"}, None, 0))  # runs j0
     core.flush()
     core.journal.db.close()  # the broker dies (kill -9): no clean close

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from respworkers import protocol
+from respworkers.errors import ProtocolError
 
 from conftest import Cluster, wait_for
 
@@ -27,9 +28,11 @@ VALID = {
         protocol.encode_job_ref(protocol.CANCEL, "fz-1"),
         protocol.encode_ping(),
         [b"", b"plain payload"],
+        [b"", b"plain", b"", b"three frames"],
     ],
     "workers": [
         protocol.encode_hello(["fuzz-only"], {"name": "fuzz", "heartbeat": 0.1}, None, 0),
+        protocol.encode_hello(["fuzz-only", "fuzz-2"], {"name": "fuzz", "heartbeat": 0.1}, "fz-1", 1),
         protocol.encode_worker_result("fz-1", 1, True, [b"r"]),
         protocol.encode_worker_error("fz-1", 1, True, "boom"),
         protocol.encode_return("fz-1", 1),
@@ -42,13 +45,43 @@ VALID = {
 frames_st = st.lists(st.binary(max_size=40), min_size=0, max_size=10)
 
 
+_ODD_WORDS = [b"", b"0", b"1", b"-1", b"x" * 201, b"a\x00b", b"a\tb", b"\xff", b"a,,b", b"RWC1",
+              b"RWW1", b"RWC2", b"RWW2", b"SUBMIT", b"RESULT", b"HELLO", b"999999999999999"]
+
+
+@st.composite
+def mutated_line(draw: st.DrawFn, line: bytes) -> bytes:
+    """A command line with one word dropped, replaced, duplicated or swapped, or a space doubled."""
+    words = line.split(b" ")
+    how = draw(st.sampled_from(["drop", "replace", "dup", "swap", "append", "space", "tab"]))
+    i = draw(st.integers(0, len(words) - 1))
+    if how == "drop":
+        del words[i]
+    elif how == "replace":
+        words[i] = draw(st.one_of(st.sampled_from(_ODD_WORDS), st.binary(max_size=12)))
+    elif how == "dup":
+        words.insert(i, words[i])
+    elif how == "swap":
+        j = draw(st.integers(0, len(words) - 1))
+        words[i], words[j] = words[j], words[i]
+    elif how == "append":
+        words.append(draw(st.sampled_from(_ODD_WORDS)))
+    else:  # two spaces, or a tab, where one space belongs
+        sep = b"  " if how == "space" else b"\t"
+        return b" ".join(words[:i]) + (sep if i else b"") + b" ".join(words[i:])
+    return b" ".join(words)
+
+
 @st.composite
 def mutated(draw: st.DrawFn, socket_name: str) -> list[bytes]:
-    """A valid message with one frame dropped, replaced, duplicated, truncated or appended."""
+    """A valid message with one frame dropped, replaced, duplicated, truncated or appended,
+    or with one word of its command line changed."""
     msg = list(draw(st.sampled_from(VALID[socket_name])))
-    how = draw(st.sampled_from(["drop", "replace", "dup", "truncate", "append", "swap"]))
+    how = draw(st.sampled_from(["drop", "replace", "dup", "truncate", "append", "swap", "line", "line"]))
     i = draw(st.integers(0, max(0, len(msg) - 1)))
-    if how == "drop" and msg:
+    if how == "line" and msg and msg[0]:  # the status endpoint's first frame is empty: no line
+        msg[0] = draw(mutated_line(msg[0]))
+    elif how == "drop" and msg:
         del msg[i]
     elif how == "replace" and msg:
         msg[i] = draw(st.binary(max_size=30))
@@ -162,9 +195,16 @@ def test_worker_survives_garbage_from_its_broker(tmp_path: Path) -> None:
         wid, *hello = fake.recv_multipart()
         assert protocol.decode_worker(hello).__class__ is protocol.Hello
         fake.send_multipart([wid, *protocol.encode_welcome("fake", 5.0, 3)])
-        garbage = [[b"RWW1"], [b"RWW1", b"JOB"], [b"RWW1", b"JOB", b"", b"x", b"y", b"z"],
-                   [b"nonsense"], [b"RWW1", b"WELCOME", b"{"], [b"RWW1", b"WELCOME", b"[]"],
-                   [b"RWW1", b"???"], [b"RWW9", b"JOB", b"a", b"1", b"10", b"p"], [b""]]
+        garbage = [[b"RWW2"], [b"RWW2 JOB"], [b"RWW2 JOB x 1 1000"], [b"RWW2 JOB  1 1000", b"p"],
+                   [b"RWW2 JOB x 0 1000", b"p"], [b"RWW2 JOB x 1 0", b"p"], [b"RWW2 JOB x 1 1000 1", b"p"],
+                   [b"RWW2 JOB x\x00y 1 1000", b"p"], [b"RWW2  JOB x 1 1000", b"p"],
+                   [b"", b"RWW2 JOB x 1 1000", b"p"], [b"nonsense"], [b"RWW2 WELCOME", b"{"],
+                   [b"RWW2 WELCOME", b"[]"], [b"RWW2 WELCOME"], [b"RWW2 ???"],
+                   [b"RWW1 JOB a 1 10", b"p"], [b"RWW9 JOB a 1 10", b"p"],
+                   [b"RWW1", b"JOB", b"a", b"1", b"10"], [b""]]
+        for g in garbage:  # every one of them is malformed
+            with pytest.raises(ProtocolError):
+                protocol.decode_broker(g)
         for g in garbage * 20:
             fake.send_multipart([wid, *g])
         fake.send_multipart([wid, *protocol.encode_job(b"real", 1, 5.0, [b"ping"])])

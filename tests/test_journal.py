@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,11 @@ def test_frames_round_trip() -> None:
 def test_a_job_changed_many_times_in_one_turn_is_one_row(tmp_path: Path) -> None:
     core, _ = make_core(tmp_path / "j.db")
     core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}, None, 0))
-    core.on_client(b"c1", p.encode_submit("j1", "", None, None, [b"in"]))  # dispatched at once
+    core.on_client(b"c1", p.encode_submit("j1", p.DEFAULT_QUEUE, None, None, [b"in"]))  # dispatched at once
     core.on_worker(b"w1", p.encode_worker_result("j1", 1, True, [b"out"]))
     core.flush()
     assert core.journal.describe()["rows"] == 1
-    core.on_client(b"c1", p.encode_submit("j2", "", None, None, [b"in"]))
+    core.on_client(b"c1", p.encode_submit("j2", p.DEFAULT_QUEUE, None, None, [b"in"]))
     core.flush()
     core.on_worker(b"w1", p.encode_worker_result("j2", 1, True, [b"out2"]))
     core.flush()
@@ -53,11 +54,11 @@ def test_restore_matches_what_was_confirmed(tmp_path: Path) -> None:
     core, _ = make_core(path)
     core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}, None, 0))
     for i in range(4):
-        core.on_client(b"c1", p.encode_submit(f"j{i}", "", 7.0, 2, [b"in", bytes([i])]))
+        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, 7.0, 2, [b"in", bytes([i])]))
     core.on_worker(b"w1", p.encode_worker_result("j0", 1, True, [b"done0"]))  # j1 starts
     core.on_client(b"c1", p.encode_job_ref(p.CANCEL, "j3"))
     core.flush()
-    core.on_client(b"c1", p.encode_submit("lost", "", None, None, [b"x"]))  # never committed
+    core.on_client(b"c1", p.encode_submit("lost", p.DEFAULT_QUEUE, None, None, [b"x"]))  # never committed
     core.journal.db.close()  # killed: no clean close
 
     again, _ = make_core(path)
@@ -82,3 +83,74 @@ def test_one_broker_per_journal_and_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="not a usable sqlite file"):
         SqliteJournal(bad)
     assert open_journal(":memory:").describe()["kind"] == "memory"
+
+
+SCHEMA_1 = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL, queue TEXT NOT NULL, timeout REAL NOT NULL,
+    tries INTEGER NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL,
+    payload BLOB, result BLOB, reason TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '',
+    tried TEXT NOT NULL DEFAULT '', created REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
+    finished REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_a_schema_1_journal_is_migrated_with_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_1)
+    db.execute("INSERT INTO jobs (id, seq, queue, timeout, tries, state, payload, created)"
+               " VALUES ('old-1', 7, 'default', 5.0, 2, 'queued', ?, 1.0)", (pack_frames([b"p"]),))
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path)
+    (row,) = journal.load()
+    assert (row.id, row.seq, row.state, row.payload, row.timeout) == ("old-1", 7, "queued", [b"p"], 5.0)
+    journal.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    assert check.execute("SELECT count(*) FROM sqlite_master WHERE name='jobs_v1'").fetchone() == (0,)
+
+
+def test_retention_deletes_the_rows_of_forgotten_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    sent: list = []
+    core = BrokerCore(BrokerConfig(heartbeat=1.0, retention=10.0),
+                      lambda r, f: sent.append(f), lambda r, f: None, SqliteJournal(path))
+    core.set_time(1000.0, 1_700_000_000.0)
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}, None, 0))
+    for i in range(3):
+        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, None, [b"in"]))
+        core.on_worker(b"w1", p.encode_worker_result(f"j{i}", 1, True, [b"out"]))
+    core.flush()
+    core.set_time(1020.0, 1_700_000_020.0)  # past retention
+    core.tick()
+    core.flush()
+    assert core.journal.load() == [] and core.jobs == {}
+
+
+def test_group_commit_confirms_at_once_when_quiet_and_batches_under_load(tmp_path: Path) -> None:
+    sent: list = []
+    core = BrokerCore(BrokerConfig(heartbeat=1000.0, commit_interval=0.01),
+                      lambda r, f: sent.append(f), lambda r, f: None, SqliteJournal(tmp_path / "j.db"))
+    core.set_time(1000.0, 1_700_000_000.0)
+    core.tick()
+    core.on_client(b"c1", p.encode_submit("a", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.maybe_flush()  # quiet until now: committed and confirmed in this turn
+    assert sent == [[b"RWC2 ACCEPTED a"]] and core.journal.describe()["batches"] == 1
+    core.set_time(1000.004, 1_700_000_000.004)
+    core.on_client(b"c1", p.encode_submit("b", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.maybe_flush()
+    core.set_time(1000.006, 1_700_000_000.006)
+    core.on_client(b"c1", p.encode_submit("c", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.maybe_flush()
+    assert len(sent) == 1 and core.journal.dirty()  # within the interval: not yet
+    assert core.next_wake() == pytest.approx(1000.01)  # but the loop wakes for it
+    core.set_time(1000.01, 1_700_000_000.01)
+    core.maybe_flush()
+    assert sent[-1] == [b"RWC2 ACCEPTED b c"] and not core.journal.dirty()
+    assert core.journal.describe()["batches"] == 2
+    assert core.next_wake() == pytest.approx(2000.0)  # nothing left: the next heartbeat

@@ -1,4 +1,8 @@
-"""Unit tests of the RWP/1 wire protocol: encode/decode round trips and rejections."""
+"""Unit tests of the RWP/2 wire protocol: encode/decode round trips and rejections.
+
+On the clients and workers endpoints a message is one command line frame (``RWC2 ...`` or
+``RWW2 ...``: words separated by single spaces) followed by payload or text frames.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ def test_check_job_id_accepts(raw):
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"x" * 201, b"\xff\xfe", b"a b", b"a\tb", b"a\nb", b"a\x00b", "a\u00a0b".encode(), b"\x7f"],
+    [b"", b"x" * 201, b"\xff\xfe", b"a b", b"a\tb", b"a\nb", b"a\x00b", "a\u00a0b".encode(), b"\x7f",
+     b"a\x1bb", "a\u200bb".encode(), "a\u2028b".encode()],
 )
 def test_check_job_id_rejects(raw):
     assert reason_of(p.check_job_id, raw) == "bad job id"
@@ -56,20 +61,30 @@ def test_check_queue_rejects(raw):
 
 def test_submit_round_trip():
     frames = p.encode_submit("job-1", "gpu", 2.5, 4, [b"a", b"", b"c"])
-    assert frames == [b"", b"RWC1", b"SUBMIT", b"job-1", b"gpu", b"2500", b"4", b"a", b"", b"c"]
+    assert frames == [b"RWC2 SUBMIT job-1 gpu 2500 4", b"a", b"", b"c"]
     assert p.decode_client(frames) == p.Submit("job-1", "gpu", 2.5, 4, [b"a", b"", b"c"])
 
 
 def test_submit_round_trip_defaults():
-    frames = p.encode_submit("j", "", None, None, [b"x"])
-    assert frames[4:7] == [b"", b"", b""]
+    frames = p.encode_submit("j", p.DEFAULT_QUEUE, None, None, [b"x"])
+    assert frames == [b"RWC2 SUBMIT j default 0 0", b"x"]  # 0 and 0: the broker's defaults
     assert p.decode_client(frames) == p.Submit("j", p.DEFAULT_QUEUE, None, None, [b"x"])
+    # leading zeros are accepted; all zeros is still "the default"
+    assert p.decode_client([b"RWC2 SUBMIT j q 000 00", b"x"]) == p.Submit("j", "q", None, None, [b"x"])
+    assert p.decode_client([b"RWC2 SUBMIT j q 0050 007", b"x"]) == p.Submit("j", "q", 0.05, 7, [b"x"])
 
 
 def test_submit_timeout_rounds_to_at_least_one_ms():
     frames = p.encode_submit("j", "q", 0.0001, 1, [b"x"])
-    assert frames[5] == b"1"
+    assert frames[0] == b"RWC2 SUBMIT j q 1 1"
     assert p.decode_client(frames).timeout == 0.001
+
+
+def test_submit_payload_frames_are_opaque():
+    # payload frames that look like command lines, or are empty, are payload
+    payload = [b"RWC2 PING", b"", b"a b  c", b"\x00\xff"]
+    got = p.decode_client(p.encode_submit("j", "q", None, None, payload))
+    assert got.payload == payload
 
 
 def test_encode_submit_needs_payload():
@@ -80,47 +95,94 @@ def test_encode_submit_needs_payload():
 @pytest.mark.parametrize("cmd", [p.WAIT, p.QUERY, p.CANCEL])
 def test_job_ref_round_trip(cmd):
     frames = p.encode_job_ref(cmd, "job-9")
-    assert frames == [b"", b"RWC1", cmd, b"job-9"]
+    assert frames == [b"RWC2 " + cmd + b" job-9"]
     assert p.decode_client(frames) == p.JobRef(cmd, "job-9")
+    unicode_id = "caf\u00e9:\u2603"
+    assert p.decode_client(p.encode_job_ref(cmd, unicode_id)) == p.JobRef(cmd, unicode_id)
 
 
 def test_ping_round_trip():
-    assert p.encode_ping() == [b"", b"RWC1", b"PING"]
+    assert p.encode_ping() == [b"RWC2 PING"]
     assert p.decode_client(p.encode_ping()) == p.Ping()
 
 
 def test_plain_request():
+    """An empty first frame is a REQ envelope: everything after it is the payload."""
     assert p.decode_client([b"", b"hello", b"world"]) == p.Plain([b"hello", b"world"])
     assert p.decode_client([b"", b""]) == p.Plain([b""])
-    # another version of the header is refused, not taken for a payload
-    with pytest.raises(ProtocolError) as err:
-        p.decode_client([b"", b"RWC2", b"SUBMIT"])
-    assert err.value.reason == "unsupported version"
-    assert p.decode_client([b"", b"RWX2", b"SUBMIT"]) == p.Plain([b"RWX2", b"SUBMIT"])
+    # behind a REQ envelope nothing is parsed, not even what looks like a command line
+    assert p.decode_client([b"", b"RWC2 PING"]) == p.Plain([b"RWC2 PING"])
+    # a REQ envelope with nothing after it is refused, not taken for an empty job
+    assert reason_of(p.decode_client, [b""]) == "empty request"
+
+
+def test_other_versions_are_refused_not_taken_for_a_payload():
+    assert reason_of(p.decode_client, [b"RWC1 SUBMIT j q 0 0", b"x"]) == "unsupported version"
+    assert reason_of(p.decode_client, [b"RWC9 PING"]) == "unsupported version"
+    assert reason_of(p.decode_client, [b"RWX2 SUBMIT j q 0 0", b"x"]) == "bad header"
+    with pytest.raises(ProtocolError, match="RWC2"):  # the detail names the version spoken
+        p.decode_client([b"RWC1 PING"])
 
 
 @pytest.mark.parametrize(
     "frames, reason",
     [
-        ([], "no delimiter"),
-        ([b""], "no delimiter"),
-        ([b"x", b"RWC1", b"PING"], "no delimiter"),
-        ([b"", b"RWC1"], "no command"),
-        ([b"", b"RWC1", b"FROB"], "unknown command"),
-        ([b"", b"RWC1", b"submit", b"j", b"", b"", b"", b"x"], "unknown command"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"", b""], "short SUBMIT"),
-        ([b"", b"RWC1", b"SUBMIT", b"", b"", b"", b"", b"x"], "bad job id"),
-        ([b"", b"RWC1", b"SUBMIT", b"a b", b"", b"", b"", b"x"], "bad job id"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"no/slash", b"", b"", b"x"], "bad queue"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"0", b"", b"x"], "bad timeout"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"-5", b"", b"x"], "bad timeout"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"1.5", b"", b"x"], "bad timeout"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"1" * 13, b"", b"x"], "bad timeout"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"", b"0", b"x"], "bad tries"),
-        ([b"", b"RWC1", b"SUBMIT", b"j", b"", b"", b"two", b"x"], "bad tries"),
-        ([b"", b"RWC1", b"WAIT"], "bad WAIT"),
-        ([b"", b"RWC1", b"QUERY", b"a", b"b"], "bad QUERY"),
-        ([b"", b"RWC1", b"CANCEL", b""], "bad job id"),
+        # framing and the version word
+        ([], "empty message"),
+        ([b""], "empty request"),
+        ([b"x", b"RWC2 PING"], "bad header"),  # the command line must be the first frame
+        ([b"nonsense"], "bad header"),
+        ([b"RWW2 PING"], "bad header"),  # the workers' version word
+        ([b"rwc2 PING"], "bad header"),
+        ([b" RWC2 PING"], "bad header"),  # no space before the first word
+        ([b"RWC2\tPING"], "bad header"),  # words are separated by a space, nothing else
+        ([b"RWC22 PING"], "bad header"),
+        ([b"RWC1 PING"], "unsupported version"),
+        ([b"RWC1"], "unsupported version"),
+        ([b"RWC9 SUBMIT j default 0 0", b"x"], "unsupported version"),
+        ([b"RWC2"], "no command"),
+        # commands
+        ([b"RWC2 FROB"], "unknown command"),
+        ([b"RWC2 submit j default 0 0", b"x"], "unknown command"),
+        ([b"RWC2  PING"], "unknown command"),  # double space: an empty command word
+        ([b"RWC2 PING\x00"], "unknown command"),
+        # SUBMIT: word and frame counts
+        ([b"RWC2 SUBMIT j default 0 0"], "bad SUBMIT"),  # no payload frame
+        ([b"RWC2 SUBMIT j default 0", b"x"], "bad SUBMIT"),
+        ([b"RWC2 SUBMIT j default 0 0 1", b"x"], "bad SUBMIT"),
+        ([b"RWC2 SUBMIT j  default 0 0", b"x"], "bad SUBMIT"),  # double space: 7 words
+        ([b"RWC2 SUBMIT", b"x"], "bad SUBMIT"),
+        # SUBMIT: fields
+        ([b"RWC2 SUBMIT  default 0 0", b"x"], "bad job id"),  # double space: empty id
+        ([b"RWC2 SUBMIT a\x00b default 0 0", b"x"], "bad job id"),
+        ([b"RWC2 SUBMIT a\tb default 0 0", b"x"], "bad job id"),
+        ([b"RWC2 SUBMIT a\nb default 0 0", b"x"], "bad job id"),
+        ([b"RWC2 SUBMIT a\x7fb default 0 0", b"x"], "bad job id"),
+        ([b"RWC2 SUBMIT \xff default 0 0", b"x"], "bad job id"),
+        ([b"RWC2 SUBMIT " + b"x" * 201 + b" default 0 0", b"x"], "bad job id"),
+        ([b"RWC2 SUBMIT j  0 0", b"x"], "bad queue"),  # an empty queue no longer means default
+        ([b"RWC2 SUBMIT j no/slash 0 0", b"x"], "bad queue"),
+        ([b"RWC2 SUBMIT j a,b 0 0", b"x"], "bad queue"),
+        ([b"RWC2 SUBMIT j " + b"q" * 65 + b" 0 0", b"x"], "bad queue"),
+        ([b"RWC2 SUBMIT j default  0", b"x"], "bad timeout"),
+        ([b"RWC2 SUBMIT j default -5 0", b"x"], "bad timeout"),
+        ([b"RWC2 SUBMIT j default +5 0", b"x"], "bad timeout"),
+        ([b"RWC2 SUBMIT j default 1.5 0", b"x"], "bad timeout"),
+        ([b"RWC2 SUBMIT j default 1e3 0", b"x"], "bad timeout"),
+        ([b"RWC2 SUBMIT j default " + b"1" * 13 + b" 0", b"x"], "bad timeout"),
+        ([b"RWC2 SUBMIT j default 0 ", b"x"], "bad tries"),  # trailing space: an empty field
+        ([b"RWC2 SUBMIT j default 0 two", b"x"], "bad tries"),
+        ([b"RWC2 SUBMIT j default 0 -1", b"x"], "bad tries"),
+        ([b"RWC2 SUBMIT j default 0 " + b"9" * 13, b"x"], "bad tries"),
+        # WAIT, QUERY, CANCEL
+        ([b"RWC2 WAIT"], "bad WAIT"),
+        ([b"RWC2 WAIT j", b"extra"], "bad WAIT"),
+        ([b"RWC2 QUERY a b"], "bad QUERY"),
+        ([b"RWC2 QUERY j "], "bad QUERY"),  # trailing space: 4 words
+        ([b"RWC2 CANCEL j", b""], "bad CANCEL"),
+        ([b"RWC2 CANCEL "], "bad job id"),
+        ([b"RWC2 WAIT a\nb"], "bad job id"),
+        ([b"RWC2 QUERY \xc3"], "bad job id"),
     ],
 )
 def test_decode_client_rejects(frames, reason):
@@ -130,14 +192,36 @@ def test_decode_client_rejects(frames, reason):
 # --- broker -> client ------------------------------------------------------------------------
 
 
+def test_reply_frames_are_one_command_line_plus_text():
+    assert p.encode_accepted([b"j"]) == [b"RWC2 ACCEPTED j"]
+    assert p.encode_accepted([b"j", b"k", b"j"]) == [b"RWC2 ACCEPTED j k j"]
+    assert p.encode_result(b"j", [b"r1", b""]) == [b"RWC2 RESULT j", b"r1", b""]
+    assert p.encode_failed(b"j", "timeout", "no answer") == [b"RWC2 FAILED j timeout", b"no answer"]
+    assert p.encode_cancelled(b"j") == [b"RWC2 CANCELLED j"]
+    assert p.encode_refused("j", "full", "no room") == [b"RWC2 REFUSED j full", b"no room"]
+    assert p.encode_info("j", {"a": 1}) == [b"RWC2 INFO j", b'{"a": 1}']
+    assert p.encode_unknown("j") == [b"RWC2 UNKNOWN j"]
+    assert p.encode_pong("brk", {"max_tries": 3}) == [b"RWC2 PONG brk", b'{"max_tries": 3}']
+    assert p.encode_invalid("bad job id: x") == [b"RWC2 INVALID", b"bad job id: x"]
+
+
 def test_reply_round_trips():
     assert p.decode_reply(p.encode_accepted([b"j"])) == p.Reply(p.ACCEPTED, "j", [])
     assert p.decode_reply(p.encode_accepted([b"j", b"k"])) == p.Reply(p.ACCEPTED, "j", [b"k"])
-    assert p.decode_reply(p.encode_result("j", [b"r1", b"r2"])) == p.Reply(p.RESULT, "j", [b"r1", b"r2"])
-    assert p.decode_reply(p.encode_failed("j", "timeout", "boom")) == p.Reply(
+    assert p.decode_reply(p.encode_result(b"j", [b"r1", b"r2"])) == p.Reply(p.RESULT, "j", [b"r1", b"r2"])
+    assert p.decode_reply(p.encode_result(b"j", [b""])) == p.Reply(p.RESULT, "j", [b""])
+    assert p.decode_reply(p.encode_failed(b"j", "timeout", "boom")) == p.Reply(
         p.FAILED, "j", [b"timeout", b"boom"]
     )
-    assert p.decode_reply(p.encode_cancelled("j")) == p.Reply(p.CANCELLED, "j", [])
+    # the error text is one frame whatever it holds: spaces, newlines, nothing
+    tb = "Traceback (most recent call last):\n  File \"x\", line 1\nKeyError: 'a b'"
+    assert p.decode_reply(p.encode_failed(b"j", "error", tb)) == p.Reply(
+        p.FAILED, "j", [b"error", tb.encode()]
+    )
+    assert p.decode_reply(p.encode_failed(b"j", "worker-lost", "")) == p.Reply(
+        p.FAILED, "j", [b"worker-lost", b""]
+    )
+    assert p.decode_reply(p.encode_cancelled(b"j")) == p.Reply(p.CANCELLED, "j", [])
     assert p.decode_reply(p.encode_refused("j", "full", "no room")) == p.Reply(
         p.REFUSED, "j", [b"full", b"no room"]
     )
@@ -148,6 +232,21 @@ def test_reply_round_trips():
     assert pong == p.Reply(p.PONG, "", [b"brk", b'{"max_tries": 3}'])
     assert p.decode_pong(pong) == ("brk", {"max_tries": 3})
     assert p.decode_reply(p.encode_invalid("bad job id")) == p.Reply(p.INVALID, "", [b"bad job id"])
+    text = "bad header: messages start with RWC2"  # INVALID text keeps its spaces
+    assert p.decode_reply(p.encode_invalid(text)) == p.Reply(p.INVALID, "", [text.encode()])
+
+
+def test_encode_failed_and_invalid_never_raise_on_odd_text():
+    # a lone surrogate (e.g. from a worker's name) is replaced, not raised on
+    assert p.decode_reply(p.encode_failed(b"j", "error", "bad\ud800name")).frames == [b"error", b"bad?name"]
+    assert p.decode_reply(p.encode_invalid("x\ud800")).frames == [b"x?"]
+
+
+def test_decode_pong_rejects_a_missing_id_and_bad_limits():
+    assert reason_of(p.decode_reply, [b"RWC2 PONG ", b"{}"]) == "bad reply"  # no broker id
+    assert reason_of(p.decode_reply, [b"RWC2 PONG b"]) == "bad PONG"  # no limits frame
+    assert reason_of(p.decode_pong, p.decode_reply([b"RWC2 PONG b", b"[]"])) == "bad limits"
+    assert reason_of(p.decode_pong, p.decode_reply([b"RWC2 PONG b", b"{"])) == "bad limits"
 
 
 def test_plain_reply():
@@ -159,16 +258,33 @@ def test_plain_reply():
 @pytest.mark.parametrize(
     "frames, reason",
     [
-        ([b"", b"RWC1"], "bad reply"),
-        ([b"x", b"RWC1", b"RESULT", b"j"], "bad reply"),
-        ([b"", b"RWW1", b"RESULT", b"j"], "bad reply"),
-        ([b"", b"RWC1", b"RESULT"], "bad reply"),
-        ([b"", b"RWC1", b"FAILED", b"j", b"timeout"], "bad reply"),
-        ([b"", b"RWC1", b"REFUSED", b"j", b"a", b"b", b"c"], "bad reply"),
-        ([b"", b"RWC1", b"INFO", b"j"], "bad reply"),
-        ([b"", b"RWC1", b"INFO", b"j", b"{nope"], "bad info"),
-        ([b"", b"RWC1", b"INFO", b"j", b"[1, 2]"], "bad info"),
-        ([b"", b"RWC1", b"WHAT", b"j"], "unknown command"),
+        ([], "bad reply"),
+        ([b""], "bad header"),  # a DEALER client is sent no delimiter
+        ([b"", b"RWC2 RESULT j", b"r"], "bad header"),
+        ([b"RWW2 RESULT j", b"r"], "bad header"),
+        ([b"RWC1 RESULT j", b"r"], "unsupported version"),
+        ([b"RWC2"], "no command"),
+        ([b"RWC2 RESULT"], "bad reply"),
+        ([b"RWC2 RESULT j"], "bad reply"),  # no result frame
+        ([b"RWC2 RESULT j k", b"r"], "bad reply"),
+        ([b"RWC2 FAILED j", b"boom"], "bad reply"),  # no reason word
+        ([b"RWC2 FAILED j timeout x", b"boom"], "bad reply"),
+        ([b"RWC2 FAILED j timeout"], "bad FAILED"),  # no error text frame
+        ([b"RWC2 FAILED j timeout", b"a", b"b"], "bad FAILED"),
+        ([b"RWC2 REFUSED j full x", b"t"], "bad reply"),
+        ([b"RWC2 REFUSED j full"], "bad REFUSED"),
+        ([b"RWC2 INFO j"], "bad INFO"),
+        ([b"RWC2 INFO j", b"{}", b"{}"], "bad INFO"),
+        ([b"RWC2 INFO j k", b"{}"], "bad reply"),
+        ([b"RWC2 INFO j", b"{nope"], "bad info"),
+        ([b"RWC2 INFO j", b"[1, 2]"], "bad info"),
+        ([b"RWC2 PONG"], "bad reply"),
+        ([b"RWC2 PONG a b", b"{}"], "bad reply"),
+        ([b"RWC2 ACCEPTED"], "bad reply"),
+        ([b"RWC2 CANCELLED"], "bad reply"),
+        ([b"RWC2 UNKNOWN"], "bad reply"),
+        ([b"RWC2 WHAT j"], "unknown command"),
+        ([b"RWC2 result j", b"r"], "unknown command"),
     ],
 )
 def test_decode_reply_rejects(frames, reason):
@@ -183,28 +299,30 @@ def test_decode_reply_rejects(frames, reason):
 def test_hello_round_trip():
     info = {"name": "w1", "slot": "h:1:0", "heartbeat": 2.0}
     frames = p.encode_hello(("a", "b"), info, None, 0)
-    assert frames[:3] == [b"RWW1", b"HELLO", b"a,b"]
-    assert frames[4:] == [b"", b""]
+    assert frames == [b"RWW2 HELLO a,b", json.dumps(info).encode()]
     assert p.decode_worker(frames) == p.Hello(("a", "b"), info, None, 0)
 
 
 def test_hello_round_trip_mid_job():
     frames = p.encode_hello(["q"], {}, "job-7", 3)
-    assert frames[4:] == [b"job-7", b"3"]
+    assert frames == [b"RWW2 HELLO q job-7 3", b"{}"]
     assert p.decode_worker(frames) == p.Hello(("q",), {}, "job-7", 3)
 
 
-def test_hello_defaults_and_dedup():
-    assert p.decode_worker([b"RWW1", b"HELLO", b"", b"", b"", b""]) == p.Hello(("default",), {}, None, 0)
-    # repeated queue names collapse, order kept; the attempt is ignored without a job id
-    got = p.decode_worker([b"RWW1", b"HELLO", b"b,a,b", b"{}", b"", b"9"])
-    assert got == p.Hello(("b", "a"), {}, None, 0)
+def test_hello_empty_info_and_dedup():
+    # an empty info frame means {}
+    assert p.decode_worker([b"RWW2 HELLO default", b""]) == p.Hello(("default",), {}, None, 0)
+    # repeated queue names collapse, order kept
+    assert p.decode_worker([b"RWW2 HELLO b,a,b", b"{}"]) == p.Hello(("b", "a"), {}, None, 0)
+    many = ",".join(f"q{i}" for i in range(p.MAX_WORKER_QUEUES)).encode()
+    assert len(p.decode_worker([b"RWW2 HELLO " + many, b"{}"]).queues) == p.MAX_WORKER_QUEUES
 
 
 def test_worker_result_round_trip():
     frames = p.encode_worker_result("j", 2, True, [b"r", b""])
-    assert frames == [b"RWW1", b"RESULT", b"j", b"2", b"1", b"r", b""]
+    assert frames == [b"RWW2 RESULT j 2 1", b"r", b""]
     assert p.decode_worker(frames) == p.WorkerResult("j", 2, True, [b"r", b""])
+    assert p.encode_worker_result("j", 1, False, [b"x"])[0] == b"RWW2 RESULT j 1 0"
     assert p.decode_worker(p.encode_worker_result("j", 1, False, [b"x"])).ready is False
     with pytest.raises(ValueError):
         p.encode_worker_result("j", 1, True, [])
@@ -212,54 +330,88 @@ def test_worker_result_round_trip():
 
 def test_worker_error_round_trip():
     frames = p.encode_worker_error("j", 3, False, "Traceback: \u2603 boom")
-    assert frames[:5] == [b"RWW1", b"ERROR", b"j", b"3", b"0"]
+    assert frames == [b"RWW2 ERROR j 3 0", "Traceback: \u2603 boom".encode()]
     assert p.decode_worker(frames) == p.WorkerError("j", 3, False, "Traceback: \u2603 boom")
     # undecodable error text is replaced, never rejected
-    raw = [b"RWW1", b"ERROR", b"j", b"1", b"1", b"bad \xff"]
+    raw = [b"RWW2 ERROR j 1 1", b"bad \xff"]
     assert p.decode_worker(raw) == p.WorkerError("j", 1, True, "bad \ufffd")
+    assert p.decode_worker([b"RWW2 ERROR j 1 1", b""]) == p.WorkerError("j", 1, True, "")
 
 
 def test_return_heartbeat_bye_round_trip():
+    assert p.encode_return("j", 4) == [b"RWW2 RETURN j 4"]
     assert p.decode_worker(p.encode_return("j", 4)) == p.Return("j", 4)
     assert p.decode_worker(p.HEARTBEAT_FRAMES) == p.Heartbeat()
     assert p.decode_worker(p.BYE_FRAMES) == p.Bye()
-    assert p.HEARTBEAT_FRAMES == [b"RWW1", b"HEARTBEAT"]
-    assert p.BYE_FRAMES == [b"RWW1", b"BYE"]
+    assert p.HEARTBEAT_FRAMES == [b"RWW2 HEARTBEAT"]
+    assert p.BYE_FRAMES == [b"RWW2 BYE"]
 
 
 @pytest.mark.parametrize(
     "frames, reason",
     [
-        ([], "bad header"),
-        ([b"RWW1"], "bad header"),
-        ([b"RWW2", b"HEARTBEAT"], "bad header"),
-        ([b"RWC1", b"HELLO", b"", b"", b"", b""], "bad header"),
-        ([b"RWW1", b"NOPE"], "unknown command"),
-        ([b"RWW1", b"hello", b"", b"", b"", b""], "unknown command"),
-        ([b"RWW1", b"RESULT", b"j", b"1", b"1"], "short RESULT"),
-        ([b"RWW1", b"RESULT", b"", b"1", b"1", b"r"], "bad job id"),
-        ([b"RWW1", b"RESULT", b"j", b"0", b"1", b"r"], "bad attempt"),
-        ([b"RWW1", b"RESULT", b"j", b"x", b"1", b"r"], "bad attempt"),
-        ([b"RWW1", b"RESULT", b"j", b"1", b"2", b"r"], "bad ready"),
-        ([b"RWW1", b"RESULT", b"j", b"1", b"", b"r"], "bad ready"),
-        ([b"RWW1", b"RESULT", b"j", b"1", b"yes", b"r"], "bad ready"),
-        ([b"RWW1", b"ERROR", b"j", b"1", b"1"], "bad ERROR"),
-        ([b"RWW1", b"ERROR", b"j", b"1", b"1", b"e", b"extra"], "bad ERROR"),
-        ([b"RWW1", b"ERROR", b"j", b"1", b"T", b"e"], "bad ready"),
-        ([b"RWW1", b"HELLO", b"", b"", b""], "bad HELLO"),
-        ([b"RWW1", b"HELLO", b"", b"", b"", b"", b""], "bad HELLO"),
-        ([b"RWW1", b"HELLO", b"a,,b", b"", b"", b""], "bad queue"),
-        ([b"RWW1", b"HELLO", b"a b", b"", b"", b""], "bad queue"),
-        ([b"RWW1", b"HELLO", b"", b"{", b"", b""], "bad info"),
-        ([b"RWW1", b"HELLO", b"", b"[]", b"", b""], "bad info"),
-        ([b"RWW1", b"HELLO", b"", b'"s"', b"", b""], "bad info"),
-        ([b"RWW1", b"HELLO", b"", b'{"a": "' + b"x" * 8200 + b'"}', b"", b""], "bad info"),
-        ([b"RWW1", b"HELLO", b"", b"{}", b"j", b""], "bad attempt"),
-        ([b"RWW1", b"HELLO", b"", b"{}", b"j", b"0"], "bad attempt"),
-        ([b"RWW1", b"HELLO", b"", b"{}", b"a b", b"1"], "bad job id"),
-        ([b"RWW1", b"RETURN", b"j"], "bad RETURN"),
-        ([b"RWW1", b"RETURN", b"j", b"1", b"x"], "bad RETURN"),
-        ([b"RWW1", b"RETURN", b"j", b"-1"], "bad attempt"),
+        # framing and the version word
+        ([], "empty message"),
+        ([b""], "bad header"),
+        ([b"", b"RWW2 HEARTBEAT"], "bad header"),  # workers send no delimiter
+        ([b"RWC2 HELLO a", b"{}"], "bad header"),
+        ([b"RWW2HEARTBEAT"], "bad header"),
+        ([b"RWW1 HEARTBEAT"], "unsupported version"),
+        ([b"RWW9 HEARTBEAT"], "unsupported version"),
+        ([b"RWW2"], "no command"),
+        ([b"RWW2 NOPE"], "unknown command"),
+        ([b"RWW2 hello a", b"{}"], "unknown command"),
+        ([b"RWW2  HEARTBEAT"], "unknown command"),  # double space: an empty command word
+        # RESULT
+        ([b"RWW2 RESULT j 1 1"], "bad RESULT"),  # no result frame
+        ([b"RWW2 RESULT j 1", b"r"], "bad RESULT"),
+        ([b"RWW2 RESULT j 1 1 1", b"r"], "bad RESULT"),
+        ([b"RWW2 RESULT j  1 1", b"r"], "bad RESULT"),  # double space: 6 words
+        ([b"RWW2 RESULT  1 1", b"r"], "bad job id"),
+        ([b"RWW2 RESULT a\x1bb 1 1", b"r"], "bad job id"),
+        ([b"RWW2 RESULT j 0 1", b"r"], "bad attempt"),
+        ([b"RWW2 RESULT j x 1", b"r"], "bad attempt"),
+        ([b"RWW2 RESULT j -1 1", b"r"], "bad attempt"),
+        ([b"RWW2 RESULT j 1 2", b"r"], "bad ready"),
+        ([b"RWW2 RESULT j 1 ", b"r"], "bad ready"),
+        ([b"RWW2 RESULT j 1 yes", b"r"], "bad ready"),
+        # ERROR
+        ([b"RWW2 ERROR j 1 1"], "bad ERROR"),  # no error text frame
+        ([b"RWW2 ERROR j 1 1", b"e", b"extra"], "bad ERROR"),
+        ([b"RWW2 ERROR j 1", b"e"], "bad ERROR"),
+        ([b"RWW2 ERROR j 1 1 Traceback", b"e"], "bad ERROR"),
+        ([b"RWW2 ERROR j 1 T", b"e"], "bad ready"),
+        ([b"RWW2 ERROR j 0 1", b"e"], "bad attempt"),
+        ([b"RWW2 ERROR a\x00 1 1", b"e"], "bad job id"),
+        # HELLO
+        ([b"RWW2 HELLO a"], "bad HELLO"),  # no info frame
+        ([b"RWW2 HELLO a", b"{}", b"x"], "bad HELLO"),
+        ([b"RWW2 HELLO", b"{}"], "bad HELLO"),
+        ([b"RWW2 HELLO a j", b"{}"], "bad HELLO"),  # a job id without an attempt
+        ([b"RWW2 HELLO a b", b"{}"], "bad HELLO"),  # queues are separated by commas
+        ([b"RWW2 HELLO a j 1 x", b"{}"], "bad HELLO"),
+        ([b"RWW2 HELLO " + b",".join(b"q%d" % i for i in range(p.MAX_WORKER_QUEUES + 1)), b"{}"],
+         "bad HELLO"),
+        ([b"RWW2 HELLO ", b"{}"], "bad queue"),  # an empty list no longer means default
+        ([b"RWW2 HELLO a,,b", b"{}"], "bad queue"),
+        ([b"RWW2 HELLO a,", b"{}"], "bad queue"),
+        ([b"RWW2 HELLO a/b", b"{}"], "bad queue"),
+        ([b"RWW2 HELLO a", b"{"], "bad info"),
+        ([b"RWW2 HELLO a", b"[]"], "bad info"),
+        ([b"RWW2 HELLO a", b'"s"'], "bad info"),
+        ([b"RWW2 HELLO a", b"\xff"], "bad info"),
+        ([b"RWW2 HELLO a", b'{"a": "' + b"x" * 8200 + b'"}'], "bad info"),
+        ([b"RWW2 HELLO a j ", b"{}"], "bad attempt"),
+        ([b"RWW2 HELLO a j 0", b"{}"], "bad attempt"),
+        ([b"RWW2 HELLO a  1", b"{}"], "bad job id"),  # double space: an empty job id
+        ([b"RWW2 HELLO a a\x00b 1", b"{}"], "bad job id"),
+        # RETURN
+        ([b"RWW2 RETURN j"], "bad RETURN"),
+        ([b"RWW2 RETURN j 1 x"], "bad RETURN"),
+        ([b"RWW2 RETURN j 1 "], "bad RETURN"),  # trailing space: 5 words
+        ([b"RWW2 RETURN j -1"], "bad attempt"),
+        ([b"RWW2 RETURN j 0"], "bad attempt"),
+        ([b"RWW2 RETURN  1"], "bad job id"),
     ],
 )
 def test_decode_worker_rejects(frames, reason):
@@ -271,38 +423,55 @@ def test_decode_worker_rejects(frames, reason):
 
 def test_welcome_round_trip():
     frames = p.encode_welcome("brk1", 2.5, 4)
-    assert frames[:2] == [b"RWW1", b"WELCOME"]
+    assert frames[0] == b"RWW2 WELCOME" and len(frames) == 2
+    assert json.loads(frames[1]) == {"broker": "brk1", "heartbeat": 2.5, "liveness": 4,
+                                     "max_message_size": None}
     assert p.decode_broker(frames) == p.Welcome("brk1", 2.5, 4)
+    assert p.decode_broker(p.encode_welcome("b", 1.0, 3, 4096)) == p.Welcome("b", 1.0, 3, 4096)
 
 
 def test_job_round_trip():
     frames = p.encode_job(b"job-1", 2, 1.5, [b"in", b""])
-    assert frames == [b"RWW1", b"JOB", b"job-1", b"2", b"1500", b"in", b""]
+    assert frames == [b"RWW2 JOB job-1 2 1500", b"in", b""]
     assert p.decode_broker(frames) == p.Job("job-1", 2, 1.5, [b"in", b""])
+    # JOB's timeout is at least 1 ms
+    assert p.encode_job(b"j", 1, 0.0, [b"x"])[0] == b"RWW2 JOB j 1 1"
 
 
 def test_broker_heartbeat_and_disconnect_round_trip():
     assert p.decode_broker(p.HEARTBEAT_FRAMES) == p.Heartbeat()
+    assert p.encode_disconnect("go away") == [b"RWW2 DISCONNECT", b"go away"]
     assert p.decode_broker(p.encode_disconnect("go away")) == p.Disconnect("go away")
-    assert p.decode_broker([b"RWW1", b"DISCONNECT"]) == p.Disconnect("")
+    assert p.decode_broker([b"RWW2 DISCONNECT"]) == p.Disconnect("")  # the reason may be absent
 
 
 @pytest.mark.parametrize(
     "frames, reason",
     [
-        ([b"RWC1", b"JOB", b"j", b"1", b"1000", b"x"], "bad header"),
-        ([b"RWW1"], "bad header"),
-        ([b"RWW1", b"JOB", b"j", b"1", b"1000"], "short JOB"),
-        ([b"RWW1", b"JOB", b"j", b"0", b"1000", b"x"], "bad attempt"),
-        ([b"RWW1", b"JOB", b"j", b"1", b"0", b"x"], "bad timeout"),
-        ([b"RWW1", b"JOB", b"j j", b"1", b"10", b"x"], "bad job id"),
-        ([b"RWW1", b"WELCOME"], "bad WELCOME"),
-        ([b"RWW1", b"WELCOME", b"{}", b"x"], "bad WELCOME"),
-        ([b"RWW1", b"WELCOME", b'{"broker": "b", "heartbeat": 1}'], "bad WELCOME"),
-        ([b"RWW1", b"WELCOME", b'{"broker": "b", "heartbeat": "x", "liveness": 3}'], "bad WELCOME"),
-        ([b"RWW1", b"WELCOME", b'{"broker": "b", "heartbeat": [], "liveness": 3}'], "bad WELCOME"),
-        ([b"RWW1", b"WELCOME", b"nope"], "bad welcome"),
-        ([b"RWW1", b"READY"], "unknown command"),
+        ([], "empty message"),
+        ([b"", b"RWW2 JOB j 1 1000", b"x"], "bad header"),
+        ([b"RWC2 JOB j 1 1000", b"x"], "bad header"),
+        ([b"RWW1 JOB j 1 1000", b"x"], "unsupported version"),
+        ([b"RWW2"], "no command"),
+        ([b"RWW2 JOB j 1 1000"], "bad JOB"),  # no payload frame
+        ([b"RWW2 JOB j 1", b"x"], "bad JOB"),
+        ([b"RWW2 JOB j 1 1000 x", b"x"], "bad JOB"),
+        ([b"RWW2 JOB j  1 1000", b"x"], "bad JOB"),  # double space: 6 words
+        ([b"RWW2 JOB j 0 1000", b"x"], "bad attempt"),
+        ([b"RWW2 JOB j 1 0", b"x"], "bad timeout"),
+        ([b"RWW2 JOB j 1 ", b"x"], "bad timeout"),
+        ([b"RWW2 JOB  1 10", b"x"], "bad job id"),
+        ([b"RWW2 JOB a\x00b 1 10", b"x"], "bad job id"),
+        ([b"RWW2 WELCOME"], "bad WELCOME"),
+        ([b"RWW2 WELCOME", b"{}", b"x"], "bad WELCOME"),
+        ([b"RWW2 WELCOME", b"{}"], "bad WELCOME"),
+        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": 1}'], "bad WELCOME"),
+        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": "x", "liveness": 3}'], "bad WELCOME"),
+        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": [], "liveness": 3}'], "bad WELCOME"),
+        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": 3, "max_message_size": "x"}'],
+         "bad WELCOME"),
+        ([b"RWW2 WELCOME", b"nope"], "bad welcome"),
+        ([b"RWW2 READY"], "unknown command"),
     ],
 )
 def test_decode_broker_rejects(frames, reason):
@@ -311,8 +480,105 @@ def test_decode_broker_rejects(frames, reason):
 
 @pytest.mark.parametrize("liveness", [b"Infinity", b"1e400"])
 def test_decode_broker_welcome_infinite_liveness_is_a_protocol_error(liveness):
-    frames = [b"RWW1", b"WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": ' + liveness + b"}"]
+    frames = [b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": ' + liveness + b"}"]
     assert reason_of(p.decode_broker, frames) == "bad WELCOME"
+
+
+# ================================================================================================
+# the number of words of a command line is fixed per command
+# ================================================================================================
+
+
+_WRONG_WORD_COUNTS = [
+    # clients endpoint, client -> broker
+    (p.decode_client, [b"RWC2 SUBMIT j default 0", b"x"], "SUBMIT short"),
+    (p.decode_client, [b"RWC2 SUBMIT j default 0 0 0", b"x"], "SUBMIT long"),
+    (p.decode_client, [b"RWC2 WAIT"], "WAIT short"),
+    (p.decode_client, [b"RWC2 WAIT j k"], "WAIT long"),
+    (p.decode_client, [b"RWC2 QUERY"], "QUERY short"),
+    (p.decode_client, [b"RWC2 QUERY j k"], "QUERY long"),
+    (p.decode_client, [b"RWC2 CANCEL"], "CANCEL short"),
+    (p.decode_client, [b"RWC2 CANCEL j k"], "CANCEL long"),
+    pytest.param(p.decode_client, [b"RWC2 PING j"], "PING long"),
+    pytest.param(p.decode_client, [b"RWC2 PING "], "PING trailing space"),
+    # clients endpoint, broker -> client
+    (p.decode_reply, [b"RWC2 ACCEPTED"], "ACCEPTED short"),
+    (p.decode_reply, [b"RWC2 RESULT", b"r"], "RESULT short"),
+    (p.decode_reply, [b"RWC2 RESULT j k", b"r"], "RESULT long"),
+    (p.decode_reply, [b"RWC2 FAILED j", b"e"], "FAILED short"),
+    (p.decode_reply, [b"RWC2 FAILED j timeout x", b"e"], "FAILED long"),
+    (p.decode_reply, [b"RWC2 CANCELLED"], "CANCELLED short"),
+    pytest.param(p.decode_reply, [b"RWC2 CANCELLED j k"], "CANCELLED long"),
+    (p.decode_reply, [b"RWC2 REFUSED j", b"t"], "REFUSED short"),
+    (p.decode_reply, [b"RWC2 REFUSED j full x", b"t"], "REFUSED long"),
+    (p.decode_reply, [b"RWC2 INFO", b"{}"], "INFO short"),
+    (p.decode_reply, [b"RWC2 INFO j k", b"{}"], "INFO long"),
+    (p.decode_reply, [b"RWC2 UNKNOWN"], "UNKNOWN short"),
+    pytest.param(p.decode_reply, [b"RWC2 UNKNOWN j k"], "UNKNOWN long"),
+    (p.decode_reply, [b"RWC2 PONG", b"{}"], "PONG short"),
+    (p.decode_reply, [b"RWC2 PONG b c", b"{}"], "PONG long"),
+    pytest.param(p.decode_reply, [b"RWC2 INVALID x", b"reason"], "INVALID long"),
+    # workers endpoint, worker -> broker
+    (p.decode_worker, [b"RWW2 HELLO", b"{}"], "HELLO short"),
+    (p.decode_worker, [b"RWW2 HELLO q j", b"{}"], "HELLO 4 words"),
+    (p.decode_worker, [b"RWW2 HELLO q j 1 x", b"{}"], "HELLO long"),
+    (p.decode_worker, [b"RWW2 RESULT j 1", b"r"], "RESULT short"),
+    (p.decode_worker, [b"RWW2 RESULT j 1 1 x", b"r"], "RESULT long"),
+    (p.decode_worker, [b"RWW2 ERROR j 1", b"e"], "ERROR short"),
+    (p.decode_worker, [b"RWW2 ERROR j 1 1 x", b"e"], "ERROR long"),
+    (p.decode_worker, [b"RWW2 RETURN j"], "RETURN short"),
+    (p.decode_worker, [b"RWW2 RETURN j 1 x"], "RETURN long"),
+    pytest.param(p.decode_worker, [b"RWW2 HEARTBEAT x"], "HEARTBEAT long"),
+    pytest.param(p.decode_worker, [b"RWW2 BYE x"], "BYE long"),
+    # workers endpoint, broker -> worker
+    (p.decode_broker, [b"RWW2 JOB j 1", b"p"], "JOB short"),
+    (p.decode_broker, [b"RWW2 JOB j 1 1000 x", b"p"], "JOB long"),
+    pytest.param(p.decode_broker, [b"RWW2 WELCOME x", b'{"broker": "b", "heartbeat": 1, "liveness": 3}'],
+                 "WELCOME long"),
+    pytest.param(p.decode_broker, [b"RWW2 HEARTBEAT x"], "HEARTBEAT long"),
+    pytest.param(p.decode_broker, [b"RWW2 DISCONNECT x", b"reason"], "DISCONNECT long"),
+]
+
+
+def _must_reject(decode, frames) -> ProtocolError:
+    try:
+        decode(frames)
+    except ProtocolError as exc:
+        return exc
+    pytest.fail(f"{decode.__name__} accepted {frames!r}")
+
+
+@pytest.mark.parametrize("decode, frames, case", _WRONG_WORD_COUNTS)
+def test_a_command_line_with_a_wrong_number_of_words_is_rejected(decode, frames, case):
+    # rejected for its shape, not taken for some other command
+    assert _must_reject(decode, frames).reason != "unknown command", case
+
+
+def test_a_command_line_with_a_wrong_number_of_words_is_rejected_for_every_command():
+    """Every command of the spec has at least one wrong-word-count case above."""
+    cases = [getattr(case, "values", case) for case in _WRONG_WORD_COUNTS]  # pytest.param or tuple
+    covered = {(decode.__name__, frames[0].split(b" ")[1]) for decode, frames, _ in cases}
+    expected = {("decode_client", c) for c in (p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING)}
+    expected |= {("decode_reply", c) for c in (p.ACCEPTED, p.RESULT, p.FAILED, p.CANCELLED, p.REFUSED,
+                                               p.INFO, p.UNKNOWN, p.PONG, p.INVALID)}
+    expected |= {("decode_worker", c) for c in (p.HELLO, p.RESULT, p.ERROR, p.RETURN, p.HEARTBEAT, p.BYE)}
+    expected |= {("decode_broker", c) for c in (p.JOB, p.WELCOME, p.HEARTBEAT, p.DISCONNECT)}
+    assert covered == expected
+
+
+@pytest.mark.parametrize(
+    "decode, frames",
+    [
+        pytest.param(p.decode_worker, [b"RWW2 RETURN j 1", b"extra"]),
+    ],
+)
+def test_a_command_with_no_further_frames_rejects_extra_frames(decode, frames):
+    _must_reject(decode, frames)
+
+
+# ================================================================================================
+# JSON frames
+# ================================================================================================
 
 
 @pytest.mark.parametrize("which", ["hello-info", "reply-info", "snapshot"])
@@ -321,9 +587,9 @@ def test_deeply_nested_json_is_a_protocol_error(which):
     nested = b"[" * 3000 + b"]" * 3000  # 6000 bytes: under MAX_INFO_BYTES
     assert len(nested) < p.MAX_INFO_BYTES
     if which == "hello-info":
-        assert reason_of(p.decode_worker, [b"RWW1", b"HELLO", b"", nested, b"", b""]) == "bad info"
+        assert reason_of(p.decode_worker, [b"RWW2 HELLO q", nested]) == "bad info"
     elif which == "reply-info":
-        assert reason_of(p.decode_reply, [b"", b"RWC1", b"INFO", b"j", nested]) == "bad info"
+        assert reason_of(p.decode_reply, [b"RWC2 INFO j", nested]) == "bad info"
     else:
         assert reason_of(p.decode_snapshot, [b"RWS1", b"SNAPSHOT", nested]) == "bad status reply"
 
@@ -336,21 +602,22 @@ def test_large_info_reply_is_accepted_but_large_hello_info_is_not():
 
 
 def test_extra_frames_after_ping_heartbeat_and_bye_are_ignored():
-    assert p.decode_client([b"", b"RWC1", b"PING", b"x"]) == p.Ping()
-    assert p.decode_worker([b"RWW1", b"HEARTBEAT", b"x"]) == p.Heartbeat()
-    assert p.decode_worker([b"RWW1", b"BYE", b"x", b"y"]) == p.Bye()
-    assert p.decode_broker([b"RWW1", b"HEARTBEAT", b"x"]) == p.Heartbeat()
+    assert p.decode_client([b"RWC2 PING", b"x"]) == p.Ping()
+    assert p.decode_worker([b"RWW2 HEARTBEAT", b"x"]) == p.Heartbeat()
+    assert p.decode_worker([b"RWW2 BYE", b"x", b"y"]) == p.Bye()
 
 
 # ================================================================================================
-# status endpoint
+# status endpoint (RWS1: unchanged, a REQ exchange of several frames)
 # ================================================================================================
 
 
 def test_status_round_trip():
+    assert p.encode_status_request() == [b"", b"RWS1", b"STATUS"]
     p.decode_status_request(p.encode_status_request())
     snap = {"queued": 3, "workers": [{"name": "w"}]}
     frames = p.encode_snapshot(snap)
+    assert frames[:3] == [b"", b"RWS1", b"SNAPSHOT"]
     assert p.decode_snapshot(frames) == snap  # as a DEALER sees it
     assert p.decode_snapshot(frames[1:]) == snap  # as a REQ sees it
 
@@ -358,7 +625,7 @@ def test_status_round_trip():
 @pytest.mark.parametrize(
     "frames",
     [[b"", b"RWS1"], [b"", b"RWS1", b"SNAPSHOT"], [b"x", b"RWS1", b"STATUS"], [b"", b"RWS2", b"STATUS"],
-     [b"", b"RWS1", b"STATUS", b"x"]],
+     [b"", b"RWS1", b"STATUS", b"x"], [b"", b"RWS1 STATUS"], [b"RWS1 STATUS"], []],
 )
 def test_decode_status_request_rejects(frames):
     assert reason_of(p.decode_status_request, frames) == "bad status request"
@@ -370,21 +637,32 @@ def test_decode_snapshot_rejects():
     assert reason_of(p.decode_snapshot, [b"RWS1", b"OTHER", b"{}"]) == "bad status reply"
     assert reason_of(p.decode_snapshot, [b"RWS1", b"SNAPSHOT", b"{"]) == "bad status reply"
     assert reason_of(p.decode_snapshot, [b"RWS1", b"SNAPSHOT", b"[]"]) == "bad status reply"
-    assert reason_of(p.decode_snapshot, [b"RWC1", b"SNAPSHOT", b"{}"]) == "bad status reply"
+    assert reason_of(p.decode_snapshot, [b"RWC2", b"SNAPSHOT", b"{}"]) == "bad status reply"
+    assert reason_of(p.decode_snapshot, [b"RWS1 SNAPSHOT", b"{}"]) == "bad status reply"
 
 
 # ================================================================================================
 # properties
 # ================================================================================================
 
-_TOKENS = [
-    b"", b"RWC1", b"RWW1", b"RWS1", b"SUBMIT", b"WAIT", b"QUERY", b"CANCEL", b"PING", b"RESULT",
-    b"ERROR", b"HELLO", b"RETURN", b"HEARTBEAT", b"BYE", b"JOB", b"WELCOME", b"DISCONNECT", b"INFO",
-    b"FAILED", b"REFUSED", b"ACCEPTED", b"STATUS", b"SNAPSHOT", b"1", b"0", b"2", b"1000", b"job-1",
-    b"a,b", b"{}", b"[]", b"{", b'{"broker": "b", "heartbeat": 1, "liveness": 3}', b'{"x": [1, {"y": null}]}',
-    b"\xff", b"a b", b"999999999999999",
+_WORDS = [
+    b"", b"RWC2", b"RWW2", b"RWC1", b"RWW1", b"RWC9", b"RWS1", b"SUBMIT", b"WAIT", b"QUERY", b"CANCEL",
+    b"PING", b"RESULT", b"ERROR", b"HELLO", b"RETURN", b"HEARTBEAT", b"BYE", b"JOB", b"WELCOME",
+    b"DISCONNECT", b"INFO", b"FAILED", b"REFUSED", b"ACCEPTED", b"CANCELLED", b"UNKNOWN", b"PONG",
+    b"INVALID", b"STATUS", b"SNAPSHOT", b"1", b"0", b"2", b"1000", b"job-1", b"a,b", b"a,,b",
+    b"default", b"\xff", b"\x00", b"a\tb", b"999999999999999", b"-1", b"+1",
 ]
-_frame = st.one_of(st.sampled_from(_TOKENS), st.binary(max_size=24))
+_TOKENS = [
+    b"", b"RWS1", b"STATUS", b"SNAPSHOT", b"{}", b"[]", b"{", b"1",
+    b'{"broker": "b", "heartbeat": 1, "liveness": 3}', b'{"x": [1, {"y": null}]}', b"\xff",
+    b"a b", b"999999999999999",
+]
+_word = st.one_of(st.sampled_from(_WORDS), st.binary(max_size=12))
+_line = st.builds(
+    lambda words, sep: sep.join(words), st.lists(_word, max_size=7),
+    st.sampled_from([b" ", b" ", b"  ", b"\t"]),
+)
+_frame = st.one_of(_line, st.sampled_from(_TOKENS), st.binary(max_size=24))
 _frames = st.lists(_frame, max_size=9)
 
 
@@ -399,13 +677,19 @@ def test_decoders_raise_only_protocol_errors(frames):
             assert isinstance(exc.reason, str) and exc.reason
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(st.lists(_frame, min_size=0, max_size=7))
-def test_decoders_raise_only_protocol_errors_behind_valid_headers(rest):
-    for head, decode in (([b"", b"RWC1"], p.decode_client), ([b"RWW1"], p.decode_worker),
-                         ([b"RWW1"], p.decode_broker), ([b"", b"RWC1"], p.decode_reply)):
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from([p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING, p.RESULT, p.ERROR, p.HELLO, p.RETURN,
+                        p.HEARTBEAT, p.BYE, p.JOB, p.WELCOME, p.DISCONNECT, p.INFO, p.FAILED, p.REFUSED,
+                        p.ACCEPTED, p.CANCELLED, p.UNKNOWN, p.PONG, p.INVALID]),
+       st.lists(_word, max_size=6), st.lists(_frame, max_size=5))
+def test_decoders_raise_only_protocol_errors_behind_valid_version_words(command, words, rest):
+    for version, decode in ((p.CLIENT, p.decode_client), (p.WORKER, p.decode_worker),
+                            (p.WORKER, p.decode_broker), (p.CLIENT, p.decode_reply)):
+        line = b" ".join([version, command, *words])
         try:
-            decode(head + list(rest))
+            got = decode([line, *rest])
+            if decode is p.decode_reply and got.command == p.PONG:
+                p.decode_pong(got)
         except ProtocolError:
             pass
 
@@ -415,6 +699,7 @@ _job_ids = st.text(
 ).filter(lambda s: len(s.encode()) <= p.MAX_ID_BYTES)
 _queues = st.text(st.sampled_from(sorted(p._QUEUE_CHARS)), min_size=1, max_size=64)
 _payload = st.lists(st.binary(max_size=16), min_size=1, max_size=4)
+_text = st.text(max_size=30)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
@@ -424,13 +709,37 @@ _payload = st.lists(st.binary(max_size=16), min_size=1, max_size=4)
 )
 def test_submit_round_trip_property(job_id, queue, timeout_ms, tries, payload):
     timeout = None if timeout_ms is None else timeout_ms / 1000.0
-    got = p.decode_client(p.encode_submit(job_id, queue, timeout, tries, payload))
+    frames = p.encode_submit(job_id, queue, timeout, tries, payload)
+    assert len(frames) == 1 + len(payload) and frames[0].count(b" ") == 5
+    got = p.decode_client(frames)
     assert got == p.Submit(job_id, queue, timeout, tries, payload)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@given(_job_ids, st.integers(1, 10**9), st.booleans(), _payload, st.text(max_size=30))
-def test_worker_messages_round_trip_property(job_id, attempt, ready, payload, error):
+@given(_job_ids, st.lists(_job_ids, max_size=4), _payload, _text, _text,
+       st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+def test_reply_round_trip_property(job_id, more_ids, payload, error, text, info):
+    bid = job_id.encode()
+    assert p.decode_reply(p.encode_accepted([bid, *(i.encode() for i in more_ids)])) == p.Reply(
+        p.ACCEPTED, job_id, [i.encode() for i in more_ids])
+    assert p.decode_reply(p.encode_result(bid, payload)) == p.Reply(p.RESULT, job_id, payload)
+    for reason in (p.FAIL_TIMEOUT, p.FAIL_ERROR, p.FAIL_LOST, p.FAIL_CANCELLED):
+        assert p.decode_reply(p.encode_failed(bid, reason, error)) == p.Reply(
+            p.FAILED, job_id, [reason.encode(), error.encode("utf-8", "replace")])
+    assert p.decode_reply(p.encode_cancelled(bid)) == p.Reply(p.CANCELLED, job_id, [])
+    for code in (p.REFUSE_FULL, p.REFUSE_INVALID, p.REFUSE_LIMIT, p.REFUSE_SHUTDOWN):
+        got = p.decode_reply(p.encode_refused(job_id, code, text))
+        assert got == p.Reply(p.REFUSED, job_id, [code.encode(), text.encode()])
+    assert p.decode_reply(p.encode_info(job_id, info)).info == info
+    assert p.decode_reply(p.encode_unknown(job_id)) == p.Reply(p.UNKNOWN, job_id, [])
+    assert p.decode_pong(p.decode_reply(p.encode_pong(job_id, info))) == (job_id, info)
+    assert p.decode_reply(p.encode_invalid(error)).frames == [error.encode("utf-8", "replace")]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(_job_ids, st.integers(1, 10**9), st.booleans(), _payload, _text,
+       st.lists(_queues, min_size=1, max_size=5))
+def test_worker_messages_round_trip_property(job_id, attempt, ready, payload, error, queues):
     assert p.decode_worker(p.encode_worker_result(job_id, attempt, ready, payload)) == p.WorkerResult(
         job_id, attempt, ready, payload
     )
@@ -440,8 +749,13 @@ def test_worker_messages_round_trip_property(job_id, attempt, ready, payload, er
     assert p.decode_worker(p.encode_return(job_id, attempt)) == p.Return(job_id, attempt)
     hello = p.decode_worker(p.encode_hello(("q",), {}, job_id, attempt))
     assert hello == p.Hello(("q",), {}, job_id, attempt)
+    hello = p.decode_worker(p.encode_hello(queues, {"name": job_id}, None, 0))
+    assert hello == p.Hello(tuple(dict.fromkeys(queues)), {"name": job_id}, None, 0)
     job = p.decode_broker(p.encode_job(job_id.encode(), attempt, attempt / 1000.0, payload))
     assert job == p.Job(job_id, attempt, attempt / 1000.0, payload)
+    assert p.decode_broker(p.encode_disconnect(job_id)) == p.Disconnect(job_id)
+    welcome = p.decode_broker(p.encode_welcome(job_id, attempt / 1000.0, attempt, attempt))
+    assert welcome == p.Welcome(job_id, attempt / 1000.0, attempt, attempt)
 
 
 def test_as_frames_is_shared_by_payloads_and_results():
@@ -451,3 +765,15 @@ def test_as_frames_is_shared_by_payloads_and_results():
     for bad in ([], 5, [b"a", 5], None):
         with pytest.raises(TypeError):
             p.as_frames(bad, "x")
+
+
+def test_an_rwp1_client_is_refused_not_run_as_a_plain_job():
+    # RWP/1 clients sent a delimiter, then their header: that must not become a job.
+    frames = [b"", b"RWC1", b"SUBMIT", b"j", b"", b"", b"", b"payload"]
+    assert reason_of(p.decode_client, frames) == "unsupported version"
+    assert reason_of(p.decode_client, [b"", b"RWC1 PING"]) == "unsupported version"
+    assert p.decode_client([b"", b"RWC", b"x"]) == p.Plain([b"RWC", b"x"])  # 3 bytes: a payload
+
+
+def test_encode_submit_with_no_queue_names_the_default_one():
+    assert p.decode_client(p.encode_submit("j", "", None, None, [b"x"])).queue == p.DEFAULT_QUEUE

@@ -41,6 +41,8 @@ RETRY_SCAN = 32
 MAX_WORKER_HEARTBEAT = 60.0
 #: Window of the rates shown in the status, in seconds.
 RATE_WINDOW = 10.0
+#: Unconfirmed submissions that make a commit due before commit_interval has passed.
+COMMIT_BATCH = 2000
 
 
 class Job:
@@ -199,6 +201,8 @@ class BrokerCore:
         self._plain_seq = 0
         self._next_beat = 0.0
         self._earliest = math.inf  # no attempt's deadline is earlier than this
+        self._committed = -math.inf  # when the journal last committed something
+        self._commit_due = math.inf  # when maybe_flush() left changes to commit
         self._bad_logged = 0.0
         self._welcome = protocol.encode_welcome(
             self.broker_id, cfg.heartbeat, cfg.liveness, cfg.max_message_size)
@@ -264,7 +268,9 @@ class BrokerCore:
             req = protocol.decode_client(frames)
         except ProtocolError as exc:
             self.count_bad("clients", exc)
-            if frames and not frames[0]:
+            if frames and not frames[0]:  # a REQ envelope: the plain failure reply
+                self.send_client(client, protocol.encode_plain_reply(None))
+            elif frames:
                 self.send_client(client, protocol.encode_invalid(str(exc)))
             return
         kind = type(req)
@@ -351,21 +357,39 @@ class BrokerCore:
             self.cancel(job)
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
 
+    def maybe_flush(self) -> None:
+        """Group commit, called once per loop turn: flush now, or by ``next_wake()``.
+
+        After a quiet spell a change is committed (and confirmed) in the turn it arrives;
+        under load at most once per ``commit_interval``, so one transaction and one
+        ACCEPTED per client cover many jobs.
+        """
+        if not (self.unconfirmed or self.journal.dirty()):
+            return
+        due = self._committed + self.cfg.commit_interval
+        if self.now >= due or len(self.unconfirmed) >= COMMIT_BATCH:
+            self.flush()
+        else:
+            self._commit_due = due
+
     def flush(self) -> None:
-        """Make this batch durable, then confirm its submissions (ACCEPTED after the journal)."""
+        """Make everything durable now, then confirm submissions (ACCEPTED after the journal)."""
+        self._commit_due = math.inf
+        if self.unconfirmed or self.journal.dirty():
+            self._committed = self.now
         self.journal.commit()
         if self.unconfirmed:
             # One ACCEPTED per client per batch, naming every job it confirms.
             batches: dict[bytes, list[bytes]] = {}
             for client, bid in self.unconfirmed:
-                frames = batches.get(client)
-                if frames is None:
-                    batches[client] = protocol.encode_accepted([bid])
+                ids = batches.get(client)
+                if ids is None:
+                    batches[client] = [bid]
                 else:
-                    frames.append(bid)
+                    ids.append(bid)
             self.unconfirmed.clear()
-            for client, frames in batches.items():
-                self.send_client(client, frames)
+            for client, ids in batches.items():
+                self.send_client(client, protocol.encode_accepted(ids))
 
     def _tell(self, job: Job, client: bytes, plain: bool) -> None:
         """Send a finished job's outcome to one client."""
@@ -373,11 +397,11 @@ class BrokerCore:
             payload = job.result if job.state == DONE else None
             self.send_client(client, protocol.encode_plain_reply(payload))
         elif job.state == DONE:
-            self.send_client(client, protocol.encode_result(job.id, job.result or [b""]))
+            self.send_client(client, protocol.encode_result(job.bid, job.result or [b""]))
         elif job.state == FAILED:
-            self.send_client(client, protocol.encode_failed(job.id, job.reason, job.error))
+            self.send_client(client, protocol.encode_failed(job.bid, job.reason, job.error))
         else:
-            self.send_client(client, protocol.encode_cancelled(job.id))
+            self.send_client(client, protocol.encode_cancelled(job.bid))
 
     def cancel(self, job: Job) -> None:
         if job.state in FINAL:
@@ -790,7 +814,7 @@ class BrokerCore:
 
     def next_wake(self) -> float:
         """When :meth:`tick` is due: O(1), from a lower bound kept as deadlines are set."""
-        wake = min(self._next_beat, self._earliest)
+        wake = min(self._next_beat, self._earliest, self._commit_due)
         if self.recovering and self.recover_at < wake:
             wake = self.recover_at
         return wake
@@ -823,7 +847,7 @@ class BrokerCore:
             finished.popitem(last=False)
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
-            self.journal.forget(job.id)
+            self.journal.forget(job)
 
     # ================================================================== status
     def snapshot(self) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 The core calls four verbs per job (submitted, attempted, finished, forgotten); the
 journal buffers them and writes each batch in one transaction at :meth:`commit`,
-which the server calls once per loop turn *before* it confirms (ACCEPTED) the
-submissions of that turn. So a confirmed job is on disk, and the journal costs one
-transaction per loop turn rather than one per message.
+which the core calls (group commit: at once after a quiet spell, under load at most
+once per ``commit_interval``) *before* it confirms (ACCEPTED) the submissions of the
+batch. So a confirmed job is on disk, and the journal costs one transaction per batch
+rather than one per message.
 
 The sqlite journal runs in WAL mode. ``sync = "normal"`` (the default) survives a
 crash of the broker process (kill -9, OOM); ``"full"`` also survives a power cut or
@@ -25,12 +26,15 @@ if TYPE_CHECKING:
     from .core import Job
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+# seq (the broker's submission order) is the rowid: rows are appended in key order and
+# every write finds its row by an integer. The job id needs no index: the broker keeps
+# ids in memory and reads the whole table once, at start-up.
+_JOBS = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id       TEXT PRIMARY KEY,
-    seq      INTEGER NOT NULL,
+    seq      INTEGER PRIMARY KEY,
+    id       TEXT NOT NULL,
     queue    TEXT NOT NULL,
     timeout  REAL NOT NULL,
     tries    INTEGER NOT NULL,
@@ -44,9 +48,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     created  REAL NOT NULL,
     started  REAL NOT NULL DEFAULT 0,
     finished REAL NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+);
 """
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+_COLUMNS = ("seq, id, queue, timeout, tries, attempt, state, payload, result, reason, error,"
+            " tried, created, started, finished")
 
 _LEN = struct.Struct(">I")
 
@@ -99,9 +105,13 @@ class Journal:
 
     def finished(self, job: Job) -> None: ...
 
-    def forget(self, job_id: str) -> None: ...
+    def forget(self, job: Job) -> None: ...
 
     def commit(self) -> None: ...
+
+    def dirty(self) -> bool:
+        """Whether commit() has anything to write."""
+        return False
 
     def load(self) -> list[Stored]:
         return []
@@ -127,12 +137,15 @@ class SqliteJournal(Journal):
             self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-            self.db.executescript(_SCHEMA)
+            self.db.execute(_META)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is not None and row[0] == "1":
+                self._migrate_from_1()
+            elif row is not None and row[0] != str(SCHEMA_VERSION):
+                raise JournalError(f"journal {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+            self.db.execute(_JOBS)
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] != str(SCHEMA_VERSION):
-                raise JournalError(f"journal {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc):
                 raise JournalError(
@@ -162,10 +175,10 @@ class SqliteJournal(Journal):
         if job.id not in self._new:
             self._changed[job.id] = job
 
-    def forget(self, job_id: str) -> None:
-        self._changed.pop(job_id, None)
-        if self._new.pop(job_id, None) is None:
-            self._gone.append((job_id,))
+    def forget(self, job: Job) -> None:
+        self._changed.pop(job.id, None)
+        if self._new.pop(job.id, None) is None:
+            self._gone.append((job.seq,))
 
     @staticmethod
     def _row(job: Job) -> tuple:
@@ -173,6 +186,9 @@ class SqliteJournal(Journal):
             job.state, job.attempt, pack_frames(job.result) if job.result is not None else None,
             job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
         )
+
+    def dirty(self) -> bool:
+        return bool(self._new or self._changed or self._gone)
 
     def commit(self) -> None:
         if not (self._new or self._changed or self._gone):
@@ -182,20 +198,20 @@ class SqliteJournal(Journal):
         try:
             if self._new:
                 db.executemany(
-                    "INSERT OR IGNORE INTO jobs (id, seq, queue, timeout, tries, created, payload,"
+                    "INSERT OR REPLACE INTO jobs (seq, id, queue, timeout, tries, created, payload,"
                     " state, attempt, result, reason, error, tried, started, finished)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(j.id, j.seq, j.queue, j.timeout, j.tries, j.created,
+                    [(j.seq, j.id, j.queue, j.timeout, j.tries, j.created,
                       None if j.payload is None else pack_frames(j.payload), *self._row(j))
                      for j in self._new.values()])
             if self._changed:
                 db.executemany(
                     "UPDATE jobs SET state=?, attempt=?, result=?, reason=?, error=?, tried=?,"
                     " started=?, finished=?, payload=CASE WHEN ? THEN NULL ELSE payload END"
-                    " WHERE id=?",
-                    [(*self._row(j), j.payload is None, j.id) for j in self._changed.values()])
+                    " WHERE seq=?",
+                    [(*self._row(j), j.payload is None, j.seq) for j in self._changed.values()])
             if self._gone:
-                db.executemany("DELETE FROM jobs WHERE id=?", self._gone)
+                db.executemany("DELETE FROM jobs WHERE seq=?", self._gone)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -207,17 +223,29 @@ class SqliteJournal(Journal):
         self._gone.clear()
 
     def load(self) -> list[Stored]:
-        rows = self.db.execute(
-            "SELECT id, seq, queue, timeout, tries, attempt, state, payload, result, reason,"
-            " error, tried, created, started, finished FROM jobs ORDER BY seq"
-        ).fetchall()
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq").fetchall()
         return [
-            Stored(r[0], r[1], r[2], r[3], r[4], r[5], r[6],
+            Stored(r[1], r[0], r[2], r[3], r[4], r[5], r[6],
                    unpack_frames(r[7]) if r[7] is not None else None,
                    unpack_frames(r[8]) if r[8] is not None else None,
                    r[9], r[10], r[11].split("\n") if r[11] else [], r[12], r[13], r[14])
             for r in rows
         ]
+
+    def _migrate_from_1(self) -> None:
+        """Schema 1 keyed rows by job id; copy them into the seq-keyed table, in one go."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+            db.execute(_JOBS)
+            db.execute(f"INSERT INTO jobs ({_COLUMNS}) SELECT {_COLUMNS} FROM jobs_v1")
+            db.execute("DROP TABLE jobs_v1")
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         try:

@@ -170,12 +170,11 @@ class BrokerServer:
                 self._reload = False
                 self.security.reload()
             if core.now >= wake:
-                wake = core.tick()
+                core.tick()
                 if self.security is not None:
                     self.security.watch(core.now)
-            else:
-                wake = min(wake, core.next_wake())
-            core.flush()
+            core.maybe_flush()
+            wake = core.next_wake()
         self._shutdown()
 
     def _serve_status(self) -> None:
