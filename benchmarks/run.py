@@ -144,6 +144,34 @@ def rw_client(front: str, n: int, out: mp.Queue) -> None:
     )
 
 
+BATCH = 100  # jobs per SUBMITS in rw-batch and rw-full
+
+
+def rw_batch_client(front: str, n: int, out: mp.Queue) -> None:
+    """The same window of jobs, sent BATCH per SUBMITS message; results come batched too."""
+    from respworkers import protocol
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(front)
+    time.sleep(0.3)
+    sent = got = 0
+    started = time.perf_counter()
+    while got < n:
+        while sent < n and sent - got <= WINDOW - BATCH:
+            k = min(BATCH, n - sent)
+            s.send_multipart(protocol.encode_submits([
+                protocol.encode_submit(f"b{sent + i}", "default", None, None, [PAYLOAD])
+                for i in range(k)]))
+            sent += k
+        line = s.recv_multipart()[0]
+        if line.startswith(b"RWC2 RESULTS "):
+            got += (line.count(b" ") - 1) // 2  # "RWC2 RESULTS", then id and count per job
+        elif line.startswith(b"RWC2 RESULT "):
+            got += 1
+    out.put(time.perf_counter() - started)
+
+
 def full_worker(back: str) -> None:
     """The real thing: respworkers' own worker process (job in a thread, heartbeats)."""
     from respworkers.config import WorkerConfig
@@ -160,10 +188,14 @@ def full_client(front: str, n: int, out: mp.Queue) -> None:
     with Client(front) as c:
         c.run(b"warm-up")
         started = time.perf_counter()
-        done = 0
+        chunks: deque[list[str]] = deque()
+        sent = done = 0
         while done < n:
-            ids = [c.submit(PAYLOAD) for _ in range(min(WINDOW, n - done))]
-            done += sum(1 for r in c.results(ids) if r.ok)
+            while sent < n and len(chunks) * BATCH < WINDOW:
+                k = min(BATCH, n - sent)
+                chunks.append(c.submit_many([PAYLOAD] * k))
+                sent += k
+            done += sum(1 for r in c.results(chunks.popleft()) if r.ok)
         out.put(time.perf_counter() - started)
 
 
@@ -186,7 +218,8 @@ def measure(kind: str, jobs: int, workers: int) -> tuple[float, float]:
     else:
         journal = ":memory:" if kind == "rw-memory" else os.path.join(tmp, "journal.sqlite3")
         procs.append(mp.Process(target=rw_broker, args=(front, back, status, journal), daemon=True))
-        worker, client = (full_worker, full_client) if kind == "rw-full" else (rw_worker, rw_client)
+        worker, client = {"rw-full": (full_worker, full_client),
+                          "rw-batch": (rw_worker, rw_batch_client)}.get(kind, (rw_worker, rw_client))
     procs += [mp.Process(target=worker, args=(back,), daemon=True) for _ in range(workers)]
     out: mp.Queue = mp.Queue()
     try:
@@ -218,7 +251,7 @@ def main() -> int:
     ap.add_argument("--full", action="store_true",
                     help="also rw-full: sqlite journal, real Worker processes and real Client")
     args = ap.parse_args()
-    kinds: tuple[str, ...] = ("baseline", "rw-memory", "rw-sqlite")
+    kinds: tuple[str, ...] = ("baseline", "rw-memory", "rw-sqlite", "rw-batch")
     if args.full:
         kinds += ("rw-full",)
     rates: dict[str, list[float]] = {k: [] for k in kinds}

@@ -212,7 +212,7 @@ def submit(
             except (ValueError, ProtocolError) as exc:
                 where = f"{jobfile}: line {spec.line}: " if spec.line else ""
                 _fail(f"{where}{exc} (nothing was submitted)", RET_USAGE)
-        ids = [client.submit(**job) for job in jobs]
+        ids = client.submit_many(jobs)
         if no_wait:
             client.wait_confirmed(ids)
             for job_id in ids:

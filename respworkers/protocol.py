@@ -30,6 +30,7 @@ STATUS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, 
 
 # --- client commands (client -> broker) -------------------------------------------------------
 SUBMIT = b"SUBMIT"
+SUBMITS = b"SUBMITS"  #: several jobs in one message
 WAIT = b"WAIT"
 QUERY = b"QUERY"
 CANCEL = b"CANCEL"
@@ -38,6 +39,7 @@ PING = b"PING"
 # --- broker -> client ---------------------------------------------------------------------------
 ACCEPTED = b"ACCEPTED"
 RESULT = b"RESULT"
+RESULTS = b"RESULTS"  #: several results in one message (only for jobs sent with SUBMITS)
 FAILED = b"FAILED"
 CANCELLED = b"CANCELLED"
 REFUSED = b"REFUSED"
@@ -82,6 +84,7 @@ MAX_INFO_BYTES = 8192  #: JSON frames peers send the broker (HELLO info)
 MAX_REPLY_INFO_BYTES = 64 << 20  #: INFO from the broker carries tracebacks
 DEFAULT_QUEUE = "default"
 MAX_WORKER_QUEUES = 64  #: queues one worker may serve
+MAX_BATCH = 1000  #: jobs in one SUBMITS
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _EMPTY = b""
@@ -210,7 +213,11 @@ class Ping(NamedTuple):
 _PING = Ping()
 
 
-ClientRequest = Union[Submit, Plain, JobRef, Ping]
+class SubmitMany(NamedTuple):
+    jobs: list[Submit]
+
+
+ClientRequest = Union[Submit, SubmitMany, Plain, JobRef, Ping]
 
 
 def _line(frames: list[bytes], version: bytes) -> list[bytes]:
@@ -261,6 +268,8 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
             timeout / 1000.0 if timeout else None, _uint(words[5], "tries", 0) or None,
             frames[1:],
         )
+    if cmd == SUBMITS:
+        return _decode_submits(words, frames)
     if cmd in (WAIT, QUERY, CANCEL):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
@@ -270,6 +279,45 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
             raise ProtocolError("bad PING", "takes no fields")
         return _PING
     raise ProtocolError("unknown command", repr(cmd[:20]))
+
+
+def _decode_submits(words: list[bytes], frames: list[bytes]) -> SubmitMany:
+    """``RWC2 SUBMITS`` then ``<id> <queue> <timeout ms> <tries> <frames>`` per job; the
+    payload frames of all jobs follow the line, in order."""
+    n, extra = divmod(len(words) - 2, 5)
+    if n < 1 or extra:
+        raise ProtocolError("bad SUBMITS", "needs 5 words per job: id queue timeout tries frames")
+    if n > MAX_BATCH:
+        raise ProtocolError("bad SUBMITS", f"more than {MAX_BATCH} jobs")
+    jobs = []
+    pos = 1
+    for i in range(2, len(words), 5):
+        count = _uint(words[i + 4], "frame count", 1)
+        end = pos + count
+        if end > len(frames):
+            raise ProtocolError("bad SUBMITS", "fewer payload frames than the line announces")
+        timeout = _uint(words[i + 2], "timeout", 0)
+        jobs.append(Submit(
+            check_job_id(words[i]), check_queue(words[i + 1]),
+            timeout / 1000.0 if timeout else None, _uint(words[i + 3], "tries", 0) or None,
+            frames[pos:end],
+        ))
+        pos = end
+    if pos != len(frames):
+        raise ProtocolError("bad SUBMITS", "more payload frames than the line announces")
+    return SubmitMany(jobs)
+
+
+def encode_submits(submits: list[list[bytes]]) -> list[bytes]:
+    """One SUBMITS message for several jobs, each given as its encode_submit() frames."""
+    if not 1 <= len(submits) <= MAX_BATCH:
+        raise ValueError(f"SUBMITS carries 1..{MAX_BATCH} jobs, not {len(submits)}")
+    cut = len(b"RWC2 SUBMIT ")
+    line = b" ".join([b"RWC2 SUBMITS", *(b"%s %d" % (f[0][cut:], len(f) - 1) for f in submits)])
+    out = [line]
+    for f in submits:
+        out += f[1:]
+    return out
 
 
 def encode_submit(
@@ -301,6 +349,15 @@ def encode_accepted(job_ids: list[bytes]) -> list[bytes]:
 
 def encode_result(job_id: bytes, payload: list[bytes]) -> list[bytes]:
     return [b"RWC2 RESULT " + job_id, *payload]
+
+
+def encode_results(results: list[tuple[bytes, list[bytes]]]) -> list[bytes]:
+    """Several RESULTs in one message: ``RWC2 RESULTS <id> <frames> ...`` then all frames."""
+    line = b" ".join([b"RWC2 RESULTS", *(b"%s %d" % (bid, len(f)) for bid, f in results)])
+    out = [line]
+    for _, f in results:
+        out += f
+    return out
 
 
 def encode_failed(job_id: bytes, reason: str, error: str) -> list[bytes]:
@@ -354,6 +411,24 @@ class Reply(NamedTuple):
     # limits]; INVALID: [reason]
     frames: list[bytes]
     info: dict[str, Any] | None = None  # INFO only
+    batch: list[tuple[str, list[bytes]]] | None = None  # RESULTS only: (job id, result)
+
+
+def _decode_results(words: list[bytes], frames: list[bytes]) -> Reply:
+    n, extra = divmod(len(words) - 2, 2)
+    if n < 1 or extra:
+        raise ProtocolError("bad reply", "RESULTS needs pairs of job id and frame count")
+    batch = []
+    pos = 1
+    for i in range(2, len(words), 2):
+        end = pos + _uint(words[i + 1], "frame count", 1)
+        if end > len(frames):
+            raise ProtocolError("bad reply", "RESULTS has fewer frames than announced")
+        batch.append((check_job_id(words[i]), frames[pos:end]))
+        pos = end
+    if pos != len(frames):
+        raise ProtocolError("bad reply", "RESULTS has more frames than announced")
+    return Reply(RESULTS, "", [], None, batch)
 
 
 def decode_reply(frames: list[bytes]) -> Reply:
@@ -370,6 +445,8 @@ def decode_reply(frames: list[bytes]) -> Reply:
         if len(words) != 2:
             raise ProtocolError("bad reply", "INVALID takes no fields")
         return Reply(cmd, "", [_tail(frames, "INVALID")])
+    if cmd == RESULTS:
+        return _decode_results(words, frames)
     if len(words) < 3:
         raise ProtocolError("bad reply", f"{cmd[:20]!r} without job id")
     job_id = check_job_id(words[2])

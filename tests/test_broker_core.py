@@ -1531,3 +1531,80 @@ def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
         order.append((job.job_id, job.attempt))
         core.on_worker(W2, p.encode_worker_result(job.job_id, job.attempt, True, [b"r"]))
     assert order == [("j0", 1), ("j1", 1), ("j2", 1), ("j3", 1), ("j4", 1)]
+
+
+# ================================================================================================
+# batches: SUBMITS in, RESULTS out
+# ================================================================================================
+
+
+def submits(h: Harness, client: bytes, *job_ids: str, **options: Any) -> None:
+    singles = [p.encode_submit(j, p.DEFAULT_QUEUE, options.get("timeout"), options.get("tries"),
+                               [j.encode()]) for j in job_ids]
+    h.core.on_client(client, p.encode_submits(singles))
+
+
+def test_submits_creates_every_job_and_one_accepted_names_them_all(h):
+    submits(h, C1, "a", "b", "c")
+    h.core.flush()
+    assert h.raw_to_client(C1) == [[b"RWC2 ACCEPTED a b c"]]
+    assert h.snap()["queued"] == 3 and h.snap()["totals"]["submitted"] == 3
+
+
+def test_results_of_batched_jobs_leave_in_one_message_per_client_per_turn(h):
+    h.hello(W1)
+    h.hello(W2)
+    submits(h, C1, "a", "b", "c")
+    h.core.flush()
+    h.clear()
+    h.result(W1, "a", 1)
+    h.result(W2, "b", 1)
+    assert h.raw_to_client(C1) == []  # held until the end of the turn
+    h.core.send_results()
+    (reply,) = h.to_client(C1)
+    assert reply.command == p.RESULTS and reply.batch == [("a", [b"out"]), ("b", [b"out"])]
+    h.result(W1, "c", 1)
+    h.core.send_results()
+    assert h.raw_to_client(C1) == [[b"RWC2 RESULT c", b"out"]]  # one alone: a plain RESULT
+    h.core.send_results()
+    assert h.raw_to_client(C1) == []
+
+
+def test_failures_of_batched_jobs_are_told_at_once_and_singles_stay_single(h):
+    h.hello(W1)
+    submits(h, C1, "a", tries=1)
+    h.submit(C2, "s")  # an ordinary SUBMIT: its result is never batched
+    h.core.flush()
+    h.clear()
+    h.error(W1, "a", 1, "boom")
+    assert outcome(h.to_client(C1)) == [(p.FAILED, "a", [b"error", b"boom"])]
+    h.result(W1, "s", 1)
+    assert h.raw_to_client(C2) == [[b"RWC2 RESULT s", b"out"]]
+
+
+def test_a_refused_job_in_a_batch_does_not_stop_the_others(h):
+    h = Harness(max_tries=2)
+    submits(h, C1, "ok1", tries=2)
+    h.core.on_client(C1, p.encode_submits([
+        p.encode_submit("ok2", p.DEFAULT_QUEUE, None, None, [b"x"]),
+        p.encode_submit("bad", p.DEFAULT_QUEUE, None, 5, [b"x"]),
+        p.encode_submit("ok3", p.DEFAULT_QUEUE, None, None, [b"x"]),
+    ]))
+    h.core.flush()
+    replies = h.to_client(C1)
+    assert [r.command for r in replies] == [p.REFUSED, p.ACCEPTED]
+    assert replies[0].job_id == "bad" and replies[0].frames[0] == b"limit"
+    assert (replies[1].job_id, replies[1].frames) == ("ok1", [b"ok2", b"ok3"])
+
+
+def test_a_batched_job_resubmitted_attaches_and_its_result_comes_once(h):
+    submits(h, C1, "a")
+    submits(h, C1, "a")  # same id again in a later batch: one job, one waiter
+    h.core.flush()
+    h.clear()
+    h.hello(W1)
+    (job,) = h.jobs_to(W1)
+    h.result(W1, job.job_id, job.attempt)
+    h.core.send_results()
+    assert h.raw_to_client(C1) == [[b"RWC2 RESULT a", b"out"]]
+    assert h.snap()["totals"]["submitted"] == 1

@@ -114,6 +114,24 @@ def test_multipart_jobs_and_queues(cluster: Cluster) -> None:
         assert outcome.frames == [b"dc", b"ba"]
 
 
+def test_submit_many_batches_jobs_and_each_result_comes_back_once(cluster: Cluster) -> None:
+    cluster.broker()
+    cluster.pool(n=2)
+    with cluster.client() as c:
+        n = 1500  # more than one SUBMITS can carry
+        ids = c.submit_many([f"job-{i}" for i in range(n)]
+                            + [{"payload": "raise", "id": "bad", "tries": 1},
+                               {"payload": b"custom", "id": "mine", "queue": "default"}])
+        assert ids[-2:] == ["bad", "mine"] and len(set(ids)) == n + 2
+        got = {r.id: r for r in c.results(ids, timeout=60)}
+        assert len(got) == n + 2
+        assert all(got[ids[i]].payload.endswith(f":job-{i}".encode()) for i in range(n))
+        assert got["bad"].status == "failed" and got["mine"].payload.endswith(b":custom")
+        assert [r.split(b":", 1)[1] for r in c.map(["x", "y"])] == [b"x", b"y"]  # input order
+    snap = cluster.snapshot()
+    assert snap["totals"]["submitted"] == n + 4 and snap["totals"]["done"] == n + 3
+
+
 def test_killed_child_is_restarted_and_its_job_rerun(cluster: Cluster) -> None:
     cluster.broker("--timeout", "60")
     pool = cluster.pool(n=2)

@@ -27,6 +27,8 @@ VALID = {
         protocol.encode_job_ref(protocol.QUERY, "fz-1"),
         protocol.encode_job_ref(protocol.CANCEL, "fz-1"),
         protocol.encode_ping(),
+        protocol.encode_submits([protocol.encode_submit("fz-2", "fuzz-q", None, 1, [b"a"]),
+                                 protocol.encode_submit("fz-3", "default", 2.0, None, [b"b", b"c"])]),
         [b"", b"plain payload"],
         [b"", b"plain", b"", b"three frames"],
     ],

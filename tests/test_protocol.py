@@ -777,3 +777,74 @@ def test_an_rwp1_client_is_refused_not_run_as_a_plain_job():
 
 def test_encode_submit_with_no_queue_names_the_default_one():
     assert p.decode_client(p.encode_submit("j", "", None, None, [b"x"])).queue == p.DEFAULT_QUEUE
+
+
+# ================================================================================================
+# batches: SUBMITS and RESULTS
+# ================================================================================================
+
+
+def test_submits_round_trip_keeps_each_jobs_fields_and_frames():
+    singles = [p.encode_submit("a", "default", None, None, [b"x"]),
+               p.encode_submit("b", "gpu", 2.5, 4, [b"", b"two", b"frames"])]
+    frames = p.encode_submits(singles)
+    assert frames == [b"RWC2 SUBMITS a default 0 0 1 b gpu 2500 4 3", b"x", b"", b"two", b"frames"]
+    assert p.decode_client(frames) == p.SubmitMany([
+        p.Submit("a", "default", None, None, [b"x"]),
+        p.Submit("b", "gpu", 2.5, 4, [b"", b"two", b"frames"]),
+    ])
+
+
+@pytest.mark.parametrize(
+    "frames, why",
+    [
+        ([b"RWC2 SUBMITS"], "no jobs"),
+        ([b"RWC2 SUBMITS a default 0 0", b"x"], "4 words for a job"),
+        ([b"RWC2 SUBMITS a default 0 0 1 b", b"x"], "a job cut short"),
+        ([b"RWC2 SUBMITS a default 0 0 2", b"x"], "fewer frames than announced"),
+        ([b"RWC2 SUBMITS a default 0 0 1", b"x", b"y"], "more frames than announced"),
+        ([b"RWC2 SUBMITS a default 0 0 0"], "a job with no payload"),
+        ([b"RWC2 SUBMITS a default 0 0 x", b"p"], "a frame count that is not a number"),
+        ([b"RWC2 SUBMITS a\x01 default 0 0 1", b"p"], "a bad id"),
+        ([b"RWC2 SUBMITS a de/fault 0 0 1", b"p"], "a bad queue"),
+        ([b"RWC2 SUBMITS a default -1 0 1", b"p"], "a bad timeout"),
+        ([b"RWC2 SUBMITS a default 0 0 1  b default 0 0 1", b"p", b"q"], "a double space"),
+    ],
+)
+def test_malformed_submits_is_rejected_whole(frames, why):
+    with pytest.raises(ProtocolError):
+        p.decode_client(frames)
+
+
+def test_submits_carries_at_most_max_batch_jobs():
+    one = p.encode_submit("j", "default", None, None, [b"x"])
+    assert len(p.decode_client(p.encode_submits([one] * p.MAX_BATCH)).jobs) == p.MAX_BATCH
+    with pytest.raises(ValueError):
+        p.encode_submits([one] * (p.MAX_BATCH + 1))
+    with pytest.raises(ValueError):
+        p.encode_submits([])
+    too_many = [b"RWC2 SUBMITS" + b" j default 0 0 1" * (p.MAX_BATCH + 1)] + [b"x"] * (p.MAX_BATCH + 1)
+    assert reason_of(p.decode_client, too_many) == "bad SUBMITS"
+
+
+def test_results_round_trip():
+    frames = p.encode_results([(b"a", [b"r"]), (b"b", [b"", b"two"])])
+    assert frames == [b"RWC2 RESULTS a 1 b 2", b"r", b"", b"two"]
+    reply = p.decode_reply(frames)
+    assert reply.command == p.RESULTS and reply.batch == [("a", [b"r"]), ("b", [b"", b"two"])]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"RWC2 RESULTS"],
+        [b"RWC2 RESULTS a", b"r"],
+        [b"RWC2 RESULTS a 2", b"r"],
+        [b"RWC2 RESULTS a 1", b"r", b"extra"],
+        [b"RWC2 RESULTS a 0"],
+        [b"RWC2 RESULTS a\x00 1", b"r"],
+    ],
+)
+def test_malformed_results_is_rejected(frames):
+    with pytest.raises(ProtocolError):
+        p.decode_reply(frames)

@@ -33,6 +33,11 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 FINAL = frozenset((DONE, FAILED, CANCELLED))
 
+# How a waiting client is told a job's outcome.
+PROTO = 0  #: a protocol client: one message per outcome
+PLAIN = 1  #: a plain REQ: the result frames, or one empty frame
+BATCH = 2  #: a protocol client that sent SUBMITS: results batched per loop turn (RESULTS)
+
 #: How many recent failures the status snapshot lists.
 RECENT_FAILURES = 20
 #: How many ready workers a retry looks through for one that has not tried the job.
@@ -67,7 +72,7 @@ class Job:
         self.attempt = 0  # attempts that count as tries so far
         self.state = QUEUED
         self.seq = seq
-        self.waiters: list[tuple[bytes, bool]] = []  # (routing id, is a plain REQ)
+        self.waiters: list[tuple[bytes, int]] = []  # (routing id, PROTO | PLAIN | BATCH)
         self.tried: list[str] = []  # worker names, in order
         self.worker: WorkerRec | None = None  # holder of the current attempt
         self.deadline = 0.0
@@ -188,6 +193,7 @@ class BrokerCore:
         self.inflight: dict[float, OrderedDict[str, Job]] = {}
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.unconfirmed: list[tuple[bytes, bytes]] = []
+        self.outbox: dict[bytes, list[Job]] = {}  # batched results waiting for the turn's end
         # Jobs that were running when the previous broker stopped: held back briefly so
         # the workers still running them can re-register and claim them.
         self.recovering: dict[str, Job] = {}
@@ -275,11 +281,15 @@ class BrokerCore:
             return
         kind = type(req)
         if kind is protocol.Submit:
-            self._submit(client, req.job_id, req.queue, req.timeout, req.tries, req.payload, False)
+            self._submit(client, req.job_id, req.queue, req.timeout, req.tries, req.payload, PROTO)
+        elif kind is protocol.SubmitMany:
+            submit = self._submit
+            for sub in req.jobs:
+                submit(client, sub.job_id, sub.queue, sub.timeout, sub.tries, sub.payload, BATCH)
         elif kind is protocol.Plain:
             self._plain_seq += 1
             job_id = f"req-{self.broker_id}-{self._plain_seq}"
-            self._submit(client, job_id, protocol.DEFAULT_QUEUE, None, None, req.payload, True)
+            self._submit(client, job_id, protocol.DEFAULT_QUEUE, None, None, req.payload, PLAIN)
         elif kind is protocol.JobRef:
             self._job_ref(client, req.command, req.job_id)
         else:
@@ -287,22 +297,22 @@ class BrokerCore:
 
     def _submit(
         self, client: bytes, job_id: str, queue: str, timeout: float | None, tries: int | None,
-        payload: list[bytes], plain: bool,
+        payload: list[bytes], how: int,
     ) -> None:
         job = self.jobs.get(job_id)
         if job is not None:  # same id again: attach, never run twice
             self.counters.resubmitted += 1
-            if not plain:  # confirmed with this batch, so never before the original is durable
+            if how != PLAIN:  # confirmed with this batch, so never before the original is durable
                 self.unconfirmed.append((client, job.bid))
             if job.state in FINAL:
-                self._tell(job, client, plain)
-            elif (client, plain) not in job.waiters:
-                job.waiters.append((client, plain))
+                self._tell(job, client, how)
+            elif (client, how) not in job.waiters:
+                job.waiters.append((client, how))
             return
         refusal = self._refusal(timeout, tries, payload)
         if refusal is not None:
             self.counters.refused += 1
-            if plain:
+            if how == PLAIN:
                 self.send_client(client, protocol.encode_plain_reply(None))
             else:
                 self.send_client(client, protocol.encode_refused(job_id, *refusal))
@@ -312,11 +322,11 @@ class BrokerCore:
             job_id, queue, payload, timeout or self.cfg.timeout, tries or self.cfg.tries,
             self._seq, self.wall,
         )
-        job.waiters.append((client, plain))
+        job.waiters.append((client, how))
         self.jobs[job_id] = job
         self.counters.submitted += 1
         self.journal.submitted(job)
-        if not plain:
+        if how != PLAIN:
             self.unconfirmed.append((client, job.bid))
         self._enqueue(job, front=False)
 
@@ -348,14 +358,27 @@ class BrokerCore:
             self.send_client(client, protocol.encode_unknown(job_id))
         elif command == protocol.WAIT:
             if job.state in FINAL:
-                self._tell(job, client, False)
-            elif (client, False) not in job.waiters:
-                job.waiters.append((client, False))
+                self._tell(job, client, PROTO)
+            elif (client, PROTO) not in job.waiters:
+                job.waiters.append((client, PROTO))
         elif command == protocol.QUERY:
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
         else:
             self.cancel(job)
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
+
+    def send_results(self) -> None:
+        """End of a loop turn: one RESULTS per client for its batched jobs that ended."""
+        if not self.outbox:
+            return
+        for client, jobs in self.outbox.items():
+            if len(jobs) == 1:
+                job = jobs[0]
+                self.send_client(client, protocol.encode_result(job.bid, job.result or [b""]))
+            else:
+                self.send_client(client, protocol.encode_results(
+                    [(job.bid, job.result or [b""]) for job in jobs]))
+        self.outbox.clear()
 
     def maybe_flush(self) -> None:
         """Group commit, called once per loop turn: flush now, or by ``next_wake()``.
@@ -391,9 +414,15 @@ class BrokerCore:
             for client, ids in batches.items():
                 self.send_client(client, protocol.encode_accepted(ids))
 
-    def _tell(self, job: Job, client: bytes, plain: bool) -> None:
-        """Send a finished job's outcome to one client."""
-        if plain:
+    def _tell(self, job: Job, client: bytes, how: int) -> None:
+        """Send a finished job's outcome to one client (batched results: at end of turn)."""
+        if how == BATCH and job.state == DONE:
+            jobs = self.outbox.get(client)
+            if jobs is None:
+                self.outbox[client] = [job]
+            else:
+                jobs.append(job)
+        elif how == PLAIN:
             payload = job.result if job.state == DONE else None
             self.send_client(client, protocol.encode_plain_reply(payload))
         elif job.state == DONE:
@@ -585,8 +614,8 @@ class BrokerCore:
         else:
             self.counters.cancelled += 1
         self.journal.finished(job)
-        for client, plain in job.waiters:
-            self._tell(job, client, plain)
+        for client, how in job.waiters:
+            self._tell(job, client, how)
         job.waiters = []
         self.finished[job.id] = job
 

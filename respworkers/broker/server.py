@@ -173,6 +173,7 @@ class BrokerServer:
                 core.tick()
                 if self.security is not None:
                     self.security.watch(core.now)
+            core.send_results()
             core.maybe_flush()
             wake = core.next_wake()
         self._shutdown()
@@ -195,6 +196,7 @@ class BrokerServer:
     def _shutdown(self) -> None:
         log.info("broker stopping: flushing the journal")
         self.core.accepting = False
+        self.core.send_results()
         self.core.flush()
         self.core.journal.close()
         self.close()
