@@ -127,10 +127,16 @@ def check_queue(raw: bytes) -> str:
     return text
 
 
+#: The numbers most messages carry (attempts, frame counts, "0" for defaults), parsed once.
+_SMALL = {str(i).encode(): i for i in range(1000)}
+
+
 def _uint(raw: bytes, what: str, minimum: int = 0) -> int:
-    if not raw.isdigit() or len(raw) > 12:
-        raise ProtocolError(f"bad {what}", f"{raw[:20]!r} is not a decimal number")
-    value = int(raw)
+    value = _SMALL.get(raw)
+    if value is None:
+        if not raw.isdigit() or len(raw) > 12:
+            raise ProtocolError(f"bad {what}", f"{raw[:20]!r} is not a decimal number")
+        value = int(raw)
     if value < minimum:
         raise ProtocolError(f"bad {what}", f"must be >= {minimum}")
     return value

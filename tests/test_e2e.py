@@ -198,6 +198,22 @@ def test_second_signal_gives_the_job_back_without_counting_a_try(cluster: Cluste
         c.cancel(job)
 
 
+def test_a_long_job_keeps_its_worker_alive_and_registered(cluster: Cluster) -> None:
+    # The job runs in the worker's main thread; its watchman keeps beating meanwhile.
+    conf = cluster.root / "fast-beats.toml"
+    conf.write_text("[broker]\nheartbeat = 0.2\nliveness = 3\n[worker]\nheartbeat = 0.2\n")
+    cluster.broker("-c", str(conf))
+    cluster.pool("jobs_fixtures:Tester", 1, "-c", str(conf))
+    with cluster.client() as c:
+        job = c.submit("sleep:2.5")  # > 4x the 0.6 s after which a silent worker is dropped
+        assert c.result(job, timeout=15).endswith(b":sleep:2.5")
+        info = c.query(job)
+        assert info is not None and info["attempt"] == 1
+    snap = cluster.snapshot()
+    assert snap["totals"]["lost_workers"] == 0 and snap["totals"]["retried"] == 0
+    assert len(snap["workers"]) == 1
+
+
 def test_a_hung_job_does_not_hold_its_worker_forever(cluster: Cluster) -> None:
     cluster.broker()
     pool = cluster.pool(n=1)

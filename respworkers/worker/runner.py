@@ -1,25 +1,26 @@
-"""One worker process: a DEALER to the broker, heartbeats, and the user's code in a thread.
+"""One worker process: a DEALER to the broker, heartbeats, and the user's code.
 
-The main thread owns every socket: it talks to the broker, sends heartbeats and
-handles signals. The job runs in one long-lived executor thread, so a slow job never
-silences the heartbeats (the job's time limit is what covers slow jobs). The two
-threads exchange plain Python objects through a queue and a deque plus the wake-up
-pipe, not through a ZeroMQ socket: then the context holds only main-thread sockets
-and can always be terminated safely, even while a forced stop leaves a job running.
+The main thread talks to the broker and runs each job itself, in line: handing a job
+to another thread and back costs two thread switches, which on a busy machine cost a
+worker more than a short job does. So that a slow job never silences the worker, a
+*watchman* thread takes over the socket while a job runs: every few hundredths of a
+second it sends heartbeats when due, reads the broker (and reconnects if it must),
+gives the job back on a forced stop and ends a hung job's process. Only the holder of
+the *baton* (a lock) touches the socket; the main thread puts it down for exactly the
+time it spends in the user's code.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from types import FrameType
 
 import zmq
@@ -89,6 +90,7 @@ class Runner:
         self.bad_messages = 0
         self._bad_logged = 0.0
         self.job: tuple[str, int] | None = None  # (id, attempt) in hand
+        self._next: protocol.Job | None = None  # received, about to run
         self.job_deadline = 0.0  # past it the job is hung: this process gives up
         # The last RESULT/ERROR sent, until the broker is heard from again: if we must
         # reconnect first, it may be lost with the old socket, so it is sent again.
@@ -98,15 +100,13 @@ class Runner:
         self.broker_interval = cfg.heartbeat
         self.broker_liveness = cfg.liveness
         self.last_heard = 0.0
+        self.next_beat = 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        # main -> executor: (job_id, attempt, timeout, frames), or None to end the thread
-        self._todo: queue.SimpleQueue[tuple[str, int, float, list[bytes]] | None] = (
-            queue.SimpleQueue())
-        # executor -> main: (job_id, attempt, ok, result frames or [traceback]); deque
-        # append/popleft are atomic, and a byte on the wake-up pipe says to look.
-        self._done: deque[tuple[str, int, bool, list[bytes]]] = deque()
+        self._baton = threading.Lock()  # whoever holds it may use the socket and poller
+        self._in_job = False  # the main thread is in the user's code (baton put down)
+        self._ended = threading.Event()  # run() is over: the watchman leaves
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -167,47 +167,119 @@ class Runner:
         except zmq.Again:
             pass
 
-    # ------------------------------------------------------------------ executor
-    def _executor(self, worker: Worker) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            job_id, attempt, timeout, frames = item
-            worker.job = JobContext(job_id, attempt, timeout)
+    # ------------------------------------------------------------------ jobs
+    def _run_job(self, worker: Worker) -> bool:
+        """Run the job just received, in this thread, and answer it. False: leave now."""
+        msg = self._next
+        assert msg is not None
+        self._next = None
+        worker.job = JobContext(msg.job_id, msg.attempt, msg.timeout)
+        self._in_job = True
+        self._baton.release()  # the watchman may now keep the link alive
+        try:
+            out = protocol.as_frames(worker.process_multipart(msg.payload), self._result_what)
+            ok = True
+        except BaseException:
+            out, ok = [_user_traceback().encode()], False
+        finally:
+            self._baton.acquire()
+            self._in_job = False
+            worker.job = None
+        self.job = None
+        ready = self.signals == 0
+        size = sum(map(len, out))
+        if ok and self.max_message_size and size > self.max_message_size:
+            ok, out = False, [
+                f"the result of {size} bytes is over the broker's max_message_size "
+                f"of {self.max_message_size} bytes".encode()]
+        if ok:
+            answer = protocol.encode_worker_result(msg.job_id, msg.attempt, ready, out)
+        else:
+            error = out[0].decode("utf-8", "replace")
+            log.warning("job %s attempt %d raised:\n%s", msg.job_id, msg.attempt, error.rstrip())
+            answer = protocol.encode_worker_error(msg.job_id, msg.attempt, ready, error)
+        self._send(answer)
+        self.unconfirmed = (msg.job_id, msg.attempt, answer)
+        if not ready:
+            self._send(protocol.BYE_FRAMES)
+        return ready
+
+    def _beat(self, now: float) -> None:
+        """Heartbeat time (either thread, baton in hand): beat, and reconnect if silent."""
+        self.next_beat = now + self.cfg.heartbeat
+        self._send(protocol.HEARTBEAT_FRAMES)
+        if not self.welcomed:
+            assert self.monitor is not None
+            why = handshake_failure(self.monitor, self.cfg.broker, self.keys)
+            if why:
+                log.error("%s; retrying", why)
+        silent = now - self.last_heard
+        if silent > self.broker_interval * self.broker_liveness:
+            log.warning("no word from the broker for %.1fs: reconnecting to %s",
+                        silent, self.cfg.broker)
+            self._connect()
+
+    # ------------------------------------------------------------------ watchman
+    def _watch(self) -> None:
+        """While a job runs: beats, the broker's messages, forced stops, hung jobs."""
+        step = min(0.05, self.cfg.heartbeat / 4)
+        while not self._ended.wait(step):
+            if not self._in_job or not self._baton.acquire(blocking=False):
+                continue
             try:
-                out = protocol.as_frames(worker.process_multipart(frames),
-                                         f"{type(worker).__name__}'s result")
-                self._done.append((job_id, attempt, True, out))
-            except BaseException:
-                self._done.append((job_id, attempt, False, [_user_traceback().encode()]))
+                if self._in_job and not self._ended.is_set():
+                    self._watch_job()
             finally:
-                worker.job = None
-            try:
-                os.write(self._wake_w, b"j")
-            except OSError:  # pipe full (main will look anyway) or closed at exit
-                pass
+                self._baton.release()
+
+    def _watch_job(self) -> None:
+        now = time.monotonic()
+        if self.signals >= 2 and self.job is not None:
+            # Forced stop: the job keeps running in the main thread, but it is given back
+            # now and this process leaves without waiting for it.
+            job_id, attempt = self.job
+            log.warning("forced stop: giving job %s back to the broker", job_id)
+            self._send(protocol.encode_return(job_id, attempt))
+            self._send(protocol.BYE_FRAMES)
+            self._leave(0)
+        if self.job is not None and now > self.job_deadline:
+            # The broker gave this job to another worker long ago; the user's code cannot
+            # be interrupted, so the process leaves and its pool starts a fresh one.
+            log.error("job %s is still running at twice its time limit: "
+                      "exiting so this worker can be replaced", self.job[0])
+            self._leave(EXIT_HUNG)
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.signals = max(self.signals, 1)  # orphaned: stop after this job
+        self._drain_broker()
+        if now >= self.next_beat:
+            self._beat(now)
+
+    def _leave(self, code: int) -> None:
+        """End the process from the watchman, after delivering what is queued."""
+        if self.dealer is not None:
+            self._close_dealer(2000)
+        if self._own_ctx:
+            self.ctx.term()  # every socket is closed: waits only for the linger
+        logging.shutdown()
+        os._exit(code)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
-        import threading
-
         worker = self.worker_cls()
         worker.setup()
-        thread = threading.Thread(
-            target=self._executor, args=(worker,), name="rw-executor", daemon=True
-        )
-        thread.start()
+        self._result_what = f"{type(worker).__name__}'s result"
         self.poller = zmq.Poller()
         self.poller.register(self._wake_r, zmq.POLLIN)
+        self._baton.acquire()
         self._connect()
+        self.next_beat = time.monotonic() + self.cfg.heartbeat
+        watchman = threading.Thread(target=self._watch, name="rw-watchman", daemon=True)
+        watchman.start()
         stopping = False
-        next_beat = time.monotonic() + self.cfg.heartbeat
         try:
             while True:
                 now = time.monotonic()
-                timeout = max(0.0, next_beat - now)
-                events = dict(self.poller.poll(timeout * 1000.0))
+                events = dict(self.poller.poll(max(0.0, self.next_beat - now) * 1000.0))
                 now = time.monotonic()
                 if self._wake_r in events:
                     try:
@@ -216,76 +288,29 @@ class Runner:
                         pass
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.signals = max(self.signals, 1)  # orphaned: stop warmly
-                if self.signals >= 2 and self.job is not None:
-                    job_id, attempt = self.job
-                    log.warning("forced stop: giving job %s back to the broker", job_id)
-                    self._send(protocol.encode_return(job_id, attempt))
-                    self._send(protocol.BYE_FRAMES)
-                    return 0
                 if self.signals and not stopping:
                     stopping = True
-                    log.info("stopping: %s", "finishing the job in hand" if self.job else "idle")
-                if stopping and self.job is None:
+                    log.info("stopping")
+                if stopping:
                     self._send(protocol.BYE_FRAMES)
                     return 0
-                if self._done:
-                    job_id, attempt, ok, rest = self._done.popleft()
-                    self.job = None
-                    ready = self.signals == 0
-                    size = sum(map(len, rest))
-                    if ok and self.max_message_size and size > self.max_message_size:
-                        ok, rest = False, [
-                            f"the result of {size} bytes is over the broker's max_message_size "
-                            f"of {self.max_message_size} bytes".encode()]
-                    if ok:
-                        answer = protocol.encode_worker_result(job_id, attempt, ready, rest)
-                    else:
-                        error = rest[0].decode("utf-8", "replace")
-                        log.warning("job %s attempt %d raised:\n%s", job_id, attempt, error.rstrip())
-                        answer = protocol.encode_worker_error(job_id, attempt, ready, error)
-                    self._send(answer)
-                    self.unconfirmed = (job_id, attempt, answer)
-                    if not ready:
-                        self._send(protocol.BYE_FRAMES)
-                        return 0
                 if self.dealer in events:
                     self._drain_broker()
-                if now >= next_beat:
-                    next_beat = now + self.cfg.heartbeat
-                    if self.job is not None and now > self.job_deadline:
-                        # The broker gave this job to another worker long ago; a thread
-                        # cannot be interrupted, so the process leaves and its pool
-                        # starts a fresh one. Otherwise a hung job holds a worker forever.
-                        log.error("job %s is still running at twice its time limit: "
-                                  "exiting so this worker can be replaced", self.job[0])
-                        logging.shutdown()
-                        os._exit(EXIT_HUNG)
-                    self._send(protocol.HEARTBEAT_FRAMES)
-                    if not self.welcomed:
-                        assert self.monitor is not None
-                        why = handshake_failure(self.monitor, self.cfg.broker, self.keys)
-                        if why:
-                            log.error("%s; retrying", why)
-                    silent = now - self.last_heard
-                    if silent > self.broker_interval * self.broker_liveness:
-                        log.warning(
-                            "no word from the broker for %.1fs: reconnecting to %s",
-                            silent, self.cfg.broker,
-                        )
-                        self._connect()
+                    if self._next is not None and not self._run_job(worker):
+                        return 0
+                if now >= self.next_beat:
+                    self._beat(now)
         finally:
-            self._todo.put(None)
-            if self.job is None:  # not while a forced stop leaves the job running
-                thread.join(5.0)
-                try:
-                    worker.teardown()
-                except Exception:
-                    log.exception("teardown failed")
+            self._ended.set()
+            watchman.join(1.0)
+            try:
+                worker.teardown()
+            except Exception:
+                log.exception("teardown failed")
             if self.dealer is not None:
                 self._close_dealer()
-            if not thread.is_alive():  # else the executor may still write to _wake_w
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
             if self._own_ctx:
                 # Deliver what is still queued (the last RESULT, BYE) before the process
                 # ends: without term() the I/O thread dies with pending messages, and
@@ -319,7 +344,7 @@ class Runner:
                     continue
                 self.job = (msg.job_id, msg.attempt)
                 self.job_deadline = time.monotonic() + HUNG_FACTOR * msg.timeout + HUNG_GRACE
-                self._todo.put((msg.job_id, msg.attempt, msg.timeout, msg.payload))
+                self._next = msg
             elif kind is protocol.Welcome:
                 if self.broker_id is not None and msg.broker_id != self.broker_id:
                     log.info("registered with a new broker (%s)", msg.broker_id)
