@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -9,7 +10,8 @@ from respworkers import Worker
 
 
 class Tester(Worker):
-    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``raise``, ``crash``, ``crash-once:PATH``.
+    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``raise``, ``crash``, ``crash-once:PATH``,
+    ``cpu:PATH:N`` (say so in a file, then N rounds of one C call that never looks at signals).
 
     Anything else is echoed.
 
@@ -25,6 +27,10 @@ class Tester(Worker):
             _, marker, seconds = text.split(":")
             open(marker, "w").close()
             time.sleep(float(seconds))
+        elif text.startswith("cpu:"):  # like a long numpy/torch call: the GIL is released,
+            _, marker, rounds = text.split(":")  # but no signal handler runs until it returns
+            open(marker, "w").close()
+            hashlib.pbkdf2_hmac("sha256", b"rw", b"salt", int(rounds))
         elif text == "raise":
             raise ValueError("asked to raise")
         elif text == "crash":

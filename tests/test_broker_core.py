@@ -1608,3 +1608,22 @@ def test_a_batched_job_resubmitted_attaches_and_its_result_comes_once(h):
     h.core.send_results()
     assert h.raw_to_client(C1) == [[b"RWC2 RESULT a", b"out"]]
     assert h.snap()["totals"]["submitted"] == 1
+
+
+def test_a_batched_job_waited_for_or_resubmitted_singly_is_told_once(h):
+    # A client's resync sends WAIT (confirmed jobs) or SUBMIT (unconfirmed ones) for jobs it
+    # first sent in a SUBMITS: it is already a waiter, and is not added again (4.3).
+    submits(h, C1, "a", "b")
+    h.core.flush()
+    h.ref(C1, p.WAIT, "a")
+    h.submit(C1, "b")
+    h.clear()
+    h.hello(W1)
+    h.hello(W2)
+    for wid in (W1, W2):
+        (job,) = h.jobs_to(wid)
+        h.result(wid, job.job_id, job.attempt)
+    h.core.send_results()
+    replies = h.to_client(C1)
+    told = [i for r in replies for i in ([j for j, _ in r.batch] if r.batch else [r.job_id])]
+    assert sorted(told) == ["a", "b"]

@@ -198,6 +198,26 @@ def test_second_signal_gives_the_job_back_without_counting_a_try(cluster: Cluste
         c.cancel(job)
 
 
+def test_second_signal_gives_back_a_job_stuck_in_one_long_c_call(cluster: Cluster) -> None:
+    # The job runs in the main thread, where Python runs signal handlers, but only between
+    # bytecodes: during one long C call (numpy, torch, hashing) the handler waits for it.
+    # The watchman must still see the second signal and give the job back at once.
+    cluster.broker()
+    pool = cluster.pool(n=1)
+    with cluster.client() as c:
+        marker = cluster.root / "started"
+        job = c.submit(f"cpu:{marker}:100000000", tries=1, timeout=300)  # about a minute
+        wait_for(marker.exists, what="the job to start")
+        pool.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(10) == 0
+        info = wait_for(lambda: (i := c.query(job)) and i["state"] == "queued" and i, 5,
+                        what="the job to be queued again")
+        assert info["attempt"] == 0
+        c.cancel(job)
+
+
 def test_a_long_job_keeps_its_worker_alive_and_registered(cluster: Cluster) -> None:
     # The job runs in the worker's main thread; its watchman keeps beating meanwhile.
     conf = cluster.root / "fast-beats.toml"

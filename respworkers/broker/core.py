@@ -306,7 +306,7 @@ class BrokerCore:
                 self.unconfirmed.append((client, job.bid))
             if job.state in FINAL:
                 self._tell(job, client, how)
-            elif (client, how) not in job.waiters:
+            elif all(waiter != client for waiter, _ in job.waiters):  # one outcome per client
                 job.waiters.append((client, how))
             return
         refusal = self._refusal(timeout, tries, payload)
@@ -359,7 +359,7 @@ class BrokerCore:
         elif command == protocol.WAIT:
             if job.state in FINAL:
                 self._tell(job, client, PROTO)
-            elif (client, PROTO) not in job.waiters:
+            elif all(waiter != client for waiter, _ in job.waiters):  # also if it sent SUBMITS
                 job.waiters.append((client, PROTO))
         elif command == protocol.QUERY:
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))

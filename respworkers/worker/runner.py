@@ -39,6 +39,10 @@ HUNG_FACTOR = 2.0
 HUNG_GRACE = 5.0
 EXIT_HUNG = 75
 
+#: What the wake-up pipe carries for a stop: the number of SIGTERM or SIGINT (written by
+#: Python's C-level handler, from any thread, at once) or request_stop()'s b"x".
+_STOP_BYTES = (bytes([signal.SIGTERM]), bytes([signal.SIGINT]), b"x")
+
 
 _LIBRARY_FILES = {__file__, base_file}
 
@@ -96,6 +100,10 @@ class Runner:
         # reconnect first, it may be lost with the old socket, so it is sent again.
         self.unconfirmed: tuple[str, int, list[bytes]] | None = None
         self.signals = 0
+        # Stops counted from the wake-up pipe. Python runs signal handlers in the main
+        # thread between bytecodes, so while a job sits in one long C call (numpy, torch,
+        # hashing) ``signals`` lags behind; the pipe does not.
+        self._stops = 0
         self.broker_id: str | None = None
         self.broker_interval = cfg.heartbeat
         self.broker_liveness = cfg.liveness
@@ -111,11 +119,21 @@ class Runner:
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+            # The signal lands in the thread running the job: let interrupted system calls
+            # of its C extensions restart instead of failing (a warm stop finishes the job).
+            signal.siginterrupt(signum, False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
+
+    def _read_wakeups(self) -> None:
+        try:
+            data = os.read(self._wake_r, 4096)
+        except OSError:
+            return
+        self._stops += sum(map(data.count, _STOP_BYTES))
 
     def request_stop(self) -> None:
         """Ask for a warm stop from code (tests, embedding); same as one SIGTERM."""
@@ -186,7 +204,7 @@ class Runner:
             self._in_job = False
             worker.job = None
         self.job = None
-        ready = self.signals == 0
+        ready = not (self.signals or self._stops)
         size = sum(map(len, out))
         if ok and self.max_message_size and size > self.max_message_size:
             ok, out = False, [
@@ -234,7 +252,8 @@ class Runner:
 
     def _watch_job(self) -> None:
         now = time.monotonic()
-        if self.signals >= 2 and self.job is not None:
+        self._read_wakeups()
+        if max(self.signals, self._stops) >= 2 and self.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
             job_id, attempt = self.job
@@ -282,10 +301,7 @@ class Runner:
                 events = dict(self.poller.poll(max(0.0, self.next_beat - now) * 1000.0))
                 now = time.monotonic()
                 if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except OSError:
-                        pass
+                    self._read_wakeups()
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.signals = max(self.signals, 1)  # orphaned: stop warmly
                 if self.signals and not stopping:
