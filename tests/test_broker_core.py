@@ -1230,7 +1230,8 @@ def test_snapshot_describes_workers_and_queues(h):
 # ================================================================================================
 
 _submit_op = st.tuples(st.just("submit"), st.integers(0, 1), st.integers(0, 7),
-                       st.sampled_from(["default", "default", "x"]), st.one_of(st.none(), st.integers(1, 3)))
+                       st.sampled_from(["default", "default", "x"]), st.one_of(st.none(), st.integers(1, 3)),
+                       st.sampled_from(["single", "batch", "wait"]))
 _answer_op = st.tuples(st.just("answer"), st.integers(0, 2),
                        st.sampled_from(["result", "result", "error", "return"]),
                        st.sampled_from([True, True, True, False]))
@@ -1260,6 +1261,7 @@ class Sim:
 
     def pump(self) -> None:
         h = self.h
+        h.core.send_results()  # the end of a loop turn
         for wid, frames in h.worker_out:
             msg = p.decode_broker(frames)
             if isinstance(msg, p.Job):
@@ -1268,9 +1270,11 @@ class Sim:
         h.worker_out.clear()
         for client, frames in h.client_out:
             reply = p.decode_reply(frames)
-            if reply.command in (p.RESULT, p.FAILED, p.CANCELLED):
-                key = (client, reply.job_id)
-                self.finals[key] = self.finals.get(key, 0) + 1
+            told = [j for j, _ in reply.batch] if reply.batch else [reply.job_id]
+            if reply.command in (p.RESULT, p.RESULTS, p.FAILED, p.CANCELLED):
+                for job_id in told:
+                    key = (client, job_id)
+                    self.finals[key] = self.finals.get(key, 0) + 1
         h.client_out.clear()
 
     def check(self) -> None:
@@ -1297,10 +1301,22 @@ class Sim:
         kind = op[0]
         if kind == "submit":
             client, job_id = _CLIENTS[op[1]], f"j{op[2]}"
+            how = op[5]
             if (client, job_id) in self.submitted:
-                return
+                # Again, as a client's resync does: never a second outcome while it waits.
+                job = h.core.jobs.get(job_id)
+                if job is None or job.state in ("done", "failed", "cancelled"):
+                    return
+            elif how == "wait":
+                how = "single"
             self.submitted.add((client, job_id))
-            h.submit(client, job_id, queue=op[3], tries=op[4])
+            if how == "wait":
+                h.ref(client, p.WAIT, job_id)
+            elif how == "batch":
+                h.core.on_client(client, p.encode_submits(
+                    [p.encode_submit(job_id, op[3], None, op[4], [b"in"])]))
+            else:
+                h.submit(client, job_id, queue=op[3], tries=op[4])
         elif kind == "hello":
             slot, reconnect = op[1], op[2]
             wid = self.wids[slot]
@@ -1390,7 +1406,7 @@ def _random_op(rng) -> tuple:
                        "advance", "advance"])
     if kind == "submit":
         return (kind, rng.randrange(2), rng.randrange(8), rng.choice(["default", "default", "x"]),
-                rng.choice([None, 1, 2, 3]))
+                rng.choice([None, 1, 2, 3]), rng.choice(["single", "batch", "wait"]))
     if kind == "answer":
         return (kind, rng.randrange(3), rng.choice(["result", "result", "error", "return"]),
                 rng.random() < 0.8)
