@@ -293,7 +293,7 @@ class Client:
                 self.attach(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while wanted:
-            ready = [j for j in wanted if j in self._done] if self._done else []
+            ready = [j for j in self._done if j in wanted]  # O(arrived), not O(wanted)
             for job_id in ready:
                 wanted.discard(job_id)
                 yield self._done.pop(job_id)
