@@ -302,8 +302,6 @@ class Runner:
                 now = time.monotonic()
                 if self._wake_r in events:
                     self._read_wakeups()
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    self.signals = max(self.signals, 1)  # orphaned: stop warmly
                 if self.signals and not stopping:
                     stopping = True
                     log.info("stopping")
@@ -315,6 +313,8 @@ class Runner:
                     if self._next is not None and not self._run_job(worker):
                         return 0
                 if now >= self.next_beat:
+                    if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                        self.signals = max(self.signals, 1)  # orphaned: stop warmly
                     self._beat(now)
         finally:
             self._ended.set()
@@ -361,6 +361,7 @@ class Runner:
                 self.job = (msg.job_id, msg.attempt)
                 self.job_deadline = time.monotonic() + HUNG_FACTOR * msg.timeout + HUNG_GRACE
                 self._next = msg
+                return  # run it now; whatever else waits is read on the next turn
             elif kind is protocol.Welcome:
                 if self.broker_id is not None and msg.broker_id != self.broker_id:
                     log.info("registered with a new broker (%s)", msg.broker_id)
