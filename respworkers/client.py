@@ -36,6 +36,8 @@ Payload = Union[bytes, bytearray, memoryview, str, list, tuple]
 
 #: Seconds between liveness pings while waiting for results.
 PING_INTERVAL = 1.0
+#: How often a waiting client looks at its connection (handshakes, pings) between replies.
+WATCH_INTERVAL = 0.1
 
 
 @dataclass
@@ -123,6 +125,9 @@ class Client:
         self._broker_id: str | None = None
         self._last_heard = 0.0  # monotonic time of the broker's last message; 0 = never
         self._last_ping = 0.0
+        self._last_watch = 0.0  # when _check_broker last looked at handshakes and pings
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
         self.on_event: Callable[[str], None] | None = None  # progress notes, e.g. reconnects
         # Learn the broker's id before any job is confirmed: a later PONG with another
         # id means the broker restarted, and we ask again about every unfinished job.
@@ -327,6 +332,9 @@ class Client:
     def _check_broker(self) -> None:
         """Ping while waiting; before first contact, give up after ``request_timeout``."""
         now = time.monotonic()
+        if self._last_heard and now - self._last_watch < WATCH_INTERVAL:
+            return  # called after every batch of replies: the checks below need not be
+        self._last_watch = now
         succeeded, why = handshake_events(self._monitor, self.broker, self.keys)
         if succeeded:
             reconnected = self._handshakes > 0
@@ -351,8 +359,11 @@ class Client:
 
     # ----------------------------------------------------------------- receiving
     def _pump(self, timeout: float, want_out: bool = False) -> None:
-        events = zmq.POLLIN | (zmq.POLLOUT if want_out else 0)
-        if not self.sock.poll(max(0, int(timeout * 1000)), events) & zmq.POLLIN:
+        ms = max(0, int(timeout * 1000))
+        if want_out:
+            if not self.sock.poll(ms, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
+                return
+        elif not self._poller.poll(ms):  # one Poller for the client's life: cheaper
             return
         while True:
             try:
