@@ -86,9 +86,14 @@ def baseline_worker(back: str) -> None:
         s.send_multipart(frames)
 
 
-def windowed_client(front: str, n: int, out: mp.Queue, request: Callable[[int], list[bytes]],
-                    is_answer: Callable[[list[bytes]], bool]) -> None:
-    """The load for every broker: keep WINDOW jobs in flight until n answers came back."""
+def windowed_client(front: str, n: int, out: mp.Queue,
+                    request: Callable[[int, int], list[bytes]],
+                    answers: Callable[[list[bytes]], int], per_message: int = 1) -> None:
+    """The load for every broker: keep WINDOW jobs in flight until n answers came back.
+
+    ``request(first, k)`` is one message carrying jobs first..first+k-1 (k <= per_message);
+    ``answers(reply)`` is how many jobs a reply finishes.
+    """
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.connect(front)
@@ -96,11 +101,11 @@ def windowed_client(front: str, n: int, out: mp.Queue, request: Callable[[int], 
     sent = got = 0
     started = time.perf_counter()
     while got < n:
-        while sent < n and sent - got < WINDOW:
-            s.send_multipart(request(sent))
-            sent += 1
-        if is_answer(s.recv_multipart()):
-            got += 1
+        while sent < n and sent - got <= WINDOW - per_message:
+            k = min(per_message, n - sent)
+            s.send_multipart(request(sent, k))
+            sent += k
+        got += answers(s.recv_multipart())
     out.put(time.perf_counter() - started)
 
 
@@ -108,7 +113,7 @@ PAYLOAD = b"x" * 64
 
 
 def baseline_client(front: str, n: int, out: mp.Queue) -> None:
-    windowed_client(front, n, out, lambda i: [b"", PAYLOAD], lambda reply: True)
+    windowed_client(front, n, out, lambda i, k: [b"", PAYLOAD], lambda reply: 1)
 
 
 # ------------------------------------------------------------------------------ respworkers
@@ -139,8 +144,8 @@ def rw_client(front: str, n: int, out: mp.Queue) -> None:
 
     windowed_client(
         front, n, out,
-        lambda i: protocol.encode_submit(f"b{i}", "default", None, None, [PAYLOAD]),
-        lambda reply: reply[0].startswith(b"RWC2 RESULT "),  # not the batched ACCEPTEDs
+        lambda i, k: protocol.encode_submit(f"b{i}", "default", None, None, [PAYLOAD]),
+        lambda reply: int(reply[0].startswith(b"RWC2 RESULT ")),  # not the batched ACCEPTEDs
     )
 
 
@@ -151,25 +156,18 @@ def rw_batch_client(front: str, n: int, out: mp.Queue) -> None:
     """The same window of jobs, sent BATCH per SUBMITS message; results come batched too."""
     from respworkers import protocol
 
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(front)
-    time.sleep(0.3)
-    sent = got = 0
-    started = time.perf_counter()
-    while got < n:
-        while sent < n and sent - got <= WINDOW - BATCH:
-            k = min(BATCH, n - sent)
-            s.send_multipart(protocol.encode_submits([
-                protocol.encode_submit(f"b{sent + i}", "default", None, None, [PAYLOAD])
-                for i in range(k)]))
-            sent += k
-        line = s.recv_multipart()[0]
+    def answers(reply: list[bytes]) -> int:
+        line = reply[0]
         if line.startswith(b"RWC2 RESULTS "):
-            got += (line.count(b" ") - 1) // 2  # "RWC2 RESULTS", then id and count per job
-        elif line.startswith(b"RWC2 RESULT "):
-            got += 1
-    out.put(time.perf_counter() - started)
+            return (line.count(b" ") - 1) // 2  # "RWC2 RESULTS", then id and count per job
+        return int(line.startswith(b"RWC2 RESULT "))
+
+    windowed_client(
+        front, n, out,
+        lambda i, k: protocol.encode_submits([
+            protocol.encode_submit(f"b{j}", "default", None, None, [PAYLOAD]) for j in range(i, i + k)]),
+        answers, per_message=BATCH,
+    )
 
 
 def full_worker(back: str) -> None:
