@@ -287,30 +287,47 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
+def _batch(head: bytes, entries: list[tuple[bytes, list[bytes]]]) -> list[bytes]:
+    """The layout SUBMITS and RESULTS share: ``head``, then each entry's words and its frame
+    count on the one line; then every entry's frames, in order."""
+    out = [b" ".join([head, *(b"%s %d" % (words, len(f)) for words, f in entries)])]
+    for _, f in entries:
+        out += f
+    return out
+
+
+def _unbatch(words: list[bytes], frames: list[bytes], width: int, reason: str,
+             limit: int | None = None) -> list[tuple[list[bytes], list[bytes]]]:
+    """Split a batch message into (an entry's ``width`` words, its frames); the last word of
+    each entry is its frame count, and together the entries must use every frame."""
+    n, extra = divmod(len(words) - 2, width)
+    if n < 1 or extra:
+        raise ProtocolError(reason, f"needs {width} words per entry, the last its frame count")
+    if limit is not None and n > limit:
+        raise ProtocolError(reason, f"more than {limit} entries")
+    out = []
+    pos = 1
+    for i in range(2, len(words), width):
+        end = pos + _uint(words[i + width - 1], "frame count", 1)
+        if end > len(frames):
+            raise ProtocolError(reason, "fewer frames than the line announces")
+        out.append((words[i:i + width - 1], frames[pos:end]))
+        pos = end
+    if pos != len(frames):
+        raise ProtocolError(reason, "more frames than the line announces")
+    return out
+
+
 def _decode_submits(words: list[bytes], frames: list[bytes]) -> SubmitMany:
     """``RWC2 SUBMITS`` then ``<id> <queue> <timeout ms> <tries> <frames>`` per job; the
     payload frames of all jobs follow the line, in order."""
-    n, extra = divmod(len(words) - 2, 5)
-    if n < 1 or extra:
-        raise ProtocolError("bad SUBMITS", "needs 5 words per job: id queue timeout tries frames")
-    if n > MAX_BATCH:
-        raise ProtocolError("bad SUBMITS", f"more than {MAX_BATCH} jobs")
     jobs = []
-    pos = 1
-    for i in range(2, len(words), 5):
-        count = _uint(words[i + 4], "frame count", 1)
-        end = pos + count
-        if end > len(frames):
-            raise ProtocolError("bad SUBMITS", "fewer payload frames than the line announces")
-        timeout = _uint(words[i + 2], "timeout", 0)
-        jobs.append(Submit(
-            check_job_id(words[i]), check_queue(words[i + 1]),
-            timeout / 1000.0 if timeout else None, _uint(words[i + 3], "tries", 0) or None,
-            frames[pos:end],
-        ))
-        pos = end
-    if pos != len(frames):
-        raise ProtocolError("bad SUBMITS", "more payload frames than the line announces")
+    for (job_id, queue, timeout_ms, tries), payload in _unbatch(
+            words, frames, 5, "bad SUBMITS", MAX_BATCH):
+        timeout = _uint(timeout_ms, "timeout", 0)
+        jobs.append(Submit(check_job_id(job_id), check_queue(queue),
+                           timeout / 1000.0 if timeout else None,
+                           _uint(tries, "tries", 0) or None, payload))
     return SubmitMany(jobs)
 
 
@@ -319,11 +336,7 @@ def encode_submits(submits: list[list[bytes]]) -> list[bytes]:
     if not 1 <= len(submits) <= MAX_BATCH:
         raise ValueError(f"SUBMITS carries 1..{MAX_BATCH} jobs, not {len(submits)}")
     cut = len(b"RWC2 SUBMIT ")
-    line = b" ".join([b"RWC2 SUBMITS", *(b"%s %d" % (f[0][cut:], len(f) - 1) for f in submits)])
-    out = [line]
-    for f in submits:
-        out += f[1:]
-    return out
+    return _batch(b"RWC2 SUBMITS", [(f[0][cut:], f[1:]) for f in submits])
 
 
 def encode_submit(
@@ -358,12 +371,11 @@ def encode_result(job_id: bytes, payload: list[bytes]) -> list[bytes]:
 
 
 def encode_results(results: list[tuple[bytes, list[bytes]]]) -> list[bytes]:
-    """Several RESULTs in one message: ``RWC2 RESULTS <id> <frames> ...`` then all frames."""
-    line = b" ".join([b"RWC2 RESULTS", *(b"%s %d" % (bid, len(f)) for bid, f in results)])
-    out = [line]
-    for _, f in results:
-        out += f
-    return out
+    """The results of jobs sent with SUBMITS: one RESULT, or for several one RESULTS
+    (``RWC2 RESULTS <id> <frames> ...`` then all frames)."""
+    if len(results) == 1:
+        return encode_result(*results[0])
+    return _batch(b"RWC2 RESULTS", results)
 
 
 def encode_failed(job_id: bytes, reason: str, error: str) -> list[bytes]:
@@ -421,19 +433,8 @@ class Reply(NamedTuple):
 
 
 def _decode_results(words: list[bytes], frames: list[bytes]) -> Reply:
-    n, extra = divmod(len(words) - 2, 2)
-    if n < 1 or extra:
-        raise ProtocolError("bad reply", "RESULTS needs pairs of job id and frame count")
-    batch = []
-    pos = 1
-    for i in range(2, len(words), 2):
-        end = pos + _uint(words[i + 1], "frame count", 1)
-        if end > len(frames):
-            raise ProtocolError("bad reply", "RESULTS has fewer frames than announced")
-        batch.append((check_job_id(words[i]), frames[pos:end]))
-        pos = end
-    if pos != len(frames):
-        raise ProtocolError("bad reply", "RESULTS has more frames than announced")
+    batch = [(check_job_id(job_id), result)
+             for (job_id,), result in _unbatch(words, frames, 2, "bad reply")]
     return Reply(RESULTS, "", [], None, batch)
 
 

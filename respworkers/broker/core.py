@@ -372,12 +372,8 @@ class BrokerCore:
         if not self.outbox:
             return
         for client, jobs in self.outbox.items():
-            if len(jobs) == 1:
-                job = jobs[0]
-                self.send_client(client, protocol.encode_result(job.bid, job.result or [b""]))
-            else:
-                self.send_client(client, protocol.encode_results(
-                    [(job.bid, job.result or [b""]) for job in jobs]))
+            self.send_client(client, protocol.encode_results(
+                [(job.bid, job.result or [b""]) for job in jobs]))
         self.outbox.clear()
 
     def maybe_flush(self) -> None:
