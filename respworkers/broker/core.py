@@ -546,15 +546,11 @@ class BrokerCore:
 
     def _make_ready(self, w: WorkerRec) -> None:
         """The worker asked for a job: give it the oldest waiting one it serves, or park it."""
-        queues = w.queues
-        if len(queues) == 1:
-            best = self._head(queues[0])
-        else:
-            best = None
-            for q in queues:
-                head = self._head(q)
-                if head is not None and (best is None or head.seq < best.seq):
-                    best = head
+        best: Job | None = None
+        for q in w.queues:
+            head = self._head(q)
+            if head is not None and (best is None or head.seq < best.seq):
+                best = head
         if best is not None:
             job = best
             if (job.tried and w.name in job.tried and self.depth[job.queue] > 1
@@ -734,20 +730,14 @@ class BrokerCore:
     def _worker_result(
         self, w: WorkerRec, job_id: str, attempt: int, ready: bool, payload: list[bytes]
     ) -> None:
-        # The hot path: _holds, _release and _after_job written out.
-        if w.job_id != job_id or w.attempt != attempt:
-            self._holds(w, job_id, attempt, "RESULT")  # counts it
+        if not self._holds(w, job_id, attempt, "RESULT"):
             return
         job = w.job
         w.done += 1
-        w.job = None
-        w.job_id = None
-        w.attempt = 0
+        self._release(w)
         if job is not None:
             self._complete(job, w, payload)
-        w.stopping = not ready
-        if ready:
-            self._make_ready(w)
+        self._after_job(w, ready)
 
     def _complete(self, job: Job, w: WorkerRec | None, payload: list[bytes]) -> None:
         state = job.state

@@ -191,7 +191,7 @@ class SqliteJournal(Journal):
         return bool(self._new or self._changed or self._gone)
 
     def commit(self) -> None:
-        if not (self._new or self._changed or self._gone):
+        if not self.dirty():
             return
         db = self.db
         db.execute("BEGIN")
