@@ -99,11 +99,11 @@ class Runner:
         # The last RESULT/ERROR sent, until the broker is heard from again: if we must
         # reconnect first, it may be lost with the old socket, so it is sent again.
         self.unconfirmed: tuple[str, int, list[bytes]] | None = None
+        # Stop requests (SIGTERM, SIGINT, request_stop), counted from the wake-up pipe by
+        # whoever holds the baton: Python's C-level handler writes it at once, even while
+        # the job sits in one long C call (numpy, torch, hashing) in the main thread, where
+        # a Python-level handler would only run after the call returns.
         self.signals = 0
-        # Stops counted from the wake-up pipe. Python runs signal handlers in the main
-        # thread between bytecodes, so while a job sits in one long C call (numpy, torch,
-        # hashing) ``signals`` lags behind; the pipe does not.
-        self._stops = 0
         self.broker_id: str | None = None
         self.broker_interval = cfg.heartbeat
         self.broker_liveness = cfg.liveness
@@ -120,24 +120,23 @@ class Runner:
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+            signal.signal(signum, self._on_signal)  # counted from the pipe, not here
             # The signal lands in the thread running the job: let interrupted system calls
             # of its C extensions restart instead of failing (a warm stop finishes the job).
             signal.siginterrupt(signum, False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals += 1
+        """A Python handler must exist for the C-level one to write the wake-up pipe."""
 
     def _read_wakeups(self) -> None:
         try:
             data = os.read(self._wake_r, 4096)
         except OSError:
             return
-        self._stops += sum(map(data.count, _STOP_BYTES))
+        self.signals += sum(map(data.count, _STOP_BYTES))
 
     def request_stop(self) -> None:
         """Ask for a warm stop from code (tests, embedding); same as one SIGTERM."""
-        self.signals += 1
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -204,7 +203,8 @@ class Runner:
             self._in_job = False
             worker.job = None
         self.job = None
-        ready = not (self.signals or self._stops)
+        self._read_wakeups()  # a stop asked for during the job makes this answer the last
+        ready = self.signals == 0
         size = sum(map(len, out))
         if ok and self.max_message_size and size > self.max_message_size:
             ok, out = False, [
@@ -225,6 +225,8 @@ class Runner:
     def _beat(self, now: float) -> None:
         """Heartbeat time (either thread, baton in hand): beat, and reconnect if silent."""
         self.next_beat = now + self.cfg.heartbeat
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.signals = max(self.signals, 1)  # orphaned: stop warmly
         self._send(protocol.HEARTBEAT_FRAMES)
         if not self.welcomed:
             assert self.monitor is not None
@@ -253,7 +255,7 @@ class Runner:
     def _watch_job(self) -> None:
         now = time.monotonic()
         self._read_wakeups()
-        if max(self.signals, self._stops) >= 2 and self.job is not None:
+        if self.signals >= 2 and self.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
             job_id, attempt = self.job
@@ -267,8 +269,6 @@ class Runner:
             log.error("job %s is still running at twice its time limit: "
                       "exiting so this worker can be replaced", self.job[0])
             self._leave(EXIT_HUNG)
-        if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            self.signals = max(self.signals, 1)  # orphaned: stop after this job
         self._drain_broker()
         if now >= self.next_beat:
             self._beat(now)
@@ -313,8 +313,6 @@ class Runner:
                     if self._next is not None and not self._run_job(worker):
                         return 0
                 if now >= self.next_beat:
-                    if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                        self.signals = max(self.signals, 1)  # orphaned: stop warmly
                     self._beat(now)
         finally:
             self._ended.set()
