@@ -168,14 +168,8 @@ class Client:
         Raises ValueError, before sending anything, for an id, queue, time limit, number
         of tries or size the broker would refuse (its limits are learnt on first contact).
         """
-        job_id = id or new_job_id()
-        frames = self.validate(payload, id=job_id, queue=queue, timeout=timeout, tries=tries)
-        if job_id in self._pending:
-            return job_id
-        self._done.pop(job_id, None)
-        self._pending[job_id] = _Pending(frames)
-        self._send(frames)
-        return job_id
+        job = {"payload": payload, "id": id, "queue": queue, "timeout": timeout, "tries": tries}
+        return self.submit_many([job])[0]  # one job goes as a plain SUBMIT
 
     def submit_many(self, jobs: Iterable[Payload | Mapping[str, Any]]) -> list[str]:
         """Send many jobs in few messages (SUBMITS); return their ids in order.
