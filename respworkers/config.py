@@ -86,12 +86,6 @@ def _queue_list(value: Any) -> tuple[str, ...]:
         raise ValueError(str(exc)) from None
 
 
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
-
-
 def _default_journal() -> str:
     state = os.environ.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
     return os.path.join(state, "respworkers", "journal.sqlite3")

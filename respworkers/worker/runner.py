@@ -294,7 +294,6 @@ class Runner:
         self.next_beat = time.monotonic() + self.cfg.heartbeat
         watchman = threading.Thread(target=self._watch, name="rw-watchman", daemon=True)
         watchman.start()
-        stopping = False
         try:
             while True:
                 now = time.monotonic()
@@ -302,10 +301,8 @@ class Runner:
                 now = time.monotonic()
                 if self._wake_r in events:
                     self._read_wakeups()
-                if self.signals and not stopping:
-                    stopping = True
+                if self.signals:  # jobs run in line: here none is in hand, so leave now
                     log.info("stopping")
-                if stopping:
                     self._send(protocol.BYE_FRAMES)
                     return 0
                 if self.dealer in events:
