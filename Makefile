@@ -26,6 +26,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/core.py
+	$(PY) benchmarks/core.py --journal sqlite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,90 @@
+"""CPU per job of the broker's decisions alone: BrokerCore driven in-process, no sockets.
+
+    python benchmarks/core.py [--jobs N] [--rounds R] [--journal memory|sqlite] [--profile]
+
+A client sends jobs 100 per SUBMITS, 4 workers answer each JOB at once, the loop ends
+every turn as the server does (set_time, send_results, maybe_flush). The figure is process CPU
+time per job, best of the rounds: what the core costs the broker's loop per job, the
+part of the broker that is pure Python. It answers "did this change to core.py or
+protocol.py make the hot path cheaper?" in seconds, with far less noise than the
+socket benchmark (run.py), which shares the machine with worker and client processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import tempfile
+import time
+
+from respworkers import protocol
+from respworkers.broker.core import BrokerCore
+from respworkers.broker.journal import Journal, NullJournal, SqliteJournal
+from respworkers.config import BrokerConfig
+
+BATCH = 100
+WORKERS = 4
+
+
+def run_once(jobs: int, journal: Journal) -> float:
+    """Process CPU seconds for ``jobs`` jobs through a fresh core."""
+    to_workers: list[tuple[bytes, list[bytes]]] = []
+    core = BrokerCore(BrokerConfig(journal=":memory:", max_retained=20_000),
+                      lambda rid, frames: None, lambda rid, frames: to_workers.append((rid, frames)),
+                      journal)
+    for i in range(WORKERS):
+        core.on_worker(b"w%d" % i, protocol.encode_hello(["default"], {"name": f"w{i}"}, None, 0))
+    to_workers.clear()
+    payload = [b"x" * 64]
+    started = time.process_time()
+    for first in range(0, jobs, BATCH):
+        core.set_time(time.monotonic(), time.time())
+        core.on_client(b"client", protocol.encode_submits([
+            protocol.encode_submit(f"j{i}", "default", None, None, payload)
+            for i in range(first, min(first + BATCH, jobs))]))
+        core.send_results()
+        core.maybe_flush()
+        while to_workers:
+            sent, to_workers[:] = to_workers[:], []
+            core.set_time(time.monotonic(), time.time())
+            for wid, frames in sent:  # each worker answers its JOB at once
+                words = frames[0].split(b" ")
+                if words[1] != protocol.JOB:  # a heartbeat
+                    continue
+                core.on_worker(wid, [b"RWW2 RESULT %s %s 1" % (words[2], words[3]), *frames[1:]])
+            core.send_results()
+            core.maybe_flush()
+        core.tick()
+    core.flush()
+    return time.process_time() - started
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--journal", choices=("memory", "sqlite"), default="memory")
+    ap.add_argument("--profile", action="store_true", help="one round under cProfile")
+
+    args = ap.parse_args()
+
+    def journal() -> Journal:
+        if args.journal == "memory":
+            return NullJournal()
+        return SqliteJournal(os.path.join(tempfile.mkdtemp(prefix="rwcore-"), "j.sqlite3"))
+
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(run_once, args.jobs, journal())
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+        return 0
+    best = min(run_once(args.jobs, journal()) for _ in range(args.rounds))
+    print(f"broker core, {args.journal} journal: {best / args.jobs * 1e6:.1f} us CPU per job "
+          f"(best of {args.rounds} rounds of {args.jobs} jobs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
