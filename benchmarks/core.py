@@ -35,7 +35,7 @@ def run_once(jobs: int, journal: Journal) -> float:
                       lambda rid, frames: None, lambda rid, frames: to_workers.append((rid, frames)),
                       journal)
     for i in range(WORKERS):
-        core.on_worker(b"w%d" % i, protocol.encode_hello(["default"], {"name": f"w{i}"}, None, 0))
+        core.on_worker(b"w%d" % i, protocol.encode_hello(["default"], {"name": f"w{i}"}))
     to_workers.clear()
     payload = [b"x" * 64]
     started = time.process_time()
@@ -53,7 +53,8 @@ def run_once(jobs: int, journal: Journal) -> float:
                 words = frames[0].split(b" ")
                 if words[1] != protocol.JOB:  # a heartbeat
                     continue
-                core.on_worker(wid, [b"RWW2 RESULT %s %s 1" % (words[2], words[3]), *frames[1:]])
+                core.on_worker(wid, [b"RWW3 RESULT %s %s %s 1" % (words[2], words[3], words[5]),
+                                     *frames[1:]])
             core.send_results()
             core.maybe_flush()
         core.tick()

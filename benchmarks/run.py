@@ -125,18 +125,18 @@ def rw_broker(front: str, back: str, status: str, journal: str) -> None:
 
 
 def rw_worker(back: str) -> None:
-    """A raw RWW1 worker: the protocol with no work, so the broker is what is measured."""
+    """A raw RWW3 worker: the protocol with no work, so the broker is what is measured."""
     from respworkers import protocol
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.connect(back)
-    s.send_multipart(protocol.encode_hello(["default"], {"name": f"bench:{os.getpid()}"}, None, 0))
+    s.send_multipart(protocol.encode_hello(["default"], {"name": f"bench:{os.getpid()}"}))
     while True:
         frames = s.recv_multipart()
-        words = frames[0].split(b" ")  # RWW2 JOB id attempt timeout
+        words = frames[0].split(b" ")  # RWW3 JOB id attempt timeout token
         if words[1] == protocol.JOB:
-            s.send_multipart([b"RWW2 RESULT %s %s 1" % (words[2], words[3]), *frames[1:]])
+            s.send_multipart([b"RWW3 RESULT %s %s %s 1" % (words[2], words[3], words[5]), *frames[1:]])
 
 
 def rw_client(front: str, n: int, out: mp.Queue) -> None:

@@ -190,13 +190,19 @@ class Client:
             if job_id not in self._pending and job_id not in fresh:
                 fresh.add(job_id)
                 todo.append((job_id, frames))
+        for job_id, frames in todo:
+            self._done.pop(job_id, None)
+            self._pending[job_id] = _Pending(frames)
+        self._send_submits([frames for _, frames in todo])
+        return ids
+
+    def _send_submits(self, submits: list[list[bytes]]) -> None:
+        """SUBMIT frames of many jobs in as few messages as the broker's limits allow."""
         limit = self.limits.get("max_message_size")
         budget = limit if isinstance(limit, int) else 64 << 20
         batch: list[list[bytes]] = []
         size = 0
-        for job_id, frames in todo:
-            self._done.pop(job_id, None)
-            self._pending[job_id] = _Pending(frames)
+        for frames in submits:
             job_size = sum(map(len, frames))
             if batch and (len(batch) == protocol.MAX_BATCH or size + job_size > budget):
                 self._send_batch(batch)
@@ -205,7 +211,6 @@ class Client:
             size += job_size
         if batch:
             self._send_batch(batch)
-        return ids
 
     def _send_batch(self, batch: list[list[bytes]]) -> None:
         self._send(batch[0] if len(batch) == 1 else protocol.encode_submits(batch))
@@ -245,10 +250,17 @@ class Client:
 
     def attach(self, job_id: str) -> None:
         """Follow a job submitted elsewhere (another process, an earlier run)."""
-        protocol.check_job_id(job_id.encode())
-        if job_id not in self._pending and job_id not in self._done:
-            self._pending[job_id] = _Pending([], confirmed=True)
-            self._send(protocol.encode_job_ref(protocol.WAIT, job_id))
+        self._attach_many([job_id])
+
+    def _attach_many(self, job_ids: list[str]) -> None:
+        fresh = []
+        for job_id in job_ids:
+            protocol.check_job_id(job_id.encode())
+            if job_id not in self._pending and job_id not in self._done:
+                self._pending[job_id] = _Pending([], confirmed=True)
+                fresh.append(job_id)
+        for i in range(0, len(fresh), protocol.MAX_BATCH):
+            self._send(protocol.encode_wait(fresh[i:i + protocol.MAX_BATCH]))
 
     def wait_confirmed(self, job_ids: Iterable[str], timeout: float | None = None) -> None:
         """Return once the broker has confirmed (journaled) these jobs, or they ended."""
@@ -287,9 +299,7 @@ class Client:
                 ) -> Iterator[JobResult]:
         """Yield outcomes as they arrive (any order) until every named job has ended."""
         wanted = set(self._pending) | set(self._done) if job_ids is None else set(job_ids)
-        for job_id in wanted:
-            if job_id not in self._pending and job_id not in self._done:
-                self.attach(job_id)
+        self._attach_many([j for j in wanted if j not in self._pending and j not in self._done])
         deadline = None if timeout is None else time.monotonic() + timeout
         while wanted:
             ready = [j for j in self._done if j in wanted]  # O(arrived), not O(wanted)
@@ -405,6 +415,8 @@ class Client:
             elif self._broker_id is None and self._pings > 1:
                 cut_off = True  # our first ping may have died with an earlier broker
             self._broker_id = broker_id
+        elif cmd == protocol.RESYNC:
+            cut_off = True  # the broker dropped outcomes for us while we did not read
         elif cmd == protocol.UNKNOWN:
             p = self._pending.get(reply.job_id)
             if p is not None and p.frames:
@@ -429,13 +441,13 @@ class Client:
         """A new broker answered: re-send what it may not have, ask about the rest."""
         if self.on_event:
             self.on_event("reconnected to the broker; asking about unfinished jobs")
-        for job_id, p in list(self._pending.items()):
-            if job_id not in self._pending:  # finished while we were sending
-                continue
-            if p.confirmed or not p.frames:
-                self._send(protocol.encode_job_ref(protocol.WAIT, job_id))
-            else:
-                self._send(p.frames)
+        # Batched: after a long silence thousands of jobs may be unfinished, and one
+        # message each would add to whatever load made the broker slow to answer.
+        waits = [j for j, p in self._pending.items() if p.confirmed or not p.frames]
+        resubmits = [p.frames for p in self._pending.values() if not (p.confirmed or not p.frames)]
+        for i in range(0, len(waits), protocol.MAX_BATCH):
+            self._send(protocol.encode_wait(waits[i:i + protocol.MAX_BATCH]))
+        self._send_submits(resubmits)
 
     # ----------------------------------------------------------------- inspect and cancel
     def _request(self, command: bytes, job_id: str) -> dict[str, Any] | None:

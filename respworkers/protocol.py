@@ -25,7 +25,7 @@ from .errors import ProtocolError
 
 # --- version words: the first word of every command line ---------------------------------------
 CLIENT = b"RWC2"  #: client <-> broker, on the clients endpoint
-WORKER = b"RWW2"  #: worker <-> broker, on the workers endpoint
+WORKER = b"RWW3"  #: worker <-> broker, on the workers endpoint
 STATUS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, multi-frame)
 
 # --- client commands (client -> broker) -------------------------------------------------------
@@ -47,6 +47,7 @@ INFO = b"INFO"
 UNKNOWN = b"UNKNOWN"
 PONG = b"PONG"
 INVALID = b"INVALID"
+RESYNC = b"RESYNC"  #: outcomes for this client were dropped: ask again (WAIT) for what you wait for
 
 # --- worker -> broker ---------------------------------------------------------------------------
 HELLO = b"HELLO"
@@ -55,10 +56,12 @@ ERROR = b"ERROR"
 HEARTBEAT = b"HEARTBEAT"
 RETURN = b"RETURN"
 BYE = b"BYE"
+VACATE = b"VACATE"  #: a pool says the process in one of its slots has died
 
 # --- broker -> worker ---------------------------------------------------------------------------
 WELCOME = b"WELCOME"
 JOB = b"JOB"
+ACK = b"ACK"  #: the broker has applied a worker's answer (sent when no JOB follows at once)
 # HEARTBEAT
 DISCONNECT = b"DISCONNECT"
 
@@ -77,6 +80,7 @@ REFUSE_FULL = "full"
 REFUSE_INVALID = "invalid"
 REFUSE_LIMIT = "limit"
 REFUSE_SHUTDOWN = "shutdown"
+REFUSE_JOURNAL = "journal"
 
 MAX_ID_BYTES = 200
 MAX_QUEUE_BYTES = 64
@@ -84,7 +88,9 @@ MAX_INFO_BYTES = 8192  #: JSON frames peers send the broker (HELLO info)
 MAX_REPLY_INFO_BYTES = 64 << 20  #: INFO from the broker carries tracebacks
 DEFAULT_QUEUE = "default"
 MAX_WORKER_QUEUES = 64  #: queues one worker may serve
-MAX_BATCH = 1000  #: jobs in one SUBMITS
+MAX_BATCH = 1000  #: jobs in one SUBMITS, ids in one WAIT
+MAX_TOKEN_BYTES = 64  #: attempt tokens (the broker sends 32 hex digits)
+MAX_SLOT_BYTES = 200
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _EMPTY = b""
@@ -208,8 +214,14 @@ class Plain(NamedTuple):
 
 
 class JobRef(NamedTuple):
-    command: bytes  # WAIT, QUERY or CANCEL
+    command: bytes  # QUERY or CANCEL
     job_id: str
+
+
+class Wait(NamedTuple):
+    """WAIT for one or more jobs (a client resyncing sends many ids per message)."""
+
+    job_ids: list[str]
 
 
 class Ping(NamedTuple):
@@ -223,7 +235,7 @@ class SubmitMany(NamedTuple):
     jobs: list[Submit]
 
 
-ClientRequest = Union[Submit, SubmitMany, Plain, JobRef, Ping]
+ClientRequest = Union[Submit, SubmitMany, Plain, JobRef, Wait, Ping]
 
 
 def _line(frames: list[bytes], version: bytes) -> list[bytes]:
@@ -232,7 +244,7 @@ def _line(frames: list[bytes], version: bytes) -> list[bytes]:
     if words[0] != version:
         if len(words[0]) == 4 and words[0][:3] == version[:3]:
             raise ProtocolError("unsupported version",
-                                f"{words[0]!r}; this broker speaks {version.decode()}")
+                                f"{words[0]!r}; this side speaks {version.decode()}")
         raise ProtocolError("bad header", f"messages start with {version.decode()}")
     if len(words) < 2:
         raise ProtocolError("no command", f"{version.decode()} without a command")
@@ -276,7 +288,11 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
         )
     if cmd == SUBMITS:
         return _decode_submits(words, frames)
-    if cmd in (WAIT, QUERY, CANCEL):
+    if cmd == WAIT:
+        if not 3 <= len(words) <= 2 + MAX_BATCH or len(frames) != 1:
+            raise ProtocolError("bad WAIT", f"needs 1..{MAX_BATCH} job ids")
+        return Wait([check_job_id(w) for w in words[2:]])
+    if cmd in (QUERY, CANCEL):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
         return JobRef(cmd, check_job_id(words[2]))
@@ -354,8 +370,17 @@ def encode_job_ref(command: bytes, job_id: str) -> list[bytes]:
     return [b"RWC2 %s %s" % (command, job_id.encode())]
 
 
+def encode_wait(job_ids: list[str]) -> list[bytes]:
+    if not 1 <= len(job_ids) <= MAX_BATCH:
+        raise ValueError(f"WAIT names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
+    return [b" ".join([b"RWC2 WAIT", *(j.encode() for j in job_ids)])]
+
+
+PING_FRAMES = [b"RWC2 PING"]  #: never mutate
+
+
 def encode_ping() -> list[bytes]:
-    return [b"RWC2 PING"]
+    return list(PING_FRAMES)
 
 
 # --- broker -> client ------------------------------------------------------------------------
@@ -410,6 +435,9 @@ def decode_pong(reply: Reply) -> tuple[str, dict[str, Any]]:
     return _text(reply.frames[0]), limits
 
 
+RESYNC_FRAMES = [b"RWC2 RESYNC"]  #: never mutate
+
+
 def encode_invalid(reason: str) -> list[bytes]:
     return [b"RWC2 INVALID", reason.encode("utf-8", "replace")]
 
@@ -454,6 +482,10 @@ def decode_reply(frames: list[bytes]) -> Reply:
         return Reply(cmd, "", [_tail(frames, "INVALID")])
     if cmd == RESULTS:
         return _decode_results(words, frames)
+    if cmd == RESYNC:
+        if len(words) != 2 or len(frames) != 1:
+            raise ProtocolError("bad reply", "RESYNC takes no fields")
+        return Reply(cmd, "", [])
     if len(words) < 3:
         raise ProtocolError("bad reply", f"{cmd[:20]!r} without job id")
     job_id = check_job_id(words[2])
@@ -491,11 +523,13 @@ class Hello(NamedTuple):
     info: dict[str, Any]
     job_id: str | None  # the job the worker holds, when it re-registers mid-job
     attempt: int
+    token: bytes  # that attempt's token (b"" without a job)
 
 
 class WorkerResult(NamedTuple):
     job_id: str
     attempt: int
+    token: bytes
     ready: bool
     payload: list[bytes]
 
@@ -503,6 +537,7 @@ class WorkerResult(NamedTuple):
 class WorkerError(NamedTuple):
     job_id: str
     attempt: int
+    token: bytes
     ready: bool
     error: str
 
@@ -510,6 +545,7 @@ class WorkerError(NamedTuple):
 class Return(NamedTuple):
     job_id: str
     attempt: int
+    token: bytes
 
 
 class Heartbeat(NamedTuple):
@@ -520,10 +556,27 @@ class Bye(NamedTuple):
     pass
 
 
-WorkerMessage = Union[Hello, WorkerResult, WorkerError, Return, Heartbeat, Bye]
+class Vacate(NamedTuple):
+    slot: str
+
+
+WorkerMessage = Union[Hello, WorkerResult, WorkerError, Return, Heartbeat, Bye, Vacate]
 
 _HEARTBEAT = Heartbeat()
 _BYE = Bye()
+
+
+def check_token(raw: bytes) -> bytes:
+    """An attempt token is opaque to the worker: 1..64 bytes, echoed as received."""
+    if not 0 < len(raw) <= MAX_TOKEN_BYTES:
+        raise ProtocolError("bad token", f"must be 1..{MAX_TOKEN_BYTES} bytes, got {len(raw)}")
+    return raw
+
+
+def check_slot(raw: bytes) -> str:
+    if not 0 < len(raw) <= MAX_SLOT_BYTES:
+        raise ProtocolError("bad slot", f"must be 1..{MAX_SLOT_BYTES} bytes, got {len(raw)}")
+    return _text(raw)
 
 
 def decode_worker(frames: list[bytes]) -> WorkerMessage:
@@ -533,71 +586,86 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
     words = _line(frames, WORKER)
     cmd = words[1]
     if cmd == RESULT:
-        if len(words) != 5 or len(frames) < 2:
-            raise ProtocolError("bad RESULT", "needs id, attempt, ready and >= 1 frame")
+        if len(words) != 6 or len(frames) < 2:
+            raise ProtocolError("bad RESULT", "needs id, attempt, token, ready and >= 1 frame")
         return WorkerResult(
-            check_job_id(words[2]), _uint(words[3], "attempt", 1), _flag(words[4], "ready"),
-            frames[1:],
+            check_job_id(words[2]), _uint(words[3], "attempt", 1), check_token(words[4]),
+            _flag(words[5], "ready"), frames[1:],
         )
     if cmd == HEARTBEAT:
         if len(words) != 2:
             raise ProtocolError("bad HEARTBEAT", "takes no fields")
         return _HEARTBEAT
     if cmd == ERROR:
-        if len(words) != 5:
-            raise ProtocolError("bad ERROR", "needs id, attempt, ready and an error text frame")
+        if len(words) != 6:
+            raise ProtocolError("bad ERROR", "needs id, attempt, token, ready and an error text frame")
         return WorkerError(
-            check_job_id(words[2]), _uint(words[3], "attempt", 1), _flag(words[4], "ready"),
-            _text(_tail(frames, "ERROR")),
+            check_job_id(words[2]), _uint(words[3], "attempt", 1), check_token(words[4]),
+            _flag(words[5], "ready"), _text(_tail(frames, "ERROR")),
         )
     if cmd == HELLO:
-        if len(words) not in (3, 5):
-            raise ProtocolError("bad HELLO", "needs queues, then optionally job id and attempt")
+        if len(words) not in (3, 6):
+            raise ProtocolError("bad HELLO", "needs queues, then optionally job id, attempt and token")
         names = words[2].split(b",")
         if len(names) > MAX_WORKER_QUEUES:
             raise ProtocolError("bad HELLO", f"more than {MAX_WORKER_QUEUES} queues")
         queues = tuple(dict.fromkeys(check_queue(q) for q in names))
-        info = _json_object(_tail(frames, "HELLO"), "info")
+        if len(frames) != 2:
+            raise ProtocolError("bad HELLO", "needs exactly one info frame after the line "
+                                "(an empty frame means {})")
+        info = _json_object(frames[1], "info")
         if len(words) == 3:
-            return Hello(queues, info, None, 0)
-        return Hello(queues, info, check_job_id(words[3]), _uint(words[4], "attempt", 1))
+            return Hello(queues, info, None, 0, b"")
+        return Hello(queues, info, check_job_id(words[3]), _uint(words[4], "attempt", 1),
+                     check_token(words[5]))
     if cmd == RETURN:
-        if len(words) != 4 or len(frames) != 1:
-            raise ProtocolError("bad RETURN", "needs id and attempt, and nothing more")
-        return Return(check_job_id(words[2]), _uint(words[3], "attempt", 1))
+        if len(words) != 5 or len(frames) != 1:
+            raise ProtocolError("bad RETURN", "needs id, attempt and token, and nothing more")
+        return Return(check_job_id(words[2]), _uint(words[3], "attempt", 1), check_token(words[4]))
     if cmd == BYE:
         if len(words) != 2:
             raise ProtocolError("bad BYE", "takes no fields")
         return _BYE
+    if cmd == VACATE:
+        if len(words) != 2:
+            raise ProtocolError("bad VACATE", "takes no fields, then the slot as one frame")
+        return Vacate(check_slot(_tail(frames, "VACATE")))
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
 def encode_hello(
-    queues: tuple[str, ...] | list[str], info: dict[str, Any], job_id: str | None, attempt: int
+    queues: tuple[str, ...] | list[str], info: dict[str, Any], job_id: str | None = None,
+    attempt: int = 0, token: bytes = b"",
 ) -> list[bytes]:
-    line = b"RWW2 HELLO " + ",".join(queues).encode()
+    line = b"RWW3 HELLO " + ",".join(queues).encode()
     if job_id:
-        line += b" %s %d" % (job_id.encode(), attempt)
+        line += b" %s %d %s" % (job_id.encode(), attempt, token)
     return [line, json.dumps(info).encode()]
 
 
-def encode_worker_result(job_id: str, attempt: int, ready: bool, payload: list[bytes]) -> list[bytes]:
+def encode_worker_result(
+    job_id: str, attempt: int, token: bytes, ready: bool, payload: list[bytes]
+) -> list[bytes]:
     if not payload:
         raise ValueError("a result needs at least one frame")
-    return [b"RWW2 RESULT %s %d %d" % (job_id.encode(), attempt, ready), *payload]
+    return [b"RWW3 RESULT %s %d %s %d" % (job_id.encode(), attempt, token, ready), *payload]
 
 
-def encode_worker_error(job_id: str, attempt: int, ready: bool, error: str) -> list[bytes]:
-    return [b"RWW2 ERROR %s %d %d" % (job_id.encode(), attempt, ready),
+def encode_worker_error(job_id: str, attempt: int, token: bytes, ready: bool, error: str) -> list[bytes]:
+    return [b"RWW3 ERROR %s %d %s %d" % (job_id.encode(), attempt, token, ready),
             error.encode("utf-8", "replace")]
 
 
-def encode_return(job_id: str, attempt: int) -> list[bytes]:
-    return [b"RWW2 RETURN %s %d" % (job_id.encode(), attempt)]
+def encode_return(job_id: str, attempt: int, token: bytes) -> list[bytes]:
+    return [b"RWW3 RETURN %s %d %s" % (job_id.encode(), attempt, token)]
 
 
-HEARTBEAT_FRAMES = [b"RWW2 HEARTBEAT"]  #: both directions; never mutate
-BYE_FRAMES = [b"RWW2 BYE"]
+def encode_vacate(slot: str) -> list[bytes]:
+    return [b"RWW3 VACATE", slot.encode()]
+
+
+HEARTBEAT_FRAMES = [b"RWW3 HEARTBEAT"]  #: both directions; never mutate
+BYE_FRAMES = [b"RWW3 BYE"]
 
 
 # --- broker -> worker ------------------------------------------------------------------------
@@ -614,14 +682,20 @@ class Job(NamedTuple):
     job_id: str
     attempt: int
     timeout: float
+    token: bytes
     payload: list[bytes]
+
+
+class Ack(NamedTuple):
+    job_id: str
+    attempt: int
 
 
 class Disconnect(NamedTuple):
     reason: str
 
 
-BrokerMessage = Union[Welcome, Job, Heartbeat, Disconnect]
+BrokerMessage = Union[Welcome, Job, Ack, Heartbeat, Disconnect]
 
 
 def encode_welcome(
@@ -629,15 +703,23 @@ def encode_welcome(
 ) -> list[bytes]:
     info = {"broker": broker_id, "heartbeat": heartbeat, "liveness": liveness,
             "max_message_size": max_message_size}
-    return [b"RWW2 WELCOME", json.dumps(info).encode()]
+    return [b"RWW3 WELCOME", json.dumps(info).encode()]
 
 
-def encode_job(job_id: bytes, attempt: int, timeout: float, payload: list[bytes]) -> list[bytes]:
-    return [b"RWW2 JOB %s %d %d" % (job_id, attempt, max(1, round(timeout * 1000))), *payload]
+def encode_job(
+    job_id: bytes, attempt: int, timeout: float, token: bytes, payload: list[bytes]
+) -> list[bytes]:
+    return [b"RWW3 JOB %s %d %d %s" % (job_id, attempt, max(1, round(timeout * 1000)), token),
+            *payload]
 
 
-def encode_disconnect(reason: str) -> list[bytes]:
-    return [b"RWW2 DISCONNECT", reason.encode()]
+def encode_ack(job_id: bytes, attempt: int) -> list[bytes]:
+    return [b"RWW3 ACK %s %d" % (job_id, attempt)]
+
+
+def encode_disconnect(reason: str, version: bytes = WORKER) -> list[bytes]:
+    """DISCONNECT in ``version``'s words (an old worker is told why in its own version)."""
+    return [version + b" DISCONNECT", reason.encode()]
 
 
 def decode_broker(frames: list[bytes]) -> BrokerMessage:
@@ -647,16 +729,20 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
     words = _line(frames, WORKER)
     cmd = words[1]
     if cmd == JOB:
-        if len(words) != 5 or len(frames) < 2:
-            raise ProtocolError("bad JOB", "needs id, attempt, timeout and >= 1 payload frame")
+        if len(words) != 6 or len(frames) < 2:
+            raise ProtocolError("bad JOB", "needs id, attempt, timeout, token and >= 1 payload frame")
         return Job(
             check_job_id(words[2]), _uint(words[3], "attempt", 1),
-            _uint(words[4], "timeout", 1) / 1000.0, frames[1:],
+            _uint(words[4], "timeout", 1) / 1000.0, check_token(words[5]), frames[1:],
         )
     if cmd == HEARTBEAT:
         if len(words) != 2 or len(frames) != 1:
             raise ProtocolError("bad HEARTBEAT", "takes no fields or frames")
         return _HEARTBEAT
+    if cmd == ACK:
+        if len(words) != 4 or len(frames) != 1:
+            raise ProtocolError("bad ACK", "needs id and attempt, and nothing more")
+        return Ack(check_job_id(words[2]), _uint(words[3], "attempt", 1))
     if cmd == WELCOME:
         if len(words) != 2:
             raise ProtocolError("bad WELCOME", "takes no fields")

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import zmq
 import zmq.auth
@@ -195,6 +195,15 @@ class BrokerSecurity:
         self._stamps: dict[str, tuple[Any, ...]] = {}
         self._next_watch = 0.0
         self.reloads = 0
+        # Revocation reaches live connections: each routing id is tied to the key its
+        # connection authenticated with (ZAP's User-Id, read from the first frame of its
+        # first message); a connection whose key leaves the folder is ignored from then on.
+        self._allowed: dict[str, set[str]] = {d: set() for d in self.folders}
+        self._peers: dict[str, dict[bytes, str]] = {d: {} for d in self.folders}
+        self._blocked: dict[str, set[bytes]] = {d: set() for d in self.folders}
+        self._revoked_now: dict[str, list[bytes]] = {d: [] for d in self.folders}
+        self.revoked: dict[str, int] = {}  #: connections cut off per domain, since start
+        self.ignored: dict[str, int] = {}  #: messages dropped from such connections
         self.reload()
 
     def _stamp(self, folder: Path) -> tuple[Any, ...]:
@@ -205,13 +214,70 @@ class BrokerSecurity:
             return ()
 
     def reload(self) -> None:
-        """Read every key folder again (SIGHUP, or a change seen by :meth:`watch`)."""
+        """Read every key folder again (SIGHUP, or a change seen by :meth:`watch`); cut off
+        live connections whose key is no longer allowed."""
         for domain, folder in self.folders.items():
             self.auth.configure_curve(domain=domain, location=str(folder))
             self._stamps[domain] = self._stamp(folder)
+            allowed = {k.decode("ascii", "replace") if isinstance(k, bytes) else str(k)
+                       for k in self.auth.certs.get(domain, {})}
+            self._allowed[domain] = allowed
+            blocked = self._blocked[domain]
+            for rid, key in self._peers[domain].items():
+                if key not in allowed and rid not in blocked:
+                    self._block(domain, rid, key)
+                elif key in allowed and rid in blocked:
+                    blocked.discard(rid)  # the key is back
         self.reloads += 1
-        counts = {d: len(self.auth.certs.get(d, {})) for d in self.folders}
+        counts = {d: len(self._allowed[d]) for d in self.folders}
         log.info("allowed keys: %s", ", ".join(f"{d} {n}" for d, n in counts.items()))
+
+    def _block(self, domain: str, rid: bytes, key: str) -> None:
+        self._blocked[domain].add(rid)
+        self._revoked_now[domain].append(rid)
+        self.revoked[domain] = self.revoked.get(domain, 0) + 1
+        log.warning("key %s... was revoked: ignoring its live connection on the %s endpoint",
+                    key[:12], domain)
+
+    def recv(self, sock: zmq.Socket, domain: str) -> tuple[bytes | None, list[bytes]]:
+        """One message from a CURVE ROUTER: (routing id, frames), or (None, frames) when the
+        connection's key has been revoked. Raises zmq.Again when there is none."""
+        rid_frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frames = []
+        while sock.get(zmq.RCVMORE):
+            frames.append(sock.recv(zmq.NOBLOCK))
+        rid = rid_frame.bytes
+        peers = self._peers[domain]
+        key = peers.get(rid)
+        if key is None:
+            key = rid_frame.get("User-Id") or ""
+            if len(peers) >= 100_000:  # bounded; forgotten ids are learnt again from frames
+                peers.clear()
+            peers[rid] = key
+            if key not in self._allowed[domain] and rid not in self._blocked[domain]:
+                self._block(domain, rid, key)  # revoked between its handshake and now
+        if rid in self._blocked[domain]:
+            self.ignored[domain] = self.ignored.get(domain, 0) + 1
+            return None, frames
+        return rid, frames
+
+    def guard_sender(
+        self, domain: str, send: Callable[[bytes, list[bytes]], bool]
+    ) -> Callable[[bytes, list[bytes]], bool]:
+        """``send``, except that nothing goes to a connection whose key was revoked."""
+        blocked = self._blocked[domain]
+
+        def guarded(rid: bytes, frames: list[bytes]) -> bool:
+            return True if rid in blocked else send(rid, frames)
+
+        return guarded
+
+    def take_revoked(self, domain: str) -> list[bytes]:
+        """Routing ids cut off since the last call (the broker forgets such workers)."""
+        out = self._revoked_now[domain]
+        if out:
+            self._revoked_now[domain] = []
+        return out
 
     def watch(self, now: float) -> None:
         """Reload when a key file was added, removed or changed (checked once a second)."""
@@ -234,6 +300,8 @@ class BrokerSecurity:
             "allowed_keys": {d: len(self.auth.certs.get(d, {})) for d in self.folders},
             "refused": dict(self.auth.refused),
             "reloads": self.reloads,
+            "revoked": dict(self.revoked),
+            "ignored": dict(self.ignored),
         }
 
     def stop(self) -> None:

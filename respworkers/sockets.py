@@ -12,6 +12,7 @@ from typing import Callable
 import zmq
 
 _send = zmq.backend.Socket.send
+raw_send = _send  #: one frame, int flags: (socket, frame, flags)
 _recv = zmq.backend.Socket.recv
 _get = zmq.backend.Socket.get
 SNDMORE = int(zmq.SNDMORE)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from respworkers import __version__
 from respworkers import protocol as p
 from respworkers.broker.core import BrokerCore
 from respworkers.config import BrokerConfig
@@ -32,15 +33,26 @@ class Harness:
         self.cfg = BrokerConfig(**cfg)
         self.client_out: list[tuple[bytes, list[bytes]]] = []
         self.worker_out: list[tuple[bytes, list[bytes]]] = []
+        self.tokens: dict[tuple[str, int], bytes] = {}  # the token the broker sent per attempt
         self.core = BrokerCore(
             self.cfg,
             lambda rid, frames: self.client_out.append((rid, list(frames))),
-            lambda rid, frames: self.worker_out.append((rid, list(frames))),
+            self._to_worker,
         )
         self.mono = T0
         self.wall = WALL0
         self.core.set_time(self.mono, self.wall)
         self.core.tick()
+
+    def _to_worker(self, rid: bytes, frames: list[bytes]) -> None:
+        self.worker_out.append((rid, list(frames)))
+        if frames[0].startswith(b"RWW3 JOB "):
+            job = p.decode_broker(frames)
+            self.tokens[(job.job_id, job.attempt)] = job.token
+
+    def token(self, job_id: str | None, attempt: int) -> bytes:
+        """The token the broker sent with this attempt (a worker that got it echoes it)."""
+        return self.tokens.get((job_id, attempt), b"never-sent") if job_id else b""
 
     # ------------------------------------------------------------------ clock
     def advance(self, dt: float) -> float:
@@ -64,15 +76,24 @@ class Harness:
 
     # ------------------------------------------------------------------ workers
     def hello(self, wid: bytes, queues=("default",), info: dict | None = None, job_id=None,
-              attempt: int = 0) -> None:
+              attempt: int = 0, token: bytes | None = None) -> None:
         info = {"name": NAMES.get(wid, wid.decode())} if info is None else info
-        self.core.on_worker(wid, p.encode_hello(tuple(queues), info, job_id, attempt))
+        token = self.token(job_id, attempt) if token is None else token
+        self.core.on_worker(wid, p.encode_hello(tuple(queues), info, job_id, attempt, token))
 
-    def result(self, wid: bytes, job_id: str, attempt: int, ready: bool = True, payload=(b"out",)) -> None:
-        self.core.on_worker(wid, p.encode_worker_result(job_id, attempt, ready, list(payload)))
+    def result(self, wid: bytes, job_id: str, attempt: int, ready: bool = True, payload=(b"out",),
+               token: bytes | None = None) -> None:
+        token = self.token(job_id, attempt) if token is None else token
+        self.core.on_worker(wid, p.encode_worker_result(job_id, attempt, token, ready, list(payload)))
 
-    def error(self, wid: bytes, job_id: str, attempt: int, text: str, ready: bool = True) -> None:
-        self.core.on_worker(wid, p.encode_worker_error(job_id, attempt, ready, text))
+    def error(self, wid: bytes, job_id: str, attempt: int, text: str, ready: bool = True,
+              token: bytes | None = None) -> None:
+        token = self.token(job_id, attempt) if token is None else token
+        self.core.on_worker(wid, p.encode_worker_error(job_id, attempt, token, ready, text))
+
+    def give_back(self, wid: bytes, job_id: str, attempt: int, token: bytes | None = None) -> None:
+        token = self.token(job_id, attempt) if token is None else token
+        self.core.on_worker(wid, p.encode_return(job_id, attempt, token))
 
     def beat(self, *wids: bytes) -> None:
         for wid in wids:
@@ -155,7 +176,7 @@ def test_queued_job_goes_to_a_worker_only_after_hello(h):
     msgs = h.to_worker(W1)
     assert isinstance(msgs[0], p.Welcome)
     assert msgs[0] == p.Welcome(h.core.broker_id, 1000.0, 3, h.core.cfg.max_message_size)
-    assert msgs[1:] == [p.Job("j1", 1, 60.0, [b"a", b"b"])]
+    assert msgs[1:] == [p.Job("j1", 1, 60.0, h.token("j1", 1), [b"a", b"b"])]
     assert h.snap()["queued"] == 0
     assert h.snap()["in_flight"] == 1
     assert h.worker_state(W1) == "busy"
@@ -285,12 +306,12 @@ def test_idle_worker_of_one_queue_does_not_take_another_queues_job(h):
 def test_timeout_redispatches_to_a_different_ready_worker(h):
     h.hello(W1)
     h.submit(C1, "j1", timeout=5.0)
-    assert h.job_to(W1) == p.Job("j1", 1, 5.0, [b"in"])
+    assert h.job_to(W1) == p.Job("j1", 1, 5.0, h.token("j1", 1), [b"in"])
     h.hello(W2)
     h.advance(4.999)
     assert h.jobs_to(W2) == []
     h.advance(0.001)
-    assert h.job_to(W2) == p.Job("j1", 2, 5.0, [b"in"])
+    assert h.job_to(W2) == p.Job("j1", 2, 5.0, h.token("j1", 2), [b"in"])
     assert h.jobs_to(W1) == []
     info = h.info("j1")
     assert (info["state"], info["attempt"], info["workers_tried"], info["worker"]) == (
@@ -586,7 +607,7 @@ def test_malformed_messages_do_not_keep_a_worker_alive():
     h = Harness(heartbeat=1.0, liveness=2)
     h.hello(W1)
     for _ in range(3):
-        h.core.on_worker(W1, [b"RWW2 NOPE"])
+        h.core.on_worker(W1, [b"RWW3 NOPE"])
         h.advance(1.0)
     assert h.worker_state(W1) is None
     assert h.snap()["bad_messages"] == {"workers: unknown command": 3}
@@ -600,7 +621,7 @@ def test_heartbeats_are_sent_to_every_worker_on_tick():
     h.advance(0.5)  # not yet time to beat
     assert h.worker_out == []
     h.advance(0.5)
-    assert sorted(h.worker_out) == [(W1, [b"RWW2 HEARTBEAT"]), (W2, [b"RWW2 HEARTBEAT"])]
+    assert sorted(h.worker_out) == [(W1, [b"RWW3 HEARTBEAT"]), (W2, [b"RWW3 HEARTBEAT"])]
     h.clear()
     h.advance(1.0)
     assert [m for m in h.to_worker(W1)] == [p.Heartbeat()]
@@ -651,7 +672,7 @@ def test_return_gives_the_job_back_without_counting_a_try(h):
     h.submit(C1, "j1", tries=1)
     h.submit(C1, "j2")
     assert ids(h.jobs_to(W1)) == [("j1", 1)]
-    h.core.on_worker(W1, p.encode_return("j1", 1))
+    h.give_back(W1, "j1", 1)
     assert h.worker_state(W1) == "stopping"
     assert h.jobs_to(W1) == []
     info = h.info("j1")
@@ -667,7 +688,7 @@ def test_return_goes_to_an_idle_worker_at_once(h):
     h.hello(W1)
     h.submit(C1, "j1")
     h.hello(W2)
-    h.core.on_worker(W1, p.encode_return("j1", 1))
+    h.give_back(W1, "j1", 1)
     assert ids(h.jobs_to(W2)) == [("j1", 1)]
     assert h.info("j1")["workers_tried"] == ["w2"]
 
@@ -675,7 +696,7 @@ def test_return_goes_to_an_idle_worker_at_once(h):
 def test_return_of_a_job_not_held_is_counted_and_ignored(h):
     h.hello(W1)
     h.submit(C1, "j1")
-    h.core.on_worker(W1, p.encode_return("j1", 2))
+    h.give_back(W1, "j1", 2)
     assert h.snap()["bad_messages"] == {"workers: RETURN for a job the worker does not hold": 1}
     assert h.info("j1")["state"] == "running"
     assert h.worker_state(W1) == "busy"
@@ -718,15 +739,34 @@ def test_new_process_in_a_slot_replaces_the_old_one_at_once(h):
     h.hello(W2, info={"name": "new", "slot": "host:1:0"})  # the restarted child
     msgs = h.to_worker(W2)
     assert isinstance(msgs[0], p.Welcome)
-    assert msgs[1:] == [p.Job("j1", 2, 60.0, [b"in"])]
+    assert msgs[1:] == [p.Job("j1", 2, 60.0, h.token("j1", 2), [b"in"])]
     assert [w["name"] for w in h.snap()["workers"]] == ["new"]
     assert h.snap()["totals"]["retried"] == 1
     info = h.info("j1")
     assert info["workers_tried"] == ["old", "new"]
     assert "replaced" in info["error"]
-    h.result(W1, "j1", 1)  # the old socket is no longer registered: the result is still taken
+    h.result(W1, "j1", 1)  # the old socket is no longer registered: it must say HELLO first
     assert h.to_worker(W1) == [p.Disconnect("unknown worker, say HELLO")]
+    assert h.to_client(C1) == []
+    h.hello(W1, info={"name": "old"}, job_id="j1", attempt=1)  # alive after all: its claim holds
+    h.result(W1, "j1", 1)
     assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+    assert h.snap()["totals"]["late"] == 1
+
+
+def test_vacate_fails_the_attempt_of_the_slot_at_once(h):
+    h.hello(W1, info={"name": "w1", "slot": "host:1:0:secret"})
+    h.hello(W2, info={"name": "w2"})
+    h.submit(C1, "j1", tries=2)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.core.on_worker(W3, p.encode_vacate("host:1:0:guess"))  # a wrong slot: nothing happens
+    assert h.worker_state(W1) == "busy" and h.to_worker(W3) == []
+    h.core.on_worker(W3, p.encode_vacate("host:1:0:secret"))  # the pool, unregistered, says so
+    assert h.to_worker(W3) == []  # no DISCONNECT for a pool
+    assert h.worker_state(W1) is None
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+    assert h.snap()["totals"]["lost_workers"] == 1
+    assert "died" in h.info("j1")["error"]
 
 
 def test_slot_reconnect_with_the_same_attempt_keeps_the_job(h):
@@ -873,7 +913,7 @@ def test_submit_of_a_failed_id_gets_the_failure_at_once(h):
     h.submit(C2, "j1")
     replies = h.to_client(C2)
     assert sorted(outcome(replies)) == [(p.ACCEPTED, "j1", []), (p.FAILED, "j1", [b"error", b"tb"])]
-    assert h.jobs_to(W1) == [p.Job("j1", 1, 60.0, [b"in"])]
+    assert h.jobs_to(W1) == [p.Job("j1", 1, 60.0, h.token("j1", 1), [b"in"])]
 
 
 def test_duplicate_submit_is_confirmed_with_the_batch_not_before(h):
@@ -1063,20 +1103,20 @@ def test_bad_req_envelope_gets_the_plain_failure_and_an_empty_message_nothing(h)
     [
         ([b"RWW1 HEARTBEAT"], "workers: unsupported version"),
         ([b"RWC2 HEARTBEAT"], "workers: bad header"),
-        ([b"", b"RWW2 HEARTBEAT"], "workers: bad header"),
+        ([b"", b"RWW3 HEARTBEAT"], "workers: bad header"),
         ([], "workers: empty message"),
-        ([b"RWW2"], "workers: no command"),
-        ([b"RWW2 NOPE"], "workers: unknown command"),
-        ([b"RWW2 RESULT j1 1 1"], "workers: bad RESULT"),  # no result frame
-        ([b"RWW2 RESULT j1 1", b"r"], "workers: bad RESULT"),
-        ([b"RWW2 RESULT j1  1 1", b"r"], "workers: bad RESULT"),  # double space: 6 words
-        ([b"RWW2 RESULT j1 1 x", b"r"], "workers: bad ready"),
-        ([b"RWW2 RESULT j1 0 1", b"r"], "workers: bad attempt"),
-        ([b"RWW2 ERROR j1 1 1"], "workers: bad ERROR"),  # no error text frame
-        ([b"RWW2 RETURN j1"], "workers: bad RETURN"),
-        ([b"RWW2 HELLO default", b"[]"], "workers: bad info"),
-        ([b"RWW2 HELLO default"], "workers: bad HELLO"),
-        ([b"RWW2 HELLO default j1", b"{}"], "workers: bad HELLO"),
+        ([b"RWW3"], "workers: no command"),
+        ([b"RWW3 NOPE"], "workers: unknown command"),
+        ([b"RWW3 RESULT j1 1 t 1"], "workers: bad RESULT"),  # no result frame
+        ([b"RWW3 RESULT j1 1 1", b"r"], "workers: bad RESULT"),  # no token
+        ([b"RWW3 RESULT j1  1 t 1", b"r"], "workers: bad RESULT"),  # double space: 7 words
+        ([b"RWW3 RESULT j1 1 t x", b"r"], "workers: bad ready"),
+        ([b"RWW3 RESULT j1 0 t 1", b"r"], "workers: bad attempt"),
+        ([b"RWW3 ERROR j1 1 t 1"], "workers: bad ERROR"),  # no error text frame
+        ([b"RWW3 RETURN j1 1"], "workers: bad RETURN"),
+        ([b"RWW3 HELLO default", b"[]"], "workers: bad info"),
+        ([b"RWW3 HELLO default"], "workers: bad HELLO"),
+        ([b"RWW3 HELLO default j1", b"{}"], "workers: bad HELLO"),
     ],
 )
 def test_malformed_worker_message_is_counted_and_dropped(h, frames, key):
@@ -1085,6 +1125,11 @@ def test_malformed_worker_message_is_counted_and_dropped(h, frames, key):
     h.clear()
     h.core.on_worker(W1, frames)
     h.core.on_worker(W2, frames)  # unregistered: still no answer to garbage
+    if key == "workers: unsupported version":  # told why, in its words, at most once a second
+        assert h.worker_out == [(W1, [b"RWW1 DISCONNECT", b"unsupported version: b'RWW1'; this side "
+                                      b"speaks RWW3; upgrade respworkers on this worker to the "
+                                      b"broker's version " + __version__.encode()])]
+        h.worker_out.clear()
     assert h.worker_out == []
     assert h.client_out == []
     assert h.snap()["bad_messages"] == {key: 2}
@@ -1111,34 +1156,76 @@ def test_result_for_a_job_not_held_is_counted_and_ignored(h):
 
 def test_unregistered_worker_is_told_to_say_hello(h):
     h.core.on_worker(W1, p.HEARTBEAT_FRAMES)
-    h.core.on_worker(W1, p.encode_return("j", 1))
-    h.core.on_worker(W1, p.encode_worker_error("j", 1, True, "e"))
+    h.core.on_worker(W1, p.encode_return("j", 1, b"t"))
+    h.core.on_worker(W1, p.encode_worker_error("j", 1, b"t", True, "e"))
     assert h.to_worker(W1) == [p.Disconnect("unknown worker, say HELLO")] * 3
     h.core.on_worker(W1, p.BYE_FRAMES)
     assert h.to_worker(W1) == []
     assert h.snap()["workers"] == []
+    assert h.snap()["bad_messages"] == {"workers: RETURN from an unregistered worker": 1,
+                                        "workers: ERROR from an unregistered worker": 1}
 
 
-def test_result_from_an_unregistered_worker_for_a_known_job_is_accepted(h):
+def test_a_result_from_an_unregistered_peer_changes_nothing(h):
+    """Only a worker that was sent an attempt can end it: a fresh DEALER that sends RESULT
+    (even with the right token, say after a broker restart) is told to register first."""
     h.hello(W1)
     h.submit(C1, "j1")
     h.submit(C1, "j2")  # queued: no ready worker
     h.to_client(C1)
-    h.result(W2, "j1", 1, payload=[b"orphan"])
+    h.result(W2, "j1", 1, payload=[b"FORGED"], token=b"guess")
+    h.result(W3, "j1", 1, payload=[b"FORGED"])  # the real token, from an unregistered peer
+    h.result(W3, "j2", 1, payload=[b"FORGED"])
     assert h.to_worker(W2) == [p.Disconnect("unknown worker, say HELLO")]
-    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"orphan"])]
-    h.result(W3, "j2", 4, payload=[b"q"])  # even one still queued
-    assert h.to_client(C1) == [p.Reply(p.RESULT, "j2", [b"q"])]
-    assert h.snap()["queued"] == 0
-    h.result(W3, "j2", 4, payload=[b"again"])  # finished: dropped
     assert h.to_client(C1) == []
-    assert h.snap()["totals"]["duplicates"] == 1
-    h.result(W3, "never-seen", 1)
-    assert h.to_client(C1) == []
-    # the registered holder's own answer is a duplicate now, and frees it
+    assert h.info("j1")["state"] == "running" and h.info("j2")["state"] == "queued"
+    assert h.snap()["bad_messages"] == {"workers: RESULT from an unregistered worker": 3}
     h.result(W1, "j1", 1)
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+
+
+def test_a_result_with_a_wrong_token_changes_nothing(h):
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    h.submit(C1, "j2")
+    h.to_client(C1)
+    h.result(W2, "j2", 1, token=b"0" * 32)  # it holds j2, but not with this token
+    h.error(W2, "j2", 1, "forged", token=b"0" * 32)
+    h.give_back(W2, "j2", 1, token=b"0" * 32)
     assert h.to_client(C1) == []
-    assert h.worker_state(W1) == "idle"
+    assert h.info("j2")["state"] == "running" and h.worker_state(W2) == "busy"
+    assert h.snap()["bad_messages"] == {
+        "workers: RESULT for a job the worker does not hold": 1,
+        "workers: ERROR for a job the worker does not hold": 1,
+        "workers: RETURN for a job the worker does not hold": 1,
+    }
+
+
+def test_a_hello_claiming_an_attempt_with_a_wrong_token_is_refused(h):
+    """A HELLO claim makes the claimant a holder only with the token the broker sent."""
+    h.hello(W1)
+    h.submit(C1, "j1")
+    h.to_client(C1)
+    h.hello(W2, job_id="j1", attempt=1, token=b"f" * 32)  # forged claim, then its answer
+    h.result(W2, "j1", 1, payload=[b"FORGED"], token=b"f" * 32)
+    assert h.to_client(C1) == []
+    assert h.info("j1")["state"] == "running" and h.info("j1")["worker"] == "w1"
+    assert h.snap()["bad_messages"] == {"workers: HELLO claiming an attempt with a wrong token": 1}
+    h.result(W1, "j1", 1)
+    assert h.to_client(C1) == [p.Reply(p.RESULT, "j1", [b"out"])]
+
+
+def test_a_lost_worker_that_comes_back_with_its_token_may_still_answer(h):
+    h.hello(W1)
+    h.submit(C1, "j1", tries=3)
+    h.to_client(C1)
+    token = h.token("j1", 1)
+    h.core.on_worker(W1, p.BYE_FRAMES)  # gone without answering (gave the job back)
+    h.hello(W2)
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]
+    h.hello(W3, job_id="j1", attempt=1, token=token)  # the old token: given back, so refused
+    assert h.snap()["bad_messages"] == {"workers: HELLO claiming an attempt with a wrong token": 1}
 
 
 # ================================================================================================
@@ -1342,7 +1429,7 @@ class Sim:
             elif op[2] == "error":
                 h.error(wid, held[0], held[1], "tb", ready=op[3])
             else:
-                h.core.on_worker(wid, p.encode_return(*held))
+                h.give_back(wid, *held)
         elif kind == "bye":
             wid = self.wids[op[1]]
             if wid in h.core.workers:
@@ -1436,7 +1523,7 @@ def test_long_random_runs_keep_the_broker_consistent(seed):
 def test_worker_name_with_a_lone_surrogate_does_not_kill_the_broker(tmp_path):
     from respworkers.broker.journal import SqliteJournal
 
-    hello = [b"RWW2 HELLO default", b'{"name": "bad\\ud800name"}']
+    hello = [b"RWW3 HELLO default", b'{"name": "bad\\ud800name"}']
     h = Harness(tries=1)
     h.core.on_worker(W1, hello)
     h.submit(C1, "j1", timeout=1.0)
@@ -1488,12 +1575,15 @@ def test_cancelled_jobs_leave_the_queue_in_order_without_scanning_it():
 
 def test_a_job_taken_out_and_queued_again_runs_once():
     h = Harness()
-    h.submit(C1, "j1")
+    h.hello(W1)
+    h.submit(C1, "j1", timeout=1.0)
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    h.advance(2.0)  # timed out: queued again, W1 still busy with it
     h.submit(C1, "j2")
-    h.hello(W1, job_id="j1", attempt=1)  # claims j1 out of the queue (stale entry left)
+    h.hello(W4, job_id="j1", attempt=1)  # W1 on a new socket claims j1 out of the queue
     h.hello(W2)
     assert ids(h.jobs_to(W2)) == [("j2", 1)]
-    h.core.on_worker(W1, list(p.BYE_FRAMES))  # gives j1 back: queued again at the front
+    h.core.on_worker(W4, list(p.BYE_FRAMES))  # gives j1 back: queued again at the front
     h.hello(W3)
     assert ids(h.jobs_to(W3)) == [("j1", 1)]
     h.result(W2, "j2", 1)
@@ -1503,7 +1593,7 @@ def test_a_job_taken_out_and_queued_again_runs_once():
 def test_hello_with_too_many_queues_is_refused():
     h = Harness()
     queues = ",".join(f"q{i}" for i in range(p.MAX_WORKER_QUEUES + 1)).encode()
-    h.core.on_worker(W1, [b"RWW2 HELLO " + queues, b"{}"])
+    h.core.on_worker(W1, [b"RWW3 HELLO " + queues, b"{}"])
     assert h.worker_state(W1) is None
     assert h.snap()["bad_messages"] == {"workers: bad HELLO": 1}
 
@@ -1545,7 +1635,7 @@ def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
     for _ in range(5):
         job = p.decode_broker(sent[-1])
         order.append((job.job_id, job.attempt))
-        core.on_worker(W2, p.encode_worker_result(job.job_id, job.attempt, True, [b"r"]))
+        core.on_worker(W2, p.encode_worker_result(job.job_id, job.attempt, job.token, True, [b"r"]))
     assert order == [("j0", 1), ("j1", 1), ("j2", 1), ("j3", 1), ("j4", 1)]
 
 

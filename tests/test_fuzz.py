@@ -33,11 +33,13 @@ VALID = {
         [b"", b"plain", b"", b"three frames"],
     ],
     "workers": [
-        protocol.encode_hello(["fuzz-only"], {"name": "fuzz", "heartbeat": 0.1}, None, 0),
-        protocol.encode_hello(["fuzz-only", "fuzz-2"], {"name": "fuzz", "heartbeat": 0.1}, "fz-1", 1),
-        protocol.encode_worker_result("fz-1", 1, True, [b"r"]),
-        protocol.encode_worker_error("fz-1", 1, True, "boom"),
-        protocol.encode_return("fz-1", 1),
+        protocol.encode_hello(["fuzz-only"], {"name": "fuzz", "heartbeat": 0.1}),
+        protocol.encode_hello(["fuzz-only", "fuzz-2"], {"name": "fuzz", "heartbeat": 0.1}, "fz-1", 1,
+                              b"0123456789abcdef0123456789abcdef"),
+        protocol.encode_worker_result("fz-1", 1, b"0123456789abcdef0123456789abcdef", True, [b"r"]),
+        protocol.encode_worker_error("fz-1", 1, b"0123456789abcdef0123456789abcdef", True, "boom"),
+        protocol.encode_return("fz-1", 1, b"0123456789abcdef0123456789abcdef"),
+        protocol.encode_vacate("fuzz:1:0:0123"),
         list(protocol.HEARTBEAT_FRAMES),
         list(protocol.BYE_FRAMES),
     ],
@@ -48,7 +50,7 @@ frames_st = st.lists(st.binary(max_size=40), min_size=0, max_size=10)
 
 
 _ODD_WORDS = [b"", b"0", b"1", b"-1", b"x" * 201, b"a\x00b", b"a\tb", b"\xff", b"a,,b", b"RWC1",
-              b"RWW1", b"RWC2", b"RWW2", b"SUBMIT", b"RESULT", b"HELLO", b"999999999999999"]
+              b"RWW1", b"RWC2", b"RWW2", b"RWW3", b"SUBMIT", b"RESULT", b"HELLO", b"999999999999999"]
 
 
 @st.composite
@@ -197,19 +199,20 @@ def test_worker_survives_garbage_from_its_broker(tmp_path: Path) -> None:
         wid, *hello = fake.recv_multipart()
         assert protocol.decode_worker(hello).__class__ is protocol.Hello
         fake.send_multipart([wid, *protocol.encode_welcome("fake", 5.0, 3)])
-        garbage = [[b"RWW2"], [b"RWW2 JOB"], [b"RWW2 JOB x 1 1000"], [b"RWW2 JOB  1 1000", b"p"],
-                   [b"RWW2 JOB x 0 1000", b"p"], [b"RWW2 JOB x 1 0", b"p"], [b"RWW2 JOB x 1 1000 1", b"p"],
-                   [b"RWW2 JOB x\x00y 1 1000", b"p"], [b"RWW2  JOB x 1 1000", b"p"],
-                   [b"", b"RWW2 JOB x 1 1000", b"p"], [b"nonsense"], [b"RWW2 WELCOME", b"{"],
-                   [b"RWW2 WELCOME", b"[]"], [b"RWW2 WELCOME"], [b"RWW2 ???"],
-                   [b"RWW1 JOB a 1 10", b"p"], [b"RWW9 JOB a 1 10", b"p"],
+        garbage = [[b"RWW3"], [b"RWW3 JOB"], [b"RWW3 JOB x 1 1000 t"], [b"RWW3 JOB  1 1000 t", b"p"],
+                   [b"RWW3 JOB x 0 1000 t", b"p"], [b"RWW3 JOB x 1 0 t", b"p"],
+                   [b"RWW3 JOB x 1 1000 t 1", b"p"], [b"RWW3 JOB x 1 1000", b"p"],
+                   [b"RWW3 JOB x\x00y 1 1000 t", b"p"], [b"RWW3  JOB x 1 1000 t", b"p"],
+                   [b"", b"RWW3 JOB x 1 1000 t", b"p"], [b"nonsense"], [b"RWW3 WELCOME", b"{"],
+                   [b"RWW3 WELCOME", b"[]"], [b"RWW3 WELCOME"], [b"RWW3 ???"], [b"RWW3 ACK x"],
+                   [b"RWW2 JOB a 1 10", b"p"], [b"RWW9 JOB a 1 10 t", b"p"],
                    [b"RWW1", b"JOB", b"a", b"1", b"10"], [b""]]
         for g in garbage:  # every one of them is malformed
             with pytest.raises(ProtocolError):
                 protocol.decode_broker(g)
         for g in garbage * 20:
             fake.send_multipart([wid, *g])
-        fake.send_multipart([wid, *protocol.encode_job(b"real", 1, 5.0, [b"ping"])])
+        fake.send_multipart([wid, *protocol.encode_job(b"real", 1, 5.0, b"tok", [b"ping"])])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert fake.poll(20_000)

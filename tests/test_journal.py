@@ -30,32 +30,42 @@ def make_core(path: Path) -> tuple[BrokerCore, list]:
     return core, sent
 
 
+def answer(core: BrokerCore, sent: list, job_id: str, payload: list[bytes]) -> None:
+    """Worker w1 answers the last JOB it was sent for ``job_id``, echoing its token."""
+    for kind, frames in reversed(sent):
+        if kind == "w" and frames[0].startswith(b"RWW3 JOB %s " % job_id.encode()):
+            job = p.decode_broker(frames)
+            core.on_worker(b"w1", p.encode_worker_result(job_id, job.attempt, job.token, True, payload))
+            return
+    raise AssertionError(f"no JOB {job_id} was sent")
+
+
 def test_frames_round_trip() -> None:
     for frames in ([], [b""], [b"a", b"", b"\x00" * 70000]):
         assert unpack_frames(pack_frames(frames)) == frames
 
 
 def test_a_job_changed_many_times_in_one_turn_is_one_row(tmp_path: Path) -> None:
-    core, _ = make_core(tmp_path / "j.db")
-    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}, None, 0))
+    core, sent = make_core(tmp_path / "j.db")
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
     core.on_client(b"c1", p.encode_submit("j1", p.DEFAULT_QUEUE, None, None, [b"in"]))  # dispatched at once
-    core.on_worker(b"w1", p.encode_worker_result("j1", 1, True, [b"out"]))
+    answer(core, sent, "j1", [b"out"])
     core.flush()
     assert core.journal.describe()["rows"] == 1
     core.on_client(b"c1", p.encode_submit("j2", p.DEFAULT_QUEUE, None, None, [b"in"]))
     core.flush()
-    core.on_worker(b"w1", p.encode_worker_result("j2", 1, True, [b"out2"]))
+    answer(core, sent, "j2", [b"out2"])
     core.flush()
     assert core.journal.describe()["rows"] == 3  # j2: insert, then its outcome
 
 
 def test_restore_matches_what_was_confirmed(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
-    core, _ = make_core(path)
-    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}, None, 0))
+    core, sent = make_core(path)
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
     for i in range(4):
         core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, 7.0, 2, [b"in", bytes([i])]))
-    core.on_worker(b"w1", p.encode_worker_result("j0", 1, True, [b"done0"]))  # j1 starts
+    answer(core, sent, "j0", [b"done0"])  # j1 starts
     core.on_client(b"c1", p.encode_job_ref(p.CANCEL, "j3"))
     core.flush()
     core.on_client(b"c1", p.encode_submit("lost", p.DEFAULT_QUEUE, None, None, [b"x"]))  # never committed
@@ -111,25 +121,26 @@ def test_a_schema_1_journal_is_migrated_with_its_jobs(tmp_path: Path) -> None:
     assert (row.id, row.seq, row.state, row.payload, row.timeout) == ("old-1", 7, "queued", [b"p"], 5.0)
     journal.close()
     check = sqlite3.connect(path)
-    assert check.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
-    assert check.execute("SELECT count(*) FROM sqlite_master WHERE name='jobs_v1'").fetchone() == (0,)
+    assert check.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+    assert check.execute("SELECT count(*) FROM sqlite_master WHERE name='jobs_old'").fetchone() == (0,)
 
 
 def test_retention_deletes_the_rows_of_forgotten_jobs(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     sent: list = []
     core = BrokerCore(BrokerConfig(heartbeat=1.0, retention=10.0),
-                      lambda r, f: sent.append(f), lambda r, f: None, SqliteJournal(path))
+                      lambda r, f: sent.append(("c", f)), lambda r, f: sent.append(("w", list(f))),
+                      SqliteJournal(path))
     core.set_time(1000.0, 1_700_000_000.0)
-    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}, None, 0))
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
     for i in range(3):
         core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, None, [b"in"]))
-        core.on_worker(b"w1", p.encode_worker_result(f"j{i}", 1, True, [b"out"]))
+        answer(core, sent, f"j{i}", [b"out"])
     core.flush()
     core.set_time(1020.0, 1_700_000_020.0)  # past retention
     core.tick()
     core.flush()
-    assert core.journal.load() == [] and core.jobs == {}
+    assert list(core.journal.load()) == [] and core.jobs == {}
 
 
 def test_group_commit_confirms_at_once_when_quiet_and_batches_under_load(tmp_path: Path) -> None:

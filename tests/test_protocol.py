@@ -1,7 +1,7 @@
 """Unit tests of the RWP/2 wire protocol: encode/decode round trips and rejections.
 
 On the clients and workers endpoints a message is one command line frame (``RWC2 ...`` or
-``RWW2 ...``: words separated by single spaces) followed by payload or text frames.
+``RWW3 ...``: words separated by single spaces) followed by payload or text frames.
 """
 
 from __future__ import annotations
@@ -92,13 +92,26 @@ def test_encode_submit_needs_payload():
         p.encode_submit("j", "q", None, None, [])
 
 
-@pytest.mark.parametrize("cmd", [p.WAIT, p.QUERY, p.CANCEL])
+@pytest.mark.parametrize("cmd", [p.QUERY, p.CANCEL])
 def test_job_ref_round_trip(cmd):
     frames = p.encode_job_ref(cmd, "job-9")
     assert frames == [b"RWC2 " + cmd + b" job-9"]
     assert p.decode_client(frames) == p.JobRef(cmd, "job-9")
     unicode_id = "caf\u00e9:\u2603"
     assert p.decode_client(p.encode_job_ref(cmd, unicode_id)) == p.JobRef(cmd, unicode_id)
+
+
+def test_wait_names_one_or_many_jobs():
+    assert p.encode_wait(["job-9"]) == [b"RWC2 WAIT job-9"]
+    assert p.decode_client(p.encode_job_ref(p.WAIT, "job-9")) == p.Wait(["job-9"])
+    assert p.decode_client([b"RWC2 WAIT a b c"]) == p.Wait(["a", "b", "c"])
+    many = [f"j{i}" for i in range(p.MAX_BATCH)]
+    assert p.decode_client(p.encode_wait(many)) == p.Wait(many)
+    assert reason_of(p.decode_client, [b"RWC2 WAIT " + b" ".join(b"j%d" % i for i in range(1001))]
+                     ) == "bad WAIT"
+    assert reason_of(p.decode_client, [b"RWC2 WAIT a  b"]) == "bad job id"
+    with pytest.raises(ValueError):
+        p.encode_wait([])
 
 
 def test_ping_round_trip():
@@ -298,53 +311,55 @@ def test_decode_reply_rejects(frames, reason):
 
 def test_hello_round_trip():
     info = {"name": "w1", "slot": "h:1:0", "heartbeat": 2.0}
-    frames = p.encode_hello(("a", "b"), info, None, 0)
-    assert frames == [b"RWW2 HELLO a,b", json.dumps(info).encode()]
-    assert p.decode_worker(frames) == p.Hello(("a", "b"), info, None, 0)
+    frames = p.encode_hello(("a", "b"), info)
+    assert frames == [b"RWW3 HELLO a,b", json.dumps(info).encode()]
+    assert p.decode_worker(frames) == p.Hello(("a", "b"), info, None, 0, b"")
 
 
 def test_hello_round_trip_mid_job():
-    frames = p.encode_hello(["q"], {}, "job-7", 3)
-    assert frames == [b"RWW2 HELLO q job-7 3", b"{}"]
-    assert p.decode_worker(frames) == p.Hello(("q",), {}, "job-7", 3)
+    frames = p.encode_hello(["q"], {}, "job-7", 3, b"t0k")
+    assert frames == [b"RWW3 HELLO q job-7 3 t0k", b"{}"]
+    assert p.decode_worker(frames) == p.Hello(("q",), {}, "job-7", 3, b"t0k")
 
 
 def test_hello_empty_info_and_dedup():
     # an empty info frame means {}
-    assert p.decode_worker([b"RWW2 HELLO default", b""]) == p.Hello(("default",), {}, None, 0)
+    assert p.decode_worker([b"RWW3 HELLO default", b""]) == p.Hello(("default",), {}, None, 0, b"")
     # repeated queue names collapse, order kept
-    assert p.decode_worker([b"RWW2 HELLO b,a,b", b"{}"]) == p.Hello(("b", "a"), {}, None, 0)
+    assert p.decode_worker([b"RWW3 HELLO b,a,b", b"{}"]) == p.Hello(("b", "a"), {}, None, 0, b"")
     many = ",".join(f"q{i}" for i in range(p.MAX_WORKER_QUEUES)).encode()
-    assert len(p.decode_worker([b"RWW2 HELLO " + many, b"{}"]).queues) == p.MAX_WORKER_QUEUES
+    assert len(p.decode_worker([b"RWW3 HELLO " + many, b"{}"]).queues) == p.MAX_WORKER_QUEUES
 
 
 def test_worker_result_round_trip():
-    frames = p.encode_worker_result("j", 2, True, [b"r", b""])
-    assert frames == [b"RWW2 RESULT j 2 1", b"r", b""]
-    assert p.decode_worker(frames) == p.WorkerResult("j", 2, True, [b"r", b""])
-    assert p.encode_worker_result("j", 1, False, [b"x"])[0] == b"RWW2 RESULT j 1 0"
-    assert p.decode_worker(p.encode_worker_result("j", 1, False, [b"x"])).ready is False
+    frames = p.encode_worker_result("j", 2, b"tk", True, [b"r", b""])
+    assert frames == [b"RWW3 RESULT j 2 tk 1", b"r", b""]
+    assert p.decode_worker(frames) == p.WorkerResult("j", 2, b"tk", True, [b"r", b""])
+    assert p.encode_worker_result("j", 1, b"tk", False, [b"x"])[0] == b"RWW3 RESULT j 1 tk 0"
+    assert p.decode_worker(p.encode_worker_result("j", 1, b"tk", False, [b"x"])).ready is False
     with pytest.raises(ValueError):
-        p.encode_worker_result("j", 1, True, [])
+        p.encode_worker_result("j", 1, b"tk", True, [])
 
 
 def test_worker_error_round_trip():
-    frames = p.encode_worker_error("j", 3, False, "Traceback: \u2603 boom")
-    assert frames == [b"RWW2 ERROR j 3 0", "Traceback: \u2603 boom".encode()]
-    assert p.decode_worker(frames) == p.WorkerError("j", 3, False, "Traceback: \u2603 boom")
+    frames = p.encode_worker_error("j", 3, b"tk", False, "Traceback: \u2603 boom")
+    assert frames == [b"RWW3 ERROR j 3 tk 0", "Traceback: \u2603 boom".encode()]
+    assert p.decode_worker(frames) == p.WorkerError("j", 3, b"tk", False, "Traceback: \u2603 boom")
     # undecodable error text is replaced, never rejected
-    raw = [b"RWW2 ERROR j 1 1", b"bad \xff"]
-    assert p.decode_worker(raw) == p.WorkerError("j", 1, True, "bad \ufffd")
-    assert p.decode_worker([b"RWW2 ERROR j 1 1", b""]) == p.WorkerError("j", 1, True, "")
+    raw = [b"RWW3 ERROR j 1 tk 1", b"bad \xff"]
+    assert p.decode_worker(raw) == p.WorkerError("j", 1, b"tk", True, "bad \ufffd")
+    assert p.decode_worker([b"RWW3 ERROR j 1 tk 1", b""]) == p.WorkerError("j", 1, b"tk", True, "")
 
 
-def test_return_heartbeat_bye_round_trip():
-    assert p.encode_return("j", 4) == [b"RWW2 RETURN j 4"]
-    assert p.decode_worker(p.encode_return("j", 4)) == p.Return("j", 4)
+def test_return_heartbeat_bye_vacate_round_trip():
+    assert p.encode_return("j", 4, b"tk") == [b"RWW3 RETURN j 4 tk"]
+    assert p.decode_worker(p.encode_return("j", 4, b"tk")) == p.Return("j", 4, b"tk")
     assert p.decode_worker(p.HEARTBEAT_FRAMES) == p.Heartbeat()
     assert p.decode_worker(p.BYE_FRAMES) == p.Bye()
-    assert p.HEARTBEAT_FRAMES == [b"RWW2 HEARTBEAT"]
-    assert p.BYE_FRAMES == [b"RWW2 BYE"]
+    assert p.HEARTBEAT_FRAMES == [b"RWW3 HEARTBEAT"]
+    assert p.BYE_FRAMES == [b"RWW3 BYE"]
+    assert p.encode_vacate("h:1:0:ab") == [b"RWW3 VACATE", b"h:1:0:ab"]
+    assert p.decode_worker(p.encode_vacate("h:1:0:ab")) == p.Vacate("h:1:0:ab")
 
 
 @pytest.mark.parametrize(
@@ -353,65 +368,76 @@ def test_return_heartbeat_bye_round_trip():
         # framing and the version word
         ([], "empty message"),
         ([b""], "bad header"),
-        ([b"", b"RWW2 HEARTBEAT"], "bad header"),  # workers send no delimiter
+        ([b"", b"RWW3 HEARTBEAT"], "bad header"),  # workers send no delimiter
         ([b"RWC2 HELLO a", b"{}"], "bad header"),
-        ([b"RWW2HEARTBEAT"], "bad header"),
+        ([b"RWW3HEARTBEAT"], "bad header"),
         ([b"RWW1 HEARTBEAT"], "unsupported version"),
+        ([b"RWW2 HEARTBEAT"], "unsupported version"),  # the previous version: refused
         ([b"RWW9 HEARTBEAT"], "unsupported version"),
-        ([b"RWW2"], "no command"),
-        ([b"RWW2 NOPE"], "unknown command"),
-        ([b"RWW2 hello a", b"{}"], "unknown command"),
-        ([b"RWW2  HEARTBEAT"], "unknown command"),  # double space: an empty command word
+        ([b"RWW3"], "no command"),
+        ([b"RWW3 NOPE"], "unknown command"),
+        ([b"RWW3 hello a", b"{}"], "unknown command"),
+        ([b"RWW3  HEARTBEAT"], "unknown command"),  # double space: an empty command word
         # RESULT
-        ([b"RWW2 RESULT j 1 1"], "bad RESULT"),  # no result frame
-        ([b"RWW2 RESULT j 1", b"r"], "bad RESULT"),
-        ([b"RWW2 RESULT j 1 1 1", b"r"], "bad RESULT"),
-        ([b"RWW2 RESULT j  1 1", b"r"], "bad RESULT"),  # double space: 6 words
-        ([b"RWW2 RESULT  1 1", b"r"], "bad job id"),
-        ([b"RWW2 RESULT a\x1bb 1 1", b"r"], "bad job id"),
-        ([b"RWW2 RESULT j 0 1", b"r"], "bad attempt"),
-        ([b"RWW2 RESULT j x 1", b"r"], "bad attempt"),
-        ([b"RWW2 RESULT j -1 1", b"r"], "bad attempt"),
-        ([b"RWW2 RESULT j 1 2", b"r"], "bad ready"),
-        ([b"RWW2 RESULT j 1 ", b"r"], "bad ready"),
-        ([b"RWW2 RESULT j 1 yes", b"r"], "bad ready"),
+        ([b"RWW3 RESULT j 1 t 1"], "bad RESULT"),  # no result frame
+        ([b"RWW3 RESULT j 1 1", b"r"], "bad RESULT"),  # no token: RWW2's shape
+        ([b"RWW3 RESULT j 1 t 1 1", b"r"], "bad RESULT"),
+        ([b"RWW3 RESULT j  1 t 1", b"r"], "bad RESULT"),  # double space: 7 words
+        ([b"RWW3 RESULT  1 t 1", b"r"], "bad job id"),
+        ([b"RWW3 RESULT a\x1bb 1 t 1", b"r"], "bad job id"),
+        ([b"RWW3 RESULT j 0 t 1", b"r"], "bad attempt"),
+        ([b"RWW3 RESULT j x t 1", b"r"], "bad attempt"),
+        ([b"RWW3 RESULT j -1 t 1", b"r"], "bad attempt"),
+        ([b"RWW3 RESULT j 1 t 2", b"r"], "bad ready"),
+        ([b"RWW3 RESULT j 1 t ", b"r"], "bad ready"),
+        ([b"RWW3 RESULT j 1 t yes", b"r"], "bad ready"),
+        ([b"RWW3 RESULT j 1  1", b"r"], "bad token"),  # double space: an empty token
+        ([b"RWW3 RESULT j 1 " + b"t" * 65 + b" 1", b"r"], "bad token"),
         # ERROR
-        ([b"RWW2 ERROR j 1 1"], "bad ERROR"),  # no error text frame
-        ([b"RWW2 ERROR j 1 1", b"e", b"extra"], "bad ERROR"),
-        ([b"RWW2 ERROR j 1", b"e"], "bad ERROR"),
-        ([b"RWW2 ERROR j 1 1 Traceback", b"e"], "bad ERROR"),
-        ([b"RWW2 ERROR j 1 T", b"e"], "bad ready"),
-        ([b"RWW2 ERROR j 0 1", b"e"], "bad attempt"),
-        ([b"RWW2 ERROR a\x00 1 1", b"e"], "bad job id"),
+        ([b"RWW3 ERROR j 1 t 1"], "bad ERROR"),  # no error text frame
+        ([b"RWW3 ERROR j 1 t 1", b"e", b"extra"], "bad ERROR"),
+        ([b"RWW3 ERROR j 1 1", b"e"], "bad ERROR"),
+        ([b"RWW3 ERROR j 1 t 1 Traceback", b"e"], "bad ERROR"),
+        ([b"RWW3 ERROR j 1 t T", b"e"], "bad ready"),
+        ([b"RWW3 ERROR j 0 t 1", b"e"], "bad attempt"),
+        ([b"RWW3 ERROR a\x00 1 t 1", b"e"], "bad job id"),
+        ([b"RWW3 ERROR j 1  1", b"e"], "bad token"),
         # HELLO
-        ([b"RWW2 HELLO a"], "bad HELLO"),  # no info frame
-        ([b"RWW2 HELLO a", b"{}", b"x"], "bad HELLO"),
-        ([b"RWW2 HELLO", b"{}"], "bad HELLO"),
-        ([b"RWW2 HELLO a j", b"{}"], "bad HELLO"),  # a job id without an attempt
-        ([b"RWW2 HELLO a b", b"{}"], "bad HELLO"),  # queues are separated by commas
-        ([b"RWW2 HELLO a j 1 x", b"{}"], "bad HELLO"),
-        ([b"RWW2 HELLO " + b",".join(b"q%d" % i for i in range(p.MAX_WORKER_QUEUES + 1)), b"{}"],
+        ([b"RWW3 HELLO a"], "bad HELLO"),  # no info frame: exactly one is needed
+        ([b"RWW3 HELLO a", b"{}", b"x"], "bad HELLO"),
+        ([b"RWW3 HELLO", b"{}"], "bad HELLO"),
+        ([b"RWW3 HELLO a j", b"{}"], "bad HELLO"),  # a job id without an attempt
+        ([b"RWW3 HELLO a j 1", b"{}"], "bad HELLO"),  # and without a token: RWW2's shape
+        ([b"RWW3 HELLO a b", b"{}"], "bad HELLO"),  # queues are separated by commas
+        ([b"RWW3 HELLO a j 1 t x", b"{}"], "bad HELLO"),
+        ([b"RWW3 HELLO " + b",".join(b"q%d" % i for i in range(p.MAX_WORKER_QUEUES + 1)), b"{}"],
          "bad HELLO"),
-        ([b"RWW2 HELLO ", b"{}"], "bad queue"),  # an empty list no longer means default
-        ([b"RWW2 HELLO a,,b", b"{}"], "bad queue"),
-        ([b"RWW2 HELLO a,", b"{}"], "bad queue"),
-        ([b"RWW2 HELLO a/b", b"{}"], "bad queue"),
-        ([b"RWW2 HELLO a", b"{"], "bad info"),
-        ([b"RWW2 HELLO a", b"[]"], "bad info"),
-        ([b"RWW2 HELLO a", b'"s"'], "bad info"),
-        ([b"RWW2 HELLO a", b"\xff"], "bad info"),
-        ([b"RWW2 HELLO a", b'{"a": "' + b"x" * 8200 + b'"}'], "bad info"),
-        ([b"RWW2 HELLO a j ", b"{}"], "bad attempt"),
-        ([b"RWW2 HELLO a j 0", b"{}"], "bad attempt"),
-        ([b"RWW2 HELLO a  1", b"{}"], "bad job id"),  # double space: an empty job id
-        ([b"RWW2 HELLO a a\x00b 1", b"{}"], "bad job id"),
+        ([b"RWW3 HELLO ", b"{}"], "bad queue"),  # an empty list no longer means default
+        ([b"RWW3 HELLO a,,b", b"{}"], "bad queue"),
+        ([b"RWW3 HELLO a,", b"{}"], "bad queue"),
+        ([b"RWW3 HELLO a/b", b"{}"], "bad queue"),
+        ([b"RWW3 HELLO a", b"{"], "bad info"),
+        ([b"RWW3 HELLO a", b"[]"], "bad info"),
+        ([b"RWW3 HELLO a", b'"s"'], "bad info"),
+        ([b"RWW3 HELLO a", b"\xff"], "bad info"),
+        ([b"RWW3 HELLO a", b'{"a": "' + b"x" * 8200 + b'"}'], "bad info"),
+        ([b"RWW3 HELLO a j  t", b"{}"], "bad attempt"),
+        ([b"RWW3 HELLO a j 0 t", b"{}"], "bad attempt"),
+        ([b"RWW3 HELLO a  1 t", b"{}"], "bad job id"),  # double space: an empty job id
+        ([b"RWW3 HELLO a a\x00b 1 t", b"{}"], "bad job id"),
+        ([b"RWW3 HELLO a j 1 ", b"{}"], "bad token"),
         # RETURN
-        ([b"RWW2 RETURN j"], "bad RETURN"),
-        ([b"RWW2 RETURN j 1 x"], "bad RETURN"),
-        ([b"RWW2 RETURN j 1 "], "bad RETURN"),  # trailing space: 5 words
-        ([b"RWW2 RETURN j -1"], "bad attempt"),
-        ([b"RWW2 RETURN j 0"], "bad attempt"),
-        ([b"RWW2 RETURN  1"], "bad job id"),
+        ([b"RWW3 RETURN j 1"], "bad RETURN"),
+        ([b"RWW3 RETURN j 1 t x"], "bad RETURN"),
+        ([b"RWW3 RETURN j 1 t "], "bad RETURN"),  # trailing space: 6 words
+        ([b"RWW3 RETURN j -1 t"], "bad attempt"),
+        ([b"RWW3 RETURN j 0 t"], "bad attempt"),
+        ([b"RWW3 RETURN  1 t"], "bad job id"),
+        ([b"RWW3 RETURN j 1 "], "bad token"),
+        # VACATE
+        ([b"RWW3 VACATE"], "bad VACATE"),
+        ([b"RWW3 VACATE", b""], "bad slot"),
+        ([b"RWW3 VACATE x", b"slot"], "bad VACATE"),
     ],
 )
 def test_decode_worker_rejects(frames, reason):
@@ -423,7 +449,7 @@ def test_decode_worker_rejects(frames, reason):
 
 def test_welcome_round_trip():
     frames = p.encode_welcome("brk1", 2.5, 4)
-    assert frames[0] == b"RWW2 WELCOME" and len(frames) == 2
+    assert frames[0] == b"RWW3 WELCOME" and len(frames) == 2
     assert json.loads(frames[1]) == {"broker": "brk1", "heartbeat": 2.5, "liveness": 4,
                                      "max_message_size": None}
     assert p.decode_broker(frames) == p.Welcome("brk1", 2.5, 4)
@@ -431,47 +457,58 @@ def test_welcome_round_trip():
 
 
 def test_job_round_trip():
-    frames = p.encode_job(b"job-1", 2, 1.5, [b"in", b""])
-    assert frames == [b"RWW2 JOB job-1 2 1500", b"in", b""]
-    assert p.decode_broker(frames) == p.Job("job-1", 2, 1.5, [b"in", b""])
+    frames = p.encode_job(b"job-1", 2, 1.5, b"tk", [b"in", b""])
+    assert frames == [b"RWW3 JOB job-1 2 1500 tk", b"in", b""]
+    assert p.decode_broker(frames) == p.Job("job-1", 2, 1.5, b"tk", [b"in", b""])
     # JOB's timeout is at least 1 ms
-    assert p.encode_job(b"j", 1, 0.0, [b"x"])[0] == b"RWW2 JOB j 1 1"
+    assert p.encode_job(b"j", 1, 0.0, b"tk", [b"x"])[0] == b"RWW3 JOB j 1 1 tk"
+
+
+def test_ack_round_trip():
+    assert p.encode_ack(b"job-1", 2) == [b"RWW3 ACK job-1 2"]
+    assert p.decode_broker(p.encode_ack(b"job-1", 2)) == p.Ack("job-1", 2)
 
 
 def test_broker_heartbeat_and_disconnect_round_trip():
     assert p.decode_broker(p.HEARTBEAT_FRAMES) == p.Heartbeat()
-    assert p.encode_disconnect("go away") == [b"RWW2 DISCONNECT", b"go away"]
+    assert p.encode_disconnect("go away") == [b"RWW3 DISCONNECT", b"go away"]
     assert p.decode_broker(p.encode_disconnect("go away")) == p.Disconnect("go away")
-    assert p.decode_broker([b"RWW2 DISCONNECT"]) == p.Disconnect("")  # the reason may be absent
+    assert p.decode_broker([b"RWW3 DISCONNECT"]) == p.Disconnect("")  # the reason may be absent
+    # an old worker is told why in its own version's words
+    assert p.encode_disconnect("upgrade", b"RWW2") == [b"RWW2 DISCONNECT", b"upgrade"]
 
 
 @pytest.mark.parametrize(
     "frames, reason",
     [
         ([], "empty message"),
-        ([b"", b"RWW2 JOB j 1 1000", b"x"], "bad header"),
-        ([b"RWC2 JOB j 1 1000", b"x"], "bad header"),
+        ([b"", b"RWW3 JOB j 1 1000 t", b"x"], "bad header"),
+        ([b"RWC2 JOB j 1 1000 t", b"x"], "bad header"),
         ([b"RWW1 JOB j 1 1000", b"x"], "unsupported version"),
-        ([b"RWW2"], "no command"),
-        ([b"RWW2 JOB j 1 1000"], "bad JOB"),  # no payload frame
-        ([b"RWW2 JOB j 1", b"x"], "bad JOB"),
-        ([b"RWW2 JOB j 1 1000 x", b"x"], "bad JOB"),
-        ([b"RWW2 JOB j  1 1000", b"x"], "bad JOB"),  # double space: 6 words
-        ([b"RWW2 JOB j 0 1000", b"x"], "bad attempt"),
-        ([b"RWW2 JOB j 1 0", b"x"], "bad timeout"),
-        ([b"RWW2 JOB j 1 ", b"x"], "bad timeout"),
-        ([b"RWW2 JOB  1 10", b"x"], "bad job id"),
-        ([b"RWW2 JOB a\x00b 1 10", b"x"], "bad job id"),
-        ([b"RWW2 WELCOME"], "bad WELCOME"),
-        ([b"RWW2 WELCOME", b"{}", b"x"], "bad WELCOME"),
-        ([b"RWW2 WELCOME", b"{}"], "bad WELCOME"),
-        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": 1}'], "bad WELCOME"),
-        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": "x", "liveness": 3}'], "bad WELCOME"),
-        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": [], "liveness": 3}'], "bad WELCOME"),
-        ([b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": 3, "max_message_size": "x"}'],
+        ([b"RWW3"], "no command"),
+        ([b"RWW3 JOB j 1 1000 t"], "bad JOB"),  # no payload frame
+        ([b"RWW3 JOB j 1 1000", b"x"], "bad JOB"),  # no token
+        ([b"RWW3 JOB j 1 1000 t x", b"x"], "bad JOB"),
+        ([b"RWW3 JOB j  1 1000 t", b"x"], "bad JOB"),  # double space: 7 words
+        ([b"RWW3 JOB j 0 1000 t", b"x"], "bad attempt"),
+        ([b"RWW3 JOB j 1 0 t", b"x"], "bad timeout"),
+        ([b"RWW3 JOB j 1  t", b"x"], "bad timeout"),
+        ([b"RWW3 JOB  1 10 t", b"x"], "bad job id"),
+        ([b"RWW3 JOB a\x00b 1 10 t", b"x"], "bad job id"),
+        ([b"RWW3 JOB j 1 10 ", b"x"], "bad token"),
+        ([b"RWW3 ACK j"], "bad ACK"),
+        ([b"RWW3 ACK j 1", b"x"], "bad ACK"),
+        ([b"RWW3 ACK j 0"], "bad attempt"),
+        ([b"RWW3 WELCOME"], "bad WELCOME"),
+        ([b"RWW3 WELCOME", b"{}", b"x"], "bad WELCOME"),
+        ([b"RWW3 WELCOME", b"{}"], "bad WELCOME"),
+        ([b"RWW3 WELCOME", b'{"broker": "b", "heartbeat": 1}'], "bad WELCOME"),
+        ([b"RWW3 WELCOME", b'{"broker": "b", "heartbeat": "x", "liveness": 3}'], "bad WELCOME"),
+        ([b"RWW3 WELCOME", b'{"broker": "b", "heartbeat": [], "liveness": 3}'], "bad WELCOME"),
+        ([b"RWW3 WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": 3, "max_message_size": "x"}'],
          "bad WELCOME"),
-        ([b"RWW2 WELCOME", b"nope"], "bad welcome"),
-        ([b"RWW2 READY"], "unknown command"),
+        ([b"RWW3 WELCOME", b"nope"], "bad welcome"),
+        ([b"RWW3 READY"], "unknown command"),
     ],
 )
 def test_decode_broker_rejects(frames, reason):
@@ -480,7 +517,7 @@ def test_decode_broker_rejects(frames, reason):
 
 @pytest.mark.parametrize("liveness", [b"Infinity", b"1e400"])
 def test_decode_broker_welcome_infinite_liveness_is_a_protocol_error(liveness):
-    frames = [b"RWW2 WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": ' + liveness + b"}"]
+    frames = [b"RWW3 WELCOME", b'{"broker": "b", "heartbeat": 1, "liveness": ' + liveness + b"}"]
     assert reason_of(p.decode_broker, frames) == "bad WELCOME"
 
 
@@ -494,7 +531,7 @@ _WRONG_WORD_COUNTS = [
     (p.decode_client, [b"RWC2 SUBMIT j default 0", b"x"], "SUBMIT short"),
     (p.decode_client, [b"RWC2 SUBMIT j default 0 0 0", b"x"], "SUBMIT long"),
     (p.decode_client, [b"RWC2 WAIT"], "WAIT short"),
-    (p.decode_client, [b"RWC2 WAIT j k"], "WAIT long"),
+    (p.decode_client, [b"RWC2 WAIT j", b"x"], "WAIT with a frame"),
     (p.decode_client, [b"RWC2 QUERY"], "QUERY short"),
     (p.decode_client, [b"RWC2 QUERY j k"], "QUERY long"),
     (p.decode_client, [b"RWC2 CANCEL"], "CANCEL short"),
@@ -519,24 +556,27 @@ _WRONG_WORD_COUNTS = [
     (p.decode_reply, [b"RWC2 PONG b c", b"{}"], "PONG long"),
     pytest.param(p.decode_reply, [b"RWC2 INVALID x", b"reason"], "INVALID long"),
     # workers endpoint, worker -> broker
-    (p.decode_worker, [b"RWW2 HELLO", b"{}"], "HELLO short"),
-    (p.decode_worker, [b"RWW2 HELLO q j", b"{}"], "HELLO 4 words"),
-    (p.decode_worker, [b"RWW2 HELLO q j 1 x", b"{}"], "HELLO long"),
-    (p.decode_worker, [b"RWW2 RESULT j 1", b"r"], "RESULT short"),
-    (p.decode_worker, [b"RWW2 RESULT j 1 1 x", b"r"], "RESULT long"),
-    (p.decode_worker, [b"RWW2 ERROR j 1", b"e"], "ERROR short"),
-    (p.decode_worker, [b"RWW2 ERROR j 1 1 x", b"e"], "ERROR long"),
-    (p.decode_worker, [b"RWW2 RETURN j"], "RETURN short"),
-    (p.decode_worker, [b"RWW2 RETURN j 1 x"], "RETURN long"),
-    pytest.param(p.decode_worker, [b"RWW2 HEARTBEAT x"], "HEARTBEAT long"),
-    pytest.param(p.decode_worker, [b"RWW2 BYE x"], "BYE long"),
+    (p.decode_worker, [b"RWW3 HELLO", b"{}"], "HELLO short"),
+    (p.decode_worker, [b"RWW3 HELLO q j 1", b"{}"], "HELLO 5 words"),
+    (p.decode_worker, [b"RWW3 HELLO q j 1 t x", b"{}"], "HELLO long"),
+    (p.decode_worker, [b"RWW3 RESULT j 1 t", b"r"], "RESULT short"),
+    (p.decode_worker, [b"RWW3 RESULT j 1 t 1 x", b"r"], "RESULT long"),
+    (p.decode_worker, [b"RWW3 ERROR j 1 t", b"e"], "ERROR short"),
+    (p.decode_worker, [b"RWW3 ERROR j 1 t 1 x", b"e"], "ERROR long"),
+    (p.decode_worker, [b"RWW3 RETURN j 1"], "RETURN short"),
+    (p.decode_worker, [b"RWW3 RETURN j 1 t x"], "RETURN long"),
+    pytest.param(p.decode_worker, [b"RWW3 HEARTBEAT x"], "HEARTBEAT long"),
+    pytest.param(p.decode_worker, [b"RWW3 BYE x"], "BYE long"),
+    pytest.param(p.decode_worker, [b"RWW3 VACATE x", b"slot"], "VACATE long"),
     # workers endpoint, broker -> worker
-    (p.decode_broker, [b"RWW2 JOB j 1", b"p"], "JOB short"),
-    (p.decode_broker, [b"RWW2 JOB j 1 1000 x", b"p"], "JOB long"),
-    pytest.param(p.decode_broker, [b"RWW2 WELCOME x", b'{"broker": "b", "heartbeat": 1, "liveness": 3}'],
+    (p.decode_broker, [b"RWW3 JOB j 1 1000", b"p"], "JOB short"),
+    (p.decode_broker, [b"RWW3 JOB j 1 1000 t x", b"p"], "JOB long"),
+    (p.decode_broker, [b"RWW3 ACK j"], "ACK short"),
+    (p.decode_broker, [b"RWW3 ACK j 1 x"], "ACK long"),
+    pytest.param(p.decode_broker, [b"RWW3 WELCOME x", b'{"broker": "b", "heartbeat": 1, "liveness": 3}'],
                  "WELCOME long"),
-    pytest.param(p.decode_broker, [b"RWW2 HEARTBEAT x"], "HEARTBEAT long"),
-    pytest.param(p.decode_broker, [b"RWW2 DISCONNECT x", b"reason"], "DISCONNECT long"),
+    pytest.param(p.decode_broker, [b"RWW3 HEARTBEAT x"], "HEARTBEAT long"),
+    pytest.param(p.decode_broker, [b"RWW3 DISCONNECT x", b"reason"], "DISCONNECT long"),
 ]
 
 
@@ -561,15 +601,16 @@ def test_a_command_line_with_a_wrong_number_of_words_is_rejected_for_every_comma
     expected = {("decode_client", c) for c in (p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING)}
     expected |= {("decode_reply", c) for c in (p.ACCEPTED, p.RESULT, p.FAILED, p.CANCELLED, p.REFUSED,
                                                p.INFO, p.UNKNOWN, p.PONG, p.INVALID)}
-    expected |= {("decode_worker", c) for c in (p.HELLO, p.RESULT, p.ERROR, p.RETURN, p.HEARTBEAT, p.BYE)}
-    expected |= {("decode_broker", c) for c in (p.JOB, p.WELCOME, p.HEARTBEAT, p.DISCONNECT)}
+    expected |= {("decode_worker", c)
+                 for c in (p.HELLO, p.RESULT, p.ERROR, p.RETURN, p.HEARTBEAT, p.BYE, p.VACATE)}
+    expected |= {("decode_broker", c) for c in (p.JOB, p.ACK, p.WELCOME, p.HEARTBEAT, p.DISCONNECT)}
     assert covered == expected
 
 
 @pytest.mark.parametrize(
     "decode, frames",
     [
-        pytest.param(p.decode_worker, [b"RWW2 RETURN j 1", b"extra"]),
+        pytest.param(p.decode_worker, [b"RWW3 RETURN j 1 t", b"extra"]),
     ],
 )
 def test_a_command_with_no_further_frames_rejects_extra_frames(decode, frames):
@@ -587,7 +628,7 @@ def test_deeply_nested_json_is_a_protocol_error(which):
     nested = b"[" * 3000 + b"]" * 3000  # 6000 bytes: under MAX_INFO_BYTES
     assert len(nested) < p.MAX_INFO_BYTES
     if which == "hello-info":
-        assert reason_of(p.decode_worker, [b"RWW2 HELLO q", nested]) == "bad info"
+        assert reason_of(p.decode_worker, [b"RWW3 HELLO q", nested]) == "bad info"
     elif which == "reply-info":
         assert reason_of(p.decode_reply, [b"RWC2 INFO j", nested]) == "bad info"
     else:
@@ -597,14 +638,14 @@ def test_deeply_nested_json_is_a_protocol_error(which):
 def test_large_info_reply_is_accepted_but_large_hello_info_is_not():
     info = {"error": "Traceback\n" + "x" * 50_000}
     assert p.decode_reply(p.encode_info("j", info)).info == info
-    hello = p.encode_hello(("q",), info, None, 0)
+    hello = p.encode_hello(("q",), info)
     assert reason_of(p.decode_worker, hello) == "bad info"
 
 
 def test_extra_frames_after_ping_heartbeat_and_bye_are_ignored():
     assert p.decode_client([b"RWC2 PING", b"x"]) == p.Ping()
-    assert p.decode_worker([b"RWW2 HEARTBEAT", b"x"]) == p.Heartbeat()
-    assert p.decode_worker([b"RWW2 BYE", b"x", b"y"]) == p.Bye()
+    assert p.decode_worker([b"RWW3 HEARTBEAT", b"x"]) == p.Heartbeat()
+    assert p.decode_worker([b"RWW3 BYE", b"x", b"y"]) == p.Bye()
 
 
 # ================================================================================================
@@ -648,7 +689,8 @@ def test_decode_snapshot_rejects():
 _WORDS = [
     b"", b"RWC2", b"RWW2", b"RWC1", b"RWW1", b"RWC9", b"RWS1", b"SUBMIT", b"WAIT", b"QUERY", b"CANCEL",
     b"PING", b"RESULT", b"ERROR", b"HELLO", b"RETURN", b"HEARTBEAT", b"BYE", b"JOB", b"WELCOME",
-    b"DISCONNECT", b"INFO", b"FAILED", b"REFUSED", b"ACCEPTED", b"CANCELLED", b"UNKNOWN", b"PONG",
+    b"DISCONNECT", b"ACK", b"VACATE", b"RESYNC", b"RWW3", b"INFO", b"FAILED", b"REFUSED", b"ACCEPTED",
+    b"CANCELLED", b"UNKNOWN", b"PONG",
     b"INVALID", b"STATUS", b"SNAPSHOT", b"1", b"0", b"2", b"1000", b"job-1", b"a,b", b"a,,b",
     b"default", b"\xff", b"\x00", b"a\tb", b"999999999999999", b"-1", b"+1",
 ]
@@ -680,7 +722,8 @@ def test_decoders_raise_only_protocol_errors(frames):
 @settings(max_examples=400, deadline=None, derandomize=True, database=None)
 @given(st.sampled_from([p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING, p.RESULT, p.ERROR, p.HELLO, p.RETURN,
                         p.HEARTBEAT, p.BYE, p.JOB, p.WELCOME, p.DISCONNECT, p.INFO, p.FAILED, p.REFUSED,
-                        p.ACCEPTED, p.CANCELLED, p.UNKNOWN, p.PONG, p.INVALID]),
+                        p.ACCEPTED, p.CANCELLED, p.UNKNOWN, p.PONG, p.INVALID, p.ACK, p.VACATE,
+                        p.RESYNC]),
        st.lists(_word, max_size=6), st.lists(_frame, max_size=5))
 def test_decoders_raise_only_protocol_errors_behind_valid_version_words(command, words, rest):
     for version, decode in ((p.CLIENT, p.decode_client), (p.WORKER, p.decode_worker),
@@ -740,19 +783,20 @@ def test_reply_round_trip_property(job_id, more_ids, payload, error, text, info)
 @given(_job_ids, st.integers(1, 10**9), st.booleans(), _payload, _text,
        st.lists(_queues, min_size=1, max_size=5))
 def test_worker_messages_round_trip_property(job_id, attempt, ready, payload, error, queues):
-    assert p.decode_worker(p.encode_worker_result(job_id, attempt, ready, payload)) == p.WorkerResult(
-        job_id, attempt, ready, payload
-    )
-    got = p.decode_worker(p.encode_worker_error(job_id, attempt, ready, error))
+    tok = b"%032x" % attempt
+    assert p.decode_worker(p.encode_worker_result(job_id, attempt, tok, ready, payload)) == (
+        p.WorkerResult(job_id, attempt, tok, ready, payload))
+    got = p.decode_worker(p.encode_worker_error(job_id, attempt, tok, ready, error))
     text = error.encode("utf-8", "replace").decode("utf-8", "replace")
-    assert got == p.WorkerError(job_id, attempt, ready, text)
-    assert p.decode_worker(p.encode_return(job_id, attempt)) == p.Return(job_id, attempt)
-    hello = p.decode_worker(p.encode_hello(("q",), {}, job_id, attempt))
-    assert hello == p.Hello(("q",), {}, job_id, attempt)
-    hello = p.decode_worker(p.encode_hello(queues, {"name": job_id}, None, 0))
-    assert hello == p.Hello(tuple(dict.fromkeys(queues)), {"name": job_id}, None, 0)
-    job = p.decode_broker(p.encode_job(job_id.encode(), attempt, attempt / 1000.0, payload))
-    assert job == p.Job(job_id, attempt, attempt / 1000.0, payload)
+    assert got == p.WorkerError(job_id, attempt, tok, ready, text)
+    assert p.decode_worker(p.encode_return(job_id, attempt, tok)) == p.Return(job_id, attempt, tok)
+    hello = p.decode_worker(p.encode_hello(("q",), {}, job_id, attempt, tok))
+    assert hello == p.Hello(("q",), {}, job_id, attempt, tok)
+    hello = p.decode_worker(p.encode_hello(queues, {"name": job_id}))
+    assert hello == p.Hello(tuple(dict.fromkeys(queues)), {"name": job_id}, None, 0, b"")
+    job = p.decode_broker(p.encode_job(job_id.encode(), attempt, attempt / 1000.0, tok, payload))
+    assert job == p.Job(job_id, attempt, attempt / 1000.0, tok, payload)
+    assert p.decode_broker(p.encode_ack(job_id.encode(), attempt)) == p.Ack(job_id, attempt)
     assert p.decode_broker(p.encode_disconnect(job_id)) == p.Disconnect(job_id)
     welcome = p.decode_broker(p.encode_welcome(job_id, attempt / 1000.0, attempt, attempt))
     assert welcome == p.Welcome(job_id, attempt / 1000.0, attempt, attempt)

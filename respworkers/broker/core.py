@@ -15,12 +15,13 @@ import socket
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from typing import Any, Callable
 
 from .. import __version__, protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError
-from .journal import Journal, NullJournal, Stored
+from .journal import Journal, JournalWriteError, NullJournal, Stored
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,31 @@ MAX_WORKER_HEARTBEAT = 60.0
 RATE_WINDOW = 10.0
 #: Unconfirmed submissions that make a commit due before commit_interval has passed.
 COMMIT_BATCH = 2000
+#: Largest RESULTS message, in bytes of results (a single larger result travels alone).
+MAX_RESULTS_BYTES = 256 << 10
+#: Rows restored between two looks at the sockets while a large journal loads.
+RESTORE_STEP = 5000
+#: After a failed journal write the commit is retried after this delay, doubling up to the max.
+JOURNAL_RETRY = 0.1
+JOURNAL_RETRY_MAX = 5.0
+
+
+class Tokens:
+    """Unguessable attempt tokens (32 hex digits), cut from one urandom read per 256 tokens."""
+
+    __slots__ = ("_hex", "_pos")
+
+    def __init__(self) -> None:
+        self._hex = b""
+        self._pos = 0
+
+    def next(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(4096).hex().encode()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos:pos + 32]
 
 
 class Job:
@@ -56,7 +82,7 @@ class Job:
     __slots__ = (
         "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
         "waiters", "tried", "worker", "deadline", "created", "started", "finished",
-        "result", "reason", "error", "qtoken",
+        "result", "reason", "error", "qtoken", "tokens",
     )
 
     def __init__(
@@ -83,6 +109,9 @@ class Job:
         self.reason = ""
         self.error = ""
         self.qtoken = 0  # matches the token of its live queue entry, if it has one
+        # Attempts sent to workers that may still answer: token -> attempt. A worker proves
+        # it was sent an attempt by echoing its token; nobody else can end the attempt.
+        self.tokens: dict[bytes, int] | None = None
 
     def info(self, now_wall: float) -> dict[str, Any]:
         return {
@@ -110,8 +139,8 @@ class WorkerRec:
     """One registered worker process, known by its ROUTER routing id."""
 
     __slots__ = (
-        "wid", "name", "queues", "info", "job", "job_id", "attempt", "since", "last_seen",
-        "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
+        "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
+        "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -124,6 +153,7 @@ class WorkerRec:
         self.job: Job | None = None
         self.job_id: str | None = None  # may name a job this broker does not know
         self.attempt = 0
+        self.token = b""  # the token of the attempt in hand
         self.since = now
         self.last_seen = now
         self.expiry = 0.0
@@ -203,8 +233,16 @@ class BrokerCore:
         self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
         self.rates: deque[tuple[float, int, int, int]] = deque()
         self.accepting = True
+        # Why the journal cannot be written (disk full, read-only, ...), or None. While set,
+        # new submissions are refused and the commit is retried with a growing delay.
+        self.journal_problem: str | None = None
+        self.journal_problem_since = 0.0
+        self._journal_retry = JOURNAL_RETRY
+        self._journal_retry_at = 0.0
+        self.journal.bind(self.jobs)
+        self.tokens = Tokens()
         self._seq = 0
-        self._plain_seq = 0
+        self._version_told = -math.inf  # when an old-version worker was last told why not
         self._next_beat = 0.0
         self._earliest = math.inf  # no attempt's deadline is earlier than this
         self._committed = -math.inf  # when the journal last committed something
@@ -216,21 +254,27 @@ class BrokerCore:
                        "max_timeout": cfg.max_timeout, "max_tries": cfg.max_tries}
 
     # ------------------------------------------------------------------ restart
-    def restore(self, stored: list[Stored]) -> dict[str, int]:
-        """Rebuild state from the journal after a restart (call before serving).
+    def restore(
+        self, stored: Iterable[Stored], progress: Callable[[int], None] | None = None
+    ) -> dict[str, int]:
+        """Rebuild state from the journal after a restart (call before serving workers).
 
         Queued jobs queue again in their old order. A job that was running is held back
         for one heartbeat expiry so its worker can re-register and claim it; if none
         does, it runs again and the interrupted attempt does not count as a try.
         Finished jobs keep their outcome for WAIT and QUERY until retention ends.
+        ``progress(rows so far)`` is called every RESTORE_STEP rows, so that a caller can
+        answer pings while a large journal loads.
         """
         counts = {"queued": 0, "interrupted": 0, "finished": 0}
         finished: list[Job] = []
         self.start_recovery()
-        for row in stored:
+        for n, row in enumerate(stored, 1):
+            if progress is not None and not n % RESTORE_STEP:
+                progress(n)
             job = Job(row.id, row.queue, row.payload or [b""], row.timeout, row.tries, row.seq,
                       row.created)
-            job.attempt, job.tried = row.attempt, row.tried
+            job.attempt, job.tried, job.tokens = row.attempt, row.tried, row.tokens
             job.started, job.error, job.reason = row.started, row.error, row.reason
             self.jobs[job.id] = job
             self._seq = max(self._seq, row.seq)
@@ -287,11 +331,14 @@ class BrokerCore:
             for sub in req.jobs:
                 submit(client, sub.job_id, sub.queue, sub.timeout, sub.tries, sub.payload, BATCH)
         elif kind is protocol.Plain:
-            self._plain_seq += 1
-            job_id = f"req-{self.broker_id}-{self._plain_seq}"
+            # Unguessable, so no other client can WAIT for, QUERY or CANCEL it by guessing.
+            job_id = "req-" + self.tokens.next().decode()
             self._submit(client, job_id, protocol.DEFAULT_QUEUE, None, None, req.payload, PLAIN)
         elif kind is protocol.JobRef:
             self._job_ref(client, req.command, req.job_id)
+        elif kind is protocol.Wait:
+            for job_id in req.job_ids:
+                self._wait(client, job_id)
         else:
             self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
 
@@ -337,6 +384,8 @@ class BrokerCore:
         cfg = self.cfg
         if not self.accepting:
             return protocol.REFUSE_SHUTDOWN, "the broker is stopping"
+        if self.journal_problem is not None:
+            return protocol.REFUSE_JOURNAL, f"journal unavailable: {self.journal_problem}"
         if timeout is not None and timeout > cfg.max_timeout:
             return (protocol.REFUSE_LIMIT,
                     f"timeout {timeout:g}s is over the broker's max_timeout of {cfg.max_timeout:g}s")
@@ -356,24 +405,38 @@ class BrokerCore:
         job = self.jobs.get(job_id)
         if job is None:
             self.send_client(client, protocol.encode_unknown(job_id))
-        elif command == protocol.WAIT:
-            if job.state in FINAL:
-                self._tell(job, client, PROTO)
-            elif all(waiter != client for waiter, _ in job.waiters):  # also if it sent SUBMITS
-                job.waiters.append((client, PROTO))
         elif command == protocol.QUERY:
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
         else:
             self.cancel(job)
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
 
+    def _wait(self, client: bytes, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            self.send_client(client, protocol.encode_unknown(job_id))
+        elif job.state in FINAL:
+            self._tell(job, client, PROTO)
+        elif all(waiter != client for waiter, _ in job.waiters):  # also if it sent SUBMITS
+            job.waiters.append((client, PROTO))
+
     def send_results(self) -> None:
         """End of a loop turn: one RESULTS per client for its batched jobs that ended."""
         if not self.outbox:
             return
+        limit = MAX_RESULTS_BYTES
         for client, jobs in self.outbox.items():
-            self.send_client(client, protocol.encode_results(
-                [(job.bid, job.result or [b""]) for job in jobs]))
+            batch: list[tuple[bytes, list[bytes]]] = []
+            size = 0
+            for job in jobs:
+                result = job.result or [b""]
+                n = sum(map(len, result))
+                if batch and size + n > limit:  # bounded messages: a slow reader costs little
+                    self.send_client(client, protocol.encode_results(batch))
+                    batch, size = [], 0
+                batch.append((job.bid, result))
+                size += n
+            self.send_client(client, protocol.encode_results(batch))
         self.outbox.clear()
 
     def maybe_flush(self) -> None:
@@ -386,17 +449,33 @@ class BrokerCore:
         if not (self.unconfirmed or self.journal.dirty()):
             return
         due = self._committed + self.cfg.commit_interval
-        if self.now >= due or len(self.unconfirmed) >= COMMIT_BATCH:
+        if self.journal_problem is not None and self._journal_retry_at > due:
+            due = self._journal_retry_at
+        if self.now >= due or (len(self.unconfirmed) >= COMMIT_BATCH and self.journal_problem is None):
             self.flush()
         else:
             self._commit_due = due
 
-    def flush(self) -> None:
-        """Make everything durable now, then confirm submissions (ACCEPTED after the journal)."""
+    def flush(self) -> bool:
+        """Make everything durable now, then confirm submissions (ACCEPTED after the journal).
+
+        Returns False if the journal could not be written: nothing is confirmed then; the
+        changes stay buffered and the commit is retried with a growing delay.
+        """
         self._commit_due = math.inf
-        if self.unconfirmed or self.journal.dirty():
-            self._committed = self.now
-        self.journal.commit()
+        if not (self.unconfirmed or self.journal.dirty()):
+            return True
+        self._committed = self.now
+        try:
+            self.journal.commit()
+        except JournalWriteError as exc:
+            self._journal_failed(str(exc))
+            return False
+        if self.journal_problem is not None:
+            log.warning("journal writable again after %.1fs; new submissions are accepted again",
+                        self.now - self.journal_problem_since)
+            self.journal_problem = None
+            self._journal_retry = JOURNAL_RETRY
         if self.unconfirmed:
             # One ACCEPTED per client per batch, naming every job it confirms.
             batches: dict[bytes, list[bytes]] = {}
@@ -409,6 +488,21 @@ class BrokerCore:
             self.unconfirmed.clear()
             for client, ids in batches.items():
                 self.send_client(client, protocol.encode_accepted(ids))
+        return True
+
+    def _journal_failed(self, why: str) -> None:
+        """Keep running on what is in memory; refuse new work until the journal takes writes."""
+        if self.journal_problem is None:
+            self.journal_problem_since = self.now
+            log.error("cannot write the journal: %s. Refusing new submissions; jobs already "
+                      "confirmed keep running and their outcomes are written once it recovers. "
+                      "Retrying.", why)
+        elif why != self.journal_problem:
+            log.error("journal still failing: %s", why)
+        self.journal_problem = why
+        self._journal_retry_at = self.now + self._journal_retry
+        self._journal_retry = min(JOURNAL_RETRY_MAX, self._journal_retry * 2)
+        self._commit_due = self._journal_retry_at
 
     def _tell(self, job: Job, client: bytes, how: int) -> None:
         """Send a finished job's outcome to one client (batched results: at end of turn)."""
@@ -515,13 +609,20 @@ class BrokerCore:
             job.started = self.wall
         job.tried.append(w.name)
         self._start_clock(job)
+        token = self.tokens.next()
+        if job.tokens is None:
+            job.tokens = {token: job.attempt}
+        else:
+            job.tokens[token] = job.attempt
         w.job = job
         w.job_id = job.id
         w.attempt = job.attempt
+        w.token = token
         w.since = self.now
         self.journal.attempted(job)
         self.send_worker(
-            w.wid, protocol.encode_job(job.bid, job.attempt, job.timeout, job.payload or [b""])
+            w.wid,
+            protocol.encode_job(job.bid, job.attempt, job.timeout, token, job.payload or [b""]),
         )
 
     def _start_clock(self, job: Job) -> None:
@@ -544,8 +645,9 @@ class BrokerCore:
                     if not ready:
                         del self.ready[q]
 
-    def _make_ready(self, w: WorkerRec) -> None:
-        """The worker asked for a job: give it the oldest waiting one it serves, or park it."""
+    def _make_ready(self, w: WorkerRec) -> bool:
+        """The worker asked for a job: give it the oldest waiting one it serves (True), or
+        park it (False)."""
         best: Job | None = None
         for q in w.queues:
             head = self._head(q)
@@ -565,13 +667,14 @@ class BrokerCore:
                         break
             self._take(job)
             self._assign(job, w)
-            return
+            return True
         w.ready = True
         for q in w.queues:
             ready = self.ready.get(q)
             if ready is None:
                 ready = self.ready[q] = {}
             ready[w.wid] = w
+        return False
 
     def _stop_running(self, job: Job) -> None:
         group = self.inflight.get(job.timeout)
@@ -594,6 +697,7 @@ class BrokerCore:
             self._stop_running(job)
         job.state = state
         job.worker = None
+        job.tokens = None  # no attempt of an ended job can change it
         job.finished = self.wall
         job.reason = reason
         if error:
@@ -621,13 +725,15 @@ class BrokerCore:
             msg = protocol.decode_worker(frames)
         except ProtocolError as exc:
             self.count_bad("workers", exc)
+            if exc.reason == "unsupported version":
+                self._tell_old_version(wid, frames, exc)
             return
         w = self.workers.get(wid)
         kind = type(msg)
         if w is not None:
             w.last_seen = self.now
             if kind is protocol.WorkerResult:
-                self._worker_result(w, msg.job_id, msg.attempt, msg.ready, msg.payload)
+                self._worker_result(w, msg)
             elif kind is protocol.Heartbeat:
                 pass
             elif kind is protocol.WorkerError:
@@ -637,18 +743,34 @@ class BrokerCore:
                 self._hello(wid, msg)
             elif kind is protocol.Return:
                 self._worker_return(w, msg)
+            elif kind is protocol.Vacate:
+                self._vacate(msg.slot)
             else:  # Bye: a job it holds crossed its goodbye and was never started
                 self._give_back(w)
                 self._drop_worker(w, "said goodbye")
         elif kind is protocol.Hello:
             self._hello(wid, msg)
-        else:
-            # Not registered (typically: this broker restarted). Take what it carries,
-            # then ask it to register again.
-            if kind is protocol.WorkerResult:
-                self._orphan_result(msg.job_id, msg.payload)
-            if kind is not protocol.Bye:
-                self.send_worker(wid, protocol.encode_disconnect("unknown worker, say HELLO"))
+        elif kind is protocol.Vacate:
+            self._vacate(msg.slot)  # a pool, which never registers, says a child died
+        elif kind is not protocol.Bye:
+            # Not registered (typically: this broker restarted, or ZeroMQ reconnected the
+            # worker's socket under a new routing id). Nothing it says counts until it has
+            # registered; a worker keeps its answer and sends it again after its HELLO.
+            if kind is not protocol.Heartbeat:
+                self.count_bad("workers", ProtocolError(
+                    f"{frames[0].split(b' ', 2)[1].decode()} from an unregistered worker"))
+            self.send_worker(wid, protocol.encode_disconnect("unknown worker, say HELLO"))
+
+    def _tell_old_version(self, wid: bytes, frames: list[bytes], exc: ProtocolError) -> None:
+        """Tell a worker of another protocol version why it is ignored (at most once a second:
+        it reconnects when told, and must not spin)."""
+        if self.now - self._version_told < 1.0:
+            return
+        self._version_told = self.now
+        version = frames[0][:4]
+        self.send_worker(wid, protocol.encode_disconnect(
+            f"{exc}; upgrade respworkers on this worker to the broker's version {__version__}",
+            version))
 
     def _hello(self, wid: bytes, msg: protocol.Hello) -> None:
         w = WorkerRec(wid, msg.queues, msg.info, self.now)
@@ -667,11 +789,20 @@ class BrokerCore:
         if msg.job_id is None:
             self._make_ready(w)
             return
-        # Re-registering mid-job (the broker restarted under it): it still holds this job.
+        # Re-registering mid-job (the broker restarted under it, or its link dropped): it
+        # holds this job. It is not made ready until it answers.
         w.job_id = msg.job_id
         w.attempt = msg.attempt
+        w.token = msg.token
         job = self.jobs.get(msg.job_id)
         if job is None or job.state in FINAL:
+            return  # its answer will match its claim and be dropped, uncounted
+        tokens = job.tokens
+        if tokens is None or tokens.get(msg.token) != msg.attempt:
+            # Not an attempt this broker (or its journal) sent: a forgery, or a dispatch
+            # that a broker crash kept out of the journal. Its answer will be dropped.
+            self.count_bad("workers", ProtocolError(
+                "HELLO claiming an attempt with a wrong token", msg.job_id))
             return
         w.job = job
         holder = job.worker
@@ -692,7 +823,9 @@ class BrokerCore:
 
         A restarted child replaces its dead predecessor at once (its attempt failed:
         a crash counts as a try) instead of after the heartbeat expiry. A process that
-        reconnects holding the same attempt keeps it.
+        reconnects holding the same attempt keeps it. Slots are secret (a pool picks
+        them at random and the broker never shows them), so only the pool's own
+        processes can take one over.
         """
         old_wid = self.slots.get(w.slot)  # type: ignore[arg-type]
         old = self.workers.get(old_wid) if old_wid is not None else None
@@ -700,10 +833,19 @@ class BrokerCore:
             self._supersede(old, msg, "was replaced by a new process")
         self.slots[w.slot] = w.wid  # type: ignore[index]
 
+    def _vacate(self, slot: str) -> None:
+        """A pool saw the process in ``slot`` die: fail its attempt now, not at heartbeat expiry."""
+        wid = self.slots.get(slot)
+        w = self.workers.get(wid) if wid is not None else None
+        if w is not None:
+            self.counters.lost_workers += 1
+            self._drop_worker(w, "died (its pool saw it exit)")
+
     def _supersede(self, old: WorkerRec, msg: protocol.Hello, why: str) -> None:
         """Drop a record a new HELLO replaces. If the HELLO claims the very attempt the old
         record holds, the attempt moves to the new record instead of failing."""
-        if msg.job_id is not None and old.job_id == msg.job_id and old.attempt == msg.attempt:
+        if (msg.job_id is not None and old.job_id == msg.job_id and old.attempt == msg.attempt
+                and old.token == msg.token):
             self._release(old)
         self._drop_worker(old, why)
 
@@ -712,34 +854,45 @@ class BrokerCore:
         w.job = None
         w.job_id = None
         w.attempt = 0
+        w.token = b""
 
-    def _after_job(self, w: WorkerRec, ready: bool) -> None:
-        """A worker that says ``ready`` gets the next job; one that does not is leaving."""
+    def _after_job(self, w: WorkerRec, job_id: bytes, attempt: int, ready: bool) -> None:
+        """A worker that says ``ready`` gets the next job; one that does not is leaving.
+
+        The JOB, or else an ACK, tells the worker its answer was applied: it keeps the
+        answer (to send again after a reconnect) until then.
+        """
         w.stopping = not ready
-        if ready:
-            self._make_ready(w)
+        if not (ready and self._make_ready(w)):
+            self.send_worker(w.wid, protocol.encode_ack(job_id, attempt))
 
-    def _holds(self, w: WorkerRec, job_id: str, attempt: int, what: str) -> bool:
-        if w.job_id == job_id and w.attempt == attempt:
+    def _holds(self, w: WorkerRec, job_id: str, attempt: int, token: bytes, what: str) -> bool:
+        if w.job_id == job_id and w.attempt == attempt and w.token == token:
             return True
         self.count_bad(
             "workers", ProtocolError(f"{what} for a job the worker does not hold", job_id)
         )
         return False
 
-    def _worker_result(
-        self, w: WorkerRec, job_id: str, attempt: int, ready: bool, payload: list[bytes]
-    ) -> None:
-        if not self._holds(w, job_id, attempt, "RESULT"):
-            return
+    def _close_attempt(self, w: WorkerRec) -> Job | None:
+        """The worker answered or gave back its attempt: it holds nothing now, and the
+        attempt's token can no longer be used."""
         job = w.job
-        w.done += 1
+        if job is not None and job.tokens is not None:
+            job.tokens.pop(w.token, None)
         self._release(w)
-        if job is not None:
-            self._complete(job, w, payload)
-        self._after_job(w, ready)
+        return job
 
-    def _complete(self, job: Job, w: WorkerRec | None, payload: list[bytes]) -> None:
+    def _worker_result(self, w: WorkerRec, msg: protocol.WorkerResult) -> None:
+        if not self._holds(w, msg.job_id, msg.attempt, msg.token, "RESULT"):
+            return
+        w.done += 1
+        job = self._close_attempt(w)
+        if job is not None:
+            self._complete(job, w, msg.payload)
+        self._after_job(w, msg.job_id.encode(), msg.attempt, msg.ready)
+
+    def _complete(self, job: Job, w: WorkerRec, payload: list[bytes]) -> None:
         state = job.state
         if state in FINAL:
             self.counters.duplicates += 1
@@ -752,42 +905,49 @@ class BrokerCore:
         job.result = payload
         self._finish(job, DONE)
 
-    def _orphan_result(self, job_id: str, payload: list[bytes]) -> None:
-        job = self.jobs.get(job_id)
-        if job is not None:
-            self._complete(job, None, payload)
-
     def _worker_error(self, w: WorkerRec, msg: protocol.WorkerError) -> None:
-        if not self._holds(w, msg.job_id, msg.attempt, "ERROR"):
+        if not self._holds(w, msg.job_id, msg.attempt, msg.token, "ERROR"):
             return
-        job = w.job
         w.failed += 1
-        self._release(w)
+        holder = w.job is not None and w.job.worker is w
+        job = self._close_attempt(w)
         if job is not None and job.state not in FINAL:
-            if job.worker is w and job.state == RUNNING:
+            if holder and job.state == RUNNING:
                 self._attempt_failed(job, protocol.FAIL_ERROR, msg.error)
             else:  # an older attempt of a job already retried: keep its error for inspect
                 job.error = msg.error
-        self._after_job(w, msg.ready)
+        self._after_job(w, msg.job_id.encode(), msg.attempt, msg.ready)
 
     def _worker_return(self, w: WorkerRec, msg: protocol.Return) -> None:
         """A worker forced to stop hands its job back; this attempt does not count as a try."""
-        if not self._holds(w, msg.job_id, msg.attempt, "RETURN"):
+        if not self._holds(w, msg.job_id, msg.attempt, msg.token, "RETURN"):
             return
         self._give_back(w)
         w.stopping = True
 
     def _give_back(self, w: WorkerRec) -> None:
-        job = w.job
-        self._release(w)
-        if job is not None and job.state == RUNNING and job.worker is w:
+        holder = w.job is not None and w.job.worker is w
+        job = self._close_attempt(w)
+        if job is not None and job.state == RUNNING and holder:
             self._stop_running(job)
             job.attempt -= 1
             job.tried.pop()
             self._enqueue(job, front=True)
 
+    def revoke_worker(self, wid: bytes) -> None:
+        """Its key was revoked: forget it now. Its job goes back to the queue, uncharged
+        (the job is not at fault), and nothing it sends is listened to any more."""
+        w = self.workers.get(wid)
+        if w is not None:
+            self._give_back(w)
+            self._drop_worker(w, "had its key revoked")
+
     def _drop_worker(self, w: WorkerRec, why: str) -> None:
-        """Forget a worker; its current attempt, if any, failed (a crash counts as a try)."""
+        """Forget a worker; its current attempt, if any, failed (a crash counts as a try).
+
+        The attempt's token stays valid: a worker that comes back with it (HELLO naming
+        the job) may still deliver its answer while the job is unfinished.
+        """
         if self.workers.get(w.wid) is not w:
             return
         del self.workers[w.wid]
@@ -930,7 +1090,9 @@ class BrokerCore:
                 "endpoints": self.endpoints,
                 "defaults": {"timeout": self.cfg.timeout, "tries": self.cfg.tries},
                 "accepting": self.accepting,
-                "journal": self.journal.describe(),
+                "journal": {**self.journal.describe(), "problem": self.journal_problem,
+                            "problem_for": round(now - self.journal_problem_since, 1)
+                            if self.journal_problem else None},
             },
             "workers": workers,
             "queues": queues,

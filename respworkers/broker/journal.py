@@ -10,13 +10,23 @@ rather than one per message.
 The sqlite journal runs in WAL mode. ``sync = "normal"`` (the default) survives a
 crash of the broker process (kill -9, OOM); ``"full"`` also survives a power cut or
 kernel crash, at the price of an fsync per batch.
+
+Disk faults do not stop the broker: a commit that fails raises
+:class:`JournalWriteError` naming the file and the cause, keeps everything it could
+not write buffered, and the next commit tries again. A journal file deleted under a
+running broker is noticed at the next commit and written again, whole, at its path.
 """
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
+import logging
 import os
 import sqlite3
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -25,8 +35,10 @@ from ..errors import RespWorkersError
 if TYPE_CHECKING:
     from .core import Job
 
+log = logging.getLogger(__name__)
+
 MEMORY = ":memory:"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # seq (the broker's submission order) is the rowid: rows are appended in key order and
 # every write finds its row by an integer. The job id needs no index: the broker keeps
@@ -47,18 +59,30 @@ CREATE TABLE IF NOT EXISTS jobs (
     tried    TEXT NOT NULL DEFAULT '',
     created  REAL NOT NULL,
     started  REAL NOT NULL DEFAULT 0,
-    finished REAL NOT NULL DEFAULT 0
+    finished REAL NOT NULL DEFAULT 0,
+    tokens   TEXT NOT NULL DEFAULT ''
 );
 """
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-_COLUMNS = ("seq, id, queue, timeout, tries, attempt, state, payload, result, reason, error,"
-            " tried, created, started, finished")
+_COLUMNS_V2 = ("seq, id, queue, timeout, tries, attempt, state, payload, result, reason, error,"
+               " tried, created, started, finished")
+_COLUMNS = _COLUMNS_V2 + ", tokens"
+_INSERT = (f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 16)})")
 
 _LEN = struct.Struct(">I")
 
+#: ioctl that reads a file's attribute flags (chattr), and the flags that forbid writing.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IMMUTABLE_FL = 0x10
+_FS_APPEND_FL = 0x20
+
 
 class JournalError(RespWorkersError):
-    """The journal cannot be opened or written (in use, unreadable, wrong version)."""
+    """The journal cannot be opened (in use, unreadable, wrong version, no room)."""
+
+
+class JournalWriteError(JournalError):
+    """A commit failed; what it held is still buffered and the next commit retries it."""
 
 
 def pack_frames(frames: list[bytes]) -> bytes:
@@ -74,6 +98,24 @@ def unpack_frames(blob: bytes) -> list[bytes]:
         out.append(blob[pos:pos + n])
         pos += n
     return out
+
+
+def pack_tokens(tokens: dict[bytes, int] | None) -> str:
+    """Live attempt tokens as ``attempt:token`` words separated by commas."""
+    if not tokens:
+        return ""
+    return ",".join(f"{attempt}:{token.decode('ascii', 'replace')}" for token, attempt in tokens.items())
+
+
+def unpack_tokens(text: str) -> dict[bytes, int] | None:
+    if not text:
+        return None
+    out: dict[bytes, int] = {}
+    for word in text.split(","):
+        attempt, _, token = word.partition(":")
+        if attempt.isdigit() and token:
+            out[token.encode()] = int(attempt)
+    return out or None
 
 
 class Stored(NamedTuple):
@@ -94,10 +136,58 @@ class Stored(NamedTuple):
     created: float
     started: float
     finished: float
+    tokens: dict[bytes, int] | None = None
+
+
+def why_not_writable(path: Path, exc: BaseException | None = None) -> str:
+    """Name the file and the likeliest reason it cannot be written (sqlite only says
+    "disk I/O error" or "attempt to write a readonly database")."""
+    folder = path.parent
+    text = str(exc) if exc is not None else ""
+    try:
+        vfs = os.statvfs(folder)
+    except OSError as err:
+        return f"{path}: its folder is not usable ({err.strerror})"
+    if vfs.f_flag & os.ST_RDONLY:
+        return f"{path}: the file system is mounted read-only"
+    for candidate in (path, Path(f"{path}-wal")):
+        flags = _file_flags(candidate)
+        if flags & _FS_IMMUTABLE_FL:
+            return f"{candidate}: the file is immutable (chattr +i); remove the flag with chattr -i"
+        if flags & _FS_APPEND_FL:
+            return f"{candidate}: the file is append-only (chattr +a)"
+    if "full" in text or isinstance(exc, OSError) and exc.errno == errno.ENOSPC or (
+            vfs.f_bavail * vfs.f_frsize < 64 * 1024):
+        free = vfs.f_bavail * vfs.f_frsize
+        return f"{path}: disk full ({free} bytes free in {folder})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{path}: no permission to write in the folder {folder}"
+    for candidate in (path, Path(f"{path}-wal")):
+        if candidate.exists() and not os.access(candidate, os.W_OK):
+            return f"{candidate}: no permission to write the file (mode {candidate.stat().st_mode & 0o777:o})"
+    return f"{path}: {text or 'cannot be written'}"
+
+
+def _file_flags(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf, True)
+        return buf[0]
+    except OSError:  # a file system without attribute flags (tmpfs on older kernels)
+        return 0
+    finally:
+        os.close(fd)
 
 
 class Journal:
     """The verbs the core uses. Writes may be buffered until :meth:`commit`."""
+
+    def bind(self, jobs: Mapping[str, Job]) -> None:
+        """Every job the broker holds, should the journal have to be written again whole."""
 
     def submitted(self, job: Job) -> None: ...
 
@@ -113,7 +203,7 @@ class Journal:
         """Whether commit() has anything to write."""
         return False
 
-    def load(self) -> list[Stored]:
+    def load(self) -> Iterable[Stored]:
         return []
 
     def close(self) -> None: ...
@@ -129,37 +219,65 @@ class NullJournal(Journal):
 class SqliteJournal(Journal):
     def __init__(self, path: str | os.PathLike[str], sync: str = "normal") -> None:
         self.path = Path(path)
+        self.sync = sync
+        self.created = not self.path.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                      timeout=1.0)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal's folder: {why_not_writable(self.path, exc)}"
+                               ) from None
+        self.db = self._open()
+        self._identity = self._file_identity()
+        self._jobs: Mapping[str, Job] = {}
+        self._new: dict[str, Job] = {}
+        self._changed: dict[str, Job] = {}
+        self._gone: list[tuple[int]] = []
+        self.batches = 0
+        self.rows = 0
+        self.failures = 0
+        self.rewrites = 0
+
+    def _open(self) -> sqlite3.Connection:
+        db = None
+        try:
+            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                 timeout=1.0)
             # One broker per journal: an exclusive lock makes a second broker fail at once.
-            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-            self.db.execute(_META)
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is not None and row[0] == "1":
-                self._migrate_from_1()
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+            db.execute(_META)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is not None and row[0] in ("1", "2"):
+                self._migrate(db, int(row[0]))
             elif row is not None and row[0] != str(SCHEMA_VERSION):
                 raise JournalError(f"journal {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
-            self.db.execute(_JOBS)
+            db.execute(_JOBS)
             if row is None:
-                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            return db
         except sqlite3.OperationalError as exc:
+            if db is not None:
+                db.close()
             if "locked" in str(exc):
                 raise JournalError(
                     f"journal {self.path} is in use by another broker (one broker per journal)"
                 ) from None
-            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+            raise JournalError(f"cannot open the journal: {why_not_writable(self.path, exc)}") from None
         except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
             raise JournalError(f"journal {self.path} is not a usable sqlite file: {exc}") from None
-        self.sync = sync
-        self._new: dict[str, Job] = {}
-        self._changed: dict[str, Job] = {}
-        self._gone: list[tuple[str]] = []
-        self.batches = 0
-        self.rows = 0
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def bind(self, jobs: Mapping[str, Job]) -> None:
+        self._jobs = jobs
 
     # -- buffered verbs: O(1) each, they only note which jobs changed ----------------------
     # At commit each changed job is written once from its current state, so a job that
@@ -181,11 +299,20 @@ class SqliteJournal(Journal):
             self._gone.append((job.seq,))
 
     @staticmethod
-    def _row(job: Job) -> tuple:
+    def _row(job: Job) -> tuple[Any, ...]:
         return (
             job.state, job.attempt, pack_frames(job.result) if job.result is not None else None,
             job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
+            pack_tokens(job.tokens),
         )
+
+    @staticmethod
+    def _full_row(j: Job) -> tuple[Any, ...]:
+        state, attempt, result, reason, error, tried, started, finished, tokens = (
+            SqliteJournal._row(j))
+        return (j.seq, j.id, j.queue, j.timeout, j.tries, attempt, state,
+                None if j.payload is None else pack_frames(j.payload), result, reason, error,
+                tried, j.created, started, finished, tokens)
 
     def dirty(self) -> bool:
         return bool(self._new or self._changed or self._gone)
@@ -193,70 +320,145 @@ class SqliteJournal(Journal):
     def commit(self) -> None:
         if not self.dirty():
             return
+        if self._file_identity() != self._identity:
+            self._rewrite()
+            return
+        try:
+            self._write()
+        except sqlite3.Error as exc:
+            self._rollback()
+            self.failures += 1
+            raise JournalWriteError(why_not_writable(self.path, exc)) from None
+        self._written()
+
+    def _write(self) -> None:
         db = self.db
         db.execute("BEGIN")
+        if self._new:
+            db.executemany(_INSERT, [self._full_row(j) for j in self._new.values()])
+        if self._changed:
+            db.executemany(
+                "UPDATE jobs SET state=?, attempt=?, result=?, reason=?, error=?, tried=?,"
+                " started=?, finished=?, tokens=?,"
+                " payload=CASE WHEN ? THEN NULL ELSE payload END WHERE seq=?",
+                [(*self._row(j), j.payload is None, j.seq) for j in self._changed.values()])
+        if self._gone:
+            db.executemany("DELETE FROM jobs WHERE seq=?", self._gone)
+        db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        # After some errors sqlite has already rolled back ("cannot rollback - no
+        # transaction is active" would otherwise hide the first error).
         try:
-            if self._new:
-                db.executemany(
-                    "INSERT OR REPLACE INTO jobs (seq, id, queue, timeout, tries, created, payload,"
-                    " state, attempt, result, reason, error, tried, started, finished)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(j.seq, j.id, j.queue, j.timeout, j.tries, j.created,
-                      None if j.payload is None else pack_frames(j.payload), *self._row(j))
-                     for j in self._new.values()])
-            if self._changed:
-                db.executemany(
-                    "UPDATE jobs SET state=?, attempt=?, result=?, reason=?, error=?, tried=?,"
-                    " started=?, finished=?, payload=CASE WHEN ? THEN NULL ELSE payload END"
-                    " WHERE seq=?",
-                    [(*self._row(j), j.payload is None, j.seq) for j in self._changed.values()])
-            if self._gone:
-                db.executemany("DELETE FROM jobs WHERE seq=?", self._gone)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _written(self) -> None:
         self.batches += 1
         self.rows += len(self._new) + len(self._changed) + len(self._gone)
         self._new.clear()
         self._changed.clear()
         self._gone.clear()
 
-    def load(self) -> list[Stored]:
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq").fetchall()
-        return [
-            Stored(r[1], r[0], r[2], r[3], r[4], r[5], r[6],
-                   unpack_frames(r[7]) if r[7] is not None else None,
-                   unpack_frames(r[8]) if r[8] is not None else None,
-                   r[9], r[10], r[11].split("\n") if r[11] else [], r[12], r[13], r[14])
-            for r in rows
-        ]
+    def _rewrite(self) -> None:
+        """The file at our path is gone or is another file (deleted, moved, replaced): what
+        we commit would reach nobody. Write everything the broker holds to a new file there."""
+        log.error("journal %s was deleted or replaced under the running broker: writing all "
+                  "%d jobs it holds to a new file at that path", self.path, len(self._jobs))
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+        for suffix in ("-wal", "-shm"):  # leftovers of the old file must not be taken as ours
+            try:
+                os.unlink(f"{self.path}{suffix}")
+            except OSError:
+                pass
+        try:
+            self.db = self._open()
+            db = self.db
+            db.execute("BEGIN")
+            db.execute("DELETE FROM jobs")
+            db.executemany(_INSERT, [self._full_row(j) for j in self._jobs.values()])
+            db.execute("COMMIT")
+        except (sqlite3.Error, JournalError) as exc:
+            if isinstance(exc, sqlite3.Error):
+                self._rollback()
+            self.failures += 1
+            self._identity = (-1, -1)  # not done: try the whole rewrite again next commit
+            why = exc if isinstance(exc, JournalError) else why_not_writable(self.path, exc)
+            raise JournalWriteError(f"rewriting the deleted journal failed: {why}") from None
+        self._identity = self._file_identity()
+        self.rewrites += 1
+        self.rows += len(self._jobs)
+        self.batches += 1
+        self._new.clear()
+        self._changed.clear()
+        self._gone.clear()
+        log.warning("journal %s written again: %d jobs", self.path, len(self._jobs))
 
-    def _migrate_from_1(self) -> None:
-        """Schema 1 keyed rows by job id; copy them into the seq-keyed table, in one go."""
-        db = self.db
+    def load(self) -> Iterable[Stored]:
+        """Every stored job in submission order, streamed (a large journal is not read at once)."""
+        cursor = self.db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq")
+        while True:
+            rows = cursor.fetchmany(10_000)
+            if not rows:
+                return
+            for r in rows:
+                yield Stored(
+                    r[1], r[0], r[2], r[3], r[4], r[5], r[6],
+                    unpack_frames(r[7]) if r[7] is not None else None,
+                    unpack_frames(r[8]) if r[8] is not None else None,
+                    r[9], r[10], r[11].split("\n") if r[11] else [], r[12], r[13], r[14],
+                    unpack_tokens(r[15]),
+                )
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """Schema 1 keyed rows by job id, schema 2 had no attempt tokens: copy the rows into
+        the current table, in one transaction."""
         db.execute("BEGIN")
         try:
-            db.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+            db.execute("ALTER TABLE jobs RENAME TO jobs_old")
             db.execute(_JOBS)
-            db.execute(f"INSERT INTO jobs ({_COLUMNS}) SELECT {_COLUMNS} FROM jobs_v1")
-            db.execute("DROP TABLE jobs_v1")
+            db.execute(f"INSERT INTO jobs ({_COLUMNS_V2}) SELECT {_COLUMNS_V2} FROM jobs_old")
+            db.execute("DROP TABLE jobs_old")
             db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        log.info("journal %s: migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
     def close(self) -> None:
         try:
             self.commit()
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (sqlite3.Error, JournalError) as exc:
+            left = len(self._new) + len(self._changed) + len(self._gone)
+            log.error("closing the journal: %s; %d job changes were not written", exc, left)
         finally:
             self.db.close()
 
+    def remove_if_created(self) -> None:
+        """Undo opening a journal that did not exist (the broker could not start after all)."""
+        if not self.created:
+            return
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.path}{suffix}")
+            except OSError:
+                pass
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "sqlite", "path": str(self.path), "sync": self.sync,
-                "batches": self.batches, "rows": self.rows}
+                "batches": self.batches, "rows": self.rows, "failures": self.failures,
+                "rewrites": self.rewrites}
 
 
 def open_journal(path: str, sync: str = "normal") -> Journal:

@@ -1,7 +1,9 @@
 """The broker process: three ROUTER sockets, one poll loop, the core's timers.
 
-This is the hot path. Per message it does one ``recv_multipart``, one call into
-the core and whatever sends the core asks for; no logging, no scans.
+This is the hot path. Per message it does one receive, one call into the core and
+whatever sends the core asks for; no logging, no scans. A loop turn is bounded in
+time (each socket is read for at most :data:`TURN_BUDGET` seconds), so heartbeats,
+pings and status requests are answered within a fraction of a second under any load.
 """
 
 from __future__ import annotations
@@ -19,21 +21,34 @@ from .. import protocol, sockets
 from ..config import BrokerConfig
 from ..errors import ConfigError, ProtocolError, RespWorkersError
 from ..security import CLIENTS, STATUS, WORKERS, BrokerSecurity, is_loopback
+from .channel import SEND_HWM, ClientChannel, router_sender
 from .core import BrokerCore
-from .journal import Journal, open_journal
+from .journal import Journal, SqliteJournal, open_journal
 
 log = logging.getLogger(__name__)
 
 #: Messages taken from one socket before looking at the others (fairness between sockets).
 BATCH = 500
+#: Seconds one socket may be read in one loop turn before the others and the timers get theirs.
+TURN_BUDGET = 0.01
+#: Client messages other than PING held while a large journal loads (then read later).
+MAX_DEFERRED = 10_000
 
+Handler = Callable[[bytes, list[bytes]], None]
 
 
 class BindError(RespWorkersError):
     """An endpoint could not be bound (in use, bad interface, no permission)."""
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT while the journal was still loading."""
+
+
 class BrokerServer:
+    """Owns the sockets. Clients and status are bound at once, so that a broker restoring a
+    large journal already answers pings ("starting"); workers only once it is restored."""
+
     def __init__(
         self, cfg: BrokerConfig, journal: Journal | None = None, ctx: zmq.Context | None = None
     ) -> None:
@@ -50,36 +65,47 @@ class BrokerServer:
                 STATUS: cfg.status_keys or cfg.client_keys,
             })
         else:
-            for name in (CLIENTS, WORKERS, STATUS):
-                endpoint = getattr(cfg, name)
-                if not is_loopback(endpoint):
-                    log.warning(
-                        "binding the %s endpoint %s WITHOUT AUTHENTICATION: anyone who can "
-                        "reach it can %s. Set [broker] secret_key, client_keys and worker_keys "
-                        "(README: Security).", name, endpoint,
-                        {CLIENTS: "submit jobs and read their results",
-                         WORKERS: "register as a worker and receive job data",
-                         STATUS: "read the broker's state"}[name],
-                    )
+            self._warn_exposed()
         self._reload = False
-        self.clients = self._bind("clients", cfg.clients, unlimited_send=True)
-        self.workers = self._bind("workers", cfg.workers, unlimited_send=False)
-        self.status = self._bind("status", cfg.status, unlimited_send=False)
-        endpoints = {
-            name: sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            for name, sock in (("clients", self.clients), ("workers", self.workers),
-                               ("status", self.status))
+        self.state = "starting"
+        self.restored = 0
+        self._deferred: list[tuple[bytes, list[bytes]]] = []
+        self.clients = self._socket("clients", client=True)
+        self.status = self._socket("status")
+        self.workers = self._socket("workers")
+        self._bind(self.clients, "clients", cfg.clients)
+        self._bind(self.status, "status", cfg.status)
+        self.endpoints = {
+            "clients": self.clients.getsockopt_string(zmq.LAST_ENDPOINT),
+            "status": self.status.getsockopt_string(zmq.LAST_ENDPOINT),
+            "workers": cfg.workers,
         }
-        self.endpoints = endpoints
+        send_client = router_sender(self.clients)
+        if self.security is not None:
+            send_client = self.security.guard_sender(CLIENTS, send_client)
+        self.channel = ClientChannel(send_client)
         self.core = BrokerCore(
-            cfg, sockets.router_sender(self.clients), sockets.router_sender(self.workers),
-            journal, endpoints)
+            cfg, self.channel.send, sockets.router_sender(self.workers), journal, self.endpoints)
+        self._send_status = sockets.router_sender(self.status)
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
 
-    def _bind(self, name: str, endpoint: str, unlimited_send: bool) -> zmq.Socket:
+    def _warn_exposed(self) -> None:
+        for name in (CLIENTS, WORKERS, STATUS):
+            endpoint = getattr(self.cfg, name)
+            if not is_loopback(endpoint):
+                log.warning(
+                    "binding the %s endpoint %s WITHOUT AUTHENTICATION: anyone who can "
+                    "reach it can %s. Set [broker] secret_key, client_keys and worker_keys "
+                    "(README: Security).", name, endpoint,
+                    {CLIENTS: "submit jobs and read their results",
+                     WORKERS: "register as a worker and receive job data",
+                     STATUS: "read the broker's state"}[name],
+                )
+
+    def _socket(self, name: str, client: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
         # libzmq disconnects a peer that sends a larger frame: garbage never reaches Python.
@@ -87,18 +113,56 @@ class BrokerServer:
         sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_size + 1024)
         if self.security is not None:
             self.security.secure(sock, name)
-        if unlimited_send:
-            # Results must not be dropped because a client reads slowly; the core
-            # bounds what it holds, not the socket.
-            sock.setsockopt(zmq.SNDHWM, 0)
+        if client:
+            # A client that does not read makes sends to it fail at once, instead of
+            # growing the broker's memory: the channel holds a bounded backlog.
+            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             # Clients pick their own routing id; a reconnecting client takes its id over.
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        return sock
+
+    def _bind(self, sock: zmq.Socket, name: str, endpoint: str) -> None:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            sock.close(0)
             raise BindError(f"cannot bind the {name} endpoint {endpoint}: {exc}") from None
-        return sock
+
+    # ----------------------------------------------------------------- start-up
+    def restore(self, journal: Journal) -> dict[str, int]:
+        """Load the journal while answering pings and status requests, then bind workers."""
+        counts = self.core.restore(journal.load(), self._serve_while_starting)
+        for rid, frames in self._deferred:  # what clients sent meanwhile, in order
+            self.core.on_client(rid, frames)
+        self._deferred.clear()
+        self._bind(self.workers, "workers", self.cfg.workers)
+        self.endpoints["workers"] = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.state = "running"
+        return counts
+
+    def _serve_while_starting(self, rows: int) -> None:
+        """Between restore steps: PING gets a PONG saying "starting", status a snapshot;
+        everything else a client sends waits (in order) until the journal is loaded."""
+        if self._stop:
+            raise _Stopped
+        self.restored = rows
+        self.core.set_time(time.monotonic(), time.time())
+        for _ in range(BATCH):
+            if len(self._deferred) >= MAX_DEFERRED:
+                break
+            try:
+                rid, frames = self._recv(self.clients, CLIENTS)
+            except zmq.Again:
+                break
+            if rid is None:
+                continue
+            if frames and frames[0] == protocol.PING_FRAMES[0]:  # PING's extra frames are ignored
+                self.channel.send(rid, protocol.encode_pong(
+                    self.core.broker_id, {**self.core.limits, "starting": True}))
+            else:
+                self._deferred.append((rid, frames))
+        self._serve_status()
+        self.channel.flush()
 
     # ----------------------------------------------------------------- signals
     def install_signal_handlers(self) -> None:
@@ -121,11 +185,17 @@ class BrokerServer:
         except OSError:
             pass
 
+    # ----------------------------------------------------------------- receiving
+    def _recv(self, sock: zmq.Socket, domain: str) -> tuple[Any, list[bytes]]:
+        """(routing id, frames), or (None, frames) for a peer whose key was revoked."""
+        if self.security is None:
+            return sockets.router_recv(sock)
+        return self.security.recv(sock, domain)
+
     # ----------------------------------------------------------------- loop
     def run(self) -> None:
         core = self.core
         clients, workers, status = self.clients, self.workers, self.status
-        on_client, on_worker = core.on_client, core.on_worker
         poller = zmq.Poller()
         poller.register(clients, zmq.POLLIN)
         poller.register(workers, zmq.POLLIN)
@@ -133,16 +203,30 @@ class BrokerServer:
         poller.register(self._wake_r, zmq.POLLIN)
         monotonic, wall = time.monotonic, time.time
         again = zmq.Again
-        recv = sockets.router_recv
+        security = self.security
+        if security is None:
+            recv_clients = recv_workers = sockets.router_recv
+        else:
+            def recv_clients(sock: zmq.Socket) -> tuple[Any, list[bytes]]:
+                return security.recv(sock, CLIENTS)
 
-        def drain(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
-            """Up to BATCH messages from one socket, then the others get their turn."""
+            def recv_workers(sock: zmq.Socket) -> tuple[Any, list[bytes]]:
+                return security.recv(sock, WORKERS)
+
+        def drain(sock: zmq.Socket, handle: Handler,
+                  recv: Callable[[zmq.Socket], tuple[Any, list[bytes]]]) -> None:
+            """Up to BATCH messages or TURN_BUDGET seconds from one socket, then the rest."""
+            until = monotonic() + TURN_BUDGET
             for _ in range(BATCH):
                 try:
                     rid, frames = recv(sock)
                 except again:
                     return
-                handle(rid, frames)
+                if rid is not None:
+                    handle(rid, frames)
+                if monotonic() >= until:
+                    return
+
         core.set_time(monotonic(), wall())
         core.start_recovery()  # restore() may have taken a while: the window starts now
         wake = core.tick()
@@ -156,9 +240,11 @@ class BrokerServer:
             events = dict(poller.poll(max(0.0, (wake - now) * 1000.0)))
             core.set_time(monotonic(), wall())
             if clients in events:
-                drain(clients, on_client)
+                drain(clients, core.on_client, recv_clients)
+                core.set_time(monotonic(), wall())
             if workers in events:
-                drain(workers, on_worker)
+                drain(workers, core.on_worker, recv_workers)
+                core.set_time(monotonic(), wall())
             if status in events:
                 self._serve_status()
             if self._wake_r in events:
@@ -166,38 +252,48 @@ class BrokerServer:
                     os.read(self._wake_r, 4096)
                 except OSError:
                     pass
-            if self._reload and self.security is not None:  # SIGHUP: at once
-                self._reload = False
-                self.security.reload()
+            if security is not None:
+                if self._reload:  # SIGHUP: at once
+                    self._reload = False
+                    security.reload()
+                if core.now >= wake:
+                    security.watch(core.now)
+                for wid in security.take_revoked(WORKERS):
+                    core.revoke_worker(wid)
             if core.now >= wake:
                 core.tick()
-                if self.security is not None:
-                    self.security.watch(core.now)
             core.send_results()
             core.maybe_flush()
+            if self.channel.pending():
+                self.channel.flush()
             wake = core.next_wake()
+            if self.channel.pending():
+                wake = min(wake, core.now + 0.01)  # a slow client's backlog: look again soon
         self._shutdown()
 
     def _serve_status(self) -> None:
         for _ in range(BATCH):
             try:
-                frames = self.status.recv_multipart(zmq.NOBLOCK)
+                rid, body = self._recv(self.status, STATUS)
             except zmq.Again:
                 return
-            rid, body = frames[0], frames[1:]
+            if rid is None:
+                continue
             try:
                 protocol.decode_status_request(body)
             except ProtocolError as exc:
                 self.core.count_bad("status", exc)
-                self.status.send_multipart([rid, *protocol.encode_status_invalid(str(exc))])
+                self._send_status(rid, protocol.encode_status_invalid(str(exc)))
                 continue
-            self.status.send_multipart([rid, *protocol.encode_snapshot(self.snapshot())])
+            self._send_status(rid, protocol.encode_snapshot(self.snapshot()))
 
     def _shutdown(self) -> None:
         log.info("broker stopping: flushing the journal")
+        self.state = "stopping"
         self.core.accepting = False
         self.core.send_results()
         self.core.flush()
+        self.channel.flush()
         self.core.journal.close()
         self.close()
         log.info("broker stopped")
@@ -217,23 +313,38 @@ class BrokerServer:
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.core.snapshot()
+        snap["broker"]["state"] = self.state
+        if self.state == "starting":
+            snap["broker"]["restored"] = self.restored
+        snap["clients"] = self.channel.describe()
         snap["security"] = self.security.describe() if self.security else {"curve": False}
         return snap
 
 
 def run_broker(cfg: BrokerConfig) -> None:
-    """Entry point of ``rw broker``: open the journal, restore, run until SIGTERM/SIGINT."""
+    """Entry point of ``rw broker``: open the journal, bind, restore, run until SIGTERM/SIGINT."""
     journal = open_journal(cfg.journal, cfg.journal_sync)
     try:
         server = BrokerServer(cfg, journal)
     except BaseException:
-        journal.close()
+        if isinstance(journal, SqliteJournal):
+            journal.remove_if_created()  # a broker that could not start leaves nothing behind
+        else:
+            journal.close()
         raise
-    counts = server.core.restore(journal.load())
+    server.install_signal_handlers()
+    try:
+        counts = server.restore(journal)
+    except BaseException as exc:
+        server.close()
+        journal.close()
+        if isinstance(exc, _Stopped):
+            log.info("broker stopped while loading its journal")
+            return
+        raise
     if any(counts.values()):
         log.info(
             "journal %s: %d queued and %d interrupted jobs to run, %d finished kept",
             cfg.journal, counts["queued"], counts["interrupted"], counts["finished"],
         )
-    server.install_signal_handlers()
     server.run()

@@ -3,23 +3,38 @@
 Each child runs in its own process group, so a Ctrl-C in the terminal reaches
 only this parent, which forwards one SIGTERM per signal it receives: the first
 asks every child to finish its job and leave, the second makes them hand their
-jobs back at once. A child restarted after a crash takes over its slot, which
-tells the broker to re-dispatch the dead child's job immediately.
+jobs back at once.
+
+The parent wakes the moment a child dies (it waits on the children's sentinels) and
+tells the broker at once (VACATE, naming the child's slot), so the dead child's job is
+re-dispatched without waiting for heartbeats to expire or for the child's restart.
+Slots are secret (random per pool), so no other peer can end a child's attempt.
+A target that keeps failing at start-up (import or ``setup()``) stops the pool with
+exit code 2 and the reason, instead of being restarted forever.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
+import traceback
+from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from types import FrameType
 
+import zmq
+
+from .. import protocol
 from ..config import WorkerConfig
+from ..security import client_keys, secure_client
 from ..targets import import_target
 
 log = logging.getLogger(__name__)
@@ -27,28 +42,68 @@ log = logging.getLogger(__name__)
 #: A child that dies sooner than this after starting is restarted with a growing delay.
 QUICK_DEATH = 2.0
 MAX_BACKOFF = 30.0
+#: This many start-up failures (import or setup) within START_FAILURE_WINDOW stop the pool.
+START_FAILURES = 5
+START_FAILURE_WINDOW = 60.0
+#: How long the parent waits for a VACATE to reach the broker.
+VACATE_LINGER_MS = 500
+EXIT_START_FAILED = 78
+RET_START_FAILED = 2
+
+
+def _summary(exc: BaseException) -> str:
+    """One line: the exception and where it was raised (the traceback's last frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _child_main(
-    target: str, cfg: WorkerConfig, queues: tuple[str, ...], slot: str, parent: int, level: int
+    target: str, cfg: WorkerConfig, queues: tuple[str, ...], slot: str, parent: int, level: int,
+    report: Connection,
 ) -> None:
     os.setpgrp()  # leave the terminal's process group: Ctrl-C goes to the parent only
-    from .runner import Runner
-
     logging.getLogger().setLevel(level)  # handlers come from the parent (fork) or default
-    runner = Runner(import_target(target), cfg, queues, slot=slot, parent_pid=parent)
-    runner.install_signal_handlers()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-    sys.exit(runner.run())
+    started = False
+
+    def ready() -> None:
+        nonlocal started
+        started = True
+        report.send(("ready", ""))
+
+    try:
+        from .runner import Runner
+
+        runner = Runner(import_target(target), cfg, queues, slot=slot, parent_pid=parent)
+        runner.install_signal_handlers()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        code = runner.run(on_ready=ready)
+    except BaseException as exc:  # reported through logging, not as a raw traceback
+        if isinstance(exc, SystemExit):
+            raise
+        if started:
+            log.exception("worker process failed")
+            code = 70
+        else:
+            log.error("worker failed to start: %s", _summary(exc), exc_info=True)
+            try:
+                report.send(("failed", _summary(exc)))
+            except OSError:
+                pass
+            code = EXIT_START_FAILED
+    sys.exit(code)
 
 
 @dataclass
 class Slot:
     index: int
+    name: str  #: sent as HELLO's slot; secret, so only this pool's children can take it over
     process: multiprocessing.process.BaseProcess | None = None
+    report: Connection | None = None
     started: float = 0.0
     restart_at: float = 0.0
     backoff: float = 0.5
+    ready: bool = False
 
 
 class Pool:
@@ -57,10 +112,13 @@ class Pool:
         self.cfg = cfg
         self.queues = queues
         self.signals = 0
-        self.slots = [Slot(i) for i in range(cfg.processes)]
+        prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.slots = [Slot(i, f"{prefix}:{i}:{secrets.token_hex(8)}") for i in range(cfg.processes)]
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self.mp = multiprocessing.get_context(method)
-        self.slot_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.keys = client_keys(cfg.secret_key, cfg.broker_key, "worker")
+        self.start_failures: deque[float] = deque()
+        self.failure: str | None = None  #: why the pool gave up, if it did
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -69,20 +127,24 @@ class Pool:
         self.signals += 1
 
     def _start(self, slot: Slot) -> None:
+        reader, writer = self.mp.Pipe(duplex=False)
         # Children inherit blocked signals and unblock them once their handlers are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             p = self.mp.Process(
                 target=_child_main,
-                args=(self.target, self.cfg, self.queues, f"{self.slot_prefix}:{slot.index}",
-                      os.getpid(), logging.getLogger().getEffectiveLevel()),
+                args=(self.target, self.cfg, self.queues, slot.name, os.getpid(),
+                      logging.getLogger().getEffectiveLevel(), writer),
                 name=f"rw-worker-{slot.index}",
                 daemon=False,
             )
             p.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        writer.close()
         slot.process = p
+        slot.report = reader
+        slot.ready = False
         slot.started = time.monotonic()
         log.info("started worker process %s in slot %d", p.pid, slot.index)
 
@@ -95,6 +157,79 @@ class Pool:
                 except ProcessLookupError:
                     pass
 
+    def _read_report(self, slot: Slot) -> str | None:
+        """Whether the child said it started; the reason if it said it failed to."""
+        failure = None
+        conn = slot.report
+        if conn is None:
+            return None
+        try:
+            while conn.poll():
+                kind, text = conn.recv()
+                if kind == "ready":
+                    slot.ready = True
+                else:
+                    failure = text
+        except (EOFError, OSError):
+            pass
+        return failure
+
+    def _vacate(self, slots: list[Slot]) -> None:
+        """Tell the broker these slots' processes died, so their jobs go elsewhere now.
+
+        A short-lived context: the parent never holds ZeroMQ state across a fork."""
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, VACATE_LINGER_MS)
+            secure_client(sock, self.keys)
+            sock.connect(self.cfg.broker)
+            for slot in slots:
+                sock.send_multipart(protocol.encode_vacate(slot.name), zmq.NOBLOCK)
+            sock.close()
+        except zmq.ZMQError as exc:
+            log.warning("could not tell the broker that a worker died: %s", exc)
+        finally:
+            ctx.term()
+
+    def _reap(self, now: float) -> None:
+        """Handle children that ended: restart them, or give up on a target that cannot start."""
+        dead: list[Slot] = []
+        for slot in self.slots:
+            p = slot.process
+            if p is None or p.exitcode is None:
+                if p is not None and slot.report is not None and not slot.ready:
+                    self._read_report(slot)
+                continue
+            p.join()
+            failure = self._read_report(slot)
+            if slot.report is not None:
+                slot.report.close()
+                slot.report = None
+            slot.process = None
+            if self.signals:
+                log.info("worker process %s exited (%s)", p.pid, p.exitcode)
+                continue
+            dead.append(slot)
+            lived = now - slot.started
+            if not slot.ready:
+                self.start_failures.append(now)
+                while self.start_failures and now - self.start_failures[0] > START_FAILURE_WINDOW:
+                    self.start_failures.popleft()
+                if len(self.start_failures) >= START_FAILURES:
+                    self.failure = (f"worker processes failed to start {len(self.start_failures)} "
+                                    f"times within {START_FAILURE_WINDOW:.0f}s; last: "
+                                    f"{failure or f'exit code {p.exitcode}'}")
+            slot.backoff = min(MAX_BACKOFF, slot.backoff * 2) if lived < QUICK_DEATH else 0.5
+            slot.restart_at = now + (slot.backoff if lived < QUICK_DEATH else 0.0)
+            log.warning(
+                "worker process %s in slot %d exited with %s after %.1fs; restarting%s",
+                p.pid, slot.index, p.exitcode, lived,
+                f" in {slot.backoff:.1f}s" if lived < QUICK_DEATH else "",
+            )
+        if dead and self.failure is None:
+            self._vacate(dead)
+
     def run(self) -> int:
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -102,9 +237,10 @@ class Pool:
         for slot in self.slots:
             self._start(slot)
         forwarded = 0
-        import select
-
         while True:
+            if self.failure is not None and not self.signals:
+                log.error("%s; stopping the pool", self.failure)
+                self.signals = 1
             while self.signals > forwarded:  # one SIGTERM to each child per signal received
                 if forwarded == 0:
                     log.info("stopping: each worker finishes its job in hand (signal again to force)")
@@ -112,37 +248,26 @@ class Pool:
                     log.warning("forcing: workers hand their jobs back to the broker")
                 forwarded += 1
                 self._signal_children()
-            alive = 0
             now = time.monotonic()
-            for slot in self.slots:
-                p = slot.process
-                if p is not None and p.exitcode is None:
-                    alive += 1
-                    continue
-                if p is not None:  # it just ended
-                    p.join()
-                    slot.process = None
-                    if self.signals:
-                        log.info("worker process %s exited (%s)", p.pid, p.exitcode)
-                        continue
-                    lived = now - slot.started
-                    slot.backoff = min(MAX_BACKOFF, slot.backoff * 2) if lived < QUICK_DEATH else 0.5
-                    slot.restart_at = now + (slot.backoff if lived < QUICK_DEATH else 0.0)
-                    log.warning(
-                        "worker process %s in slot %d exited with %s after %.1fs; restarting%s",
-                        p.pid, slot.index, p.exitcode, lived,
-                        f" in {slot.backoff:.1f}s" if lived < QUICK_DEATH else "",
-                    )
-                if not self.signals and now >= slot.restart_at:
-                    self._start(slot)
-                    alive += 1
-                elif not self.signals:
-                    alive += 1  # waiting for its backoff
-            if self.signals and alive == 0:
+            self._reap(now)
+            if not self.signals:
+                for slot in self.slots:
+                    if slot.process is None and now >= slot.restart_at and self.failure is None:
+                        self._start(slot)
+            alive = [s for s in self.slots if s.process is not None]
+            if self.signals and not alive:
                 log.info("all worker processes stopped")
-                return 0
+                return RET_START_FAILED if self.failure else 0
+            waiting = [s.restart_at for s in self.slots if s.process is None and not self.signals]
+            timeout = max(0.0, min(waiting) - now) if waiting else None
+            handles: list[object] = [self._wake_r]
+            for s in alive:
+                assert s.process is not None
+                handles.append(s.process.sentinel)
+                if s.report is not None and not s.ready:
+                    handles.append(s.report)
+            multiprocessing.connection.wait(handles, timeout)  # type: ignore[arg-type]
             try:
-                select.select([self._wake_r], [], [], 0.2)
                 os.read(self._wake_r, 4096)
             except (BlockingIOError, InterruptedError):
                 pass
@@ -150,4 +275,8 @@ class Pool:
 
 def run_pool(target: str, cfg: WorkerConfig, queues: tuple[str, ...]) -> int:
     """Entry point of ``rw worker`` (the target has already been checked by the caller)."""
-    return Pool(target, cfg, queues).run()
+    pool = Pool(target, cfg, queues)
+    code = pool.run()
+    if pool.failure:
+        print(f"rw: {pool.failure}", file=sys.stderr)
+    return code

@@ -22,6 +22,7 @@ import time
 import traceback
 import uuid
 from types import FrameType
+from typing import Callable
 
 import zmq
 
@@ -93,12 +94,16 @@ class Runner:
         self.max_message_size: int | None = None  # the broker's, from WELCOME
         self.bad_messages = 0
         self._bad_logged = 0.0
-        self.job: tuple[str, int] | None = None  # (id, attempt) in hand
+        self.job: tuple[str, int, bytes] | None = None  # (id, attempt, token) in hand
         self._next: protocol.Job | None = None  # received, about to run
-        self.job_deadline = 0.0  # past it the job is hung: this process gives up
-        # The last RESULT/ERROR sent, until the broker is heard from again: if we must
-        # reconnect first, it may be lost with the old socket, so it is sent again.
-        self.unconfirmed: tuple[str, int, list[bytes]] | None = None
+        # Hung-job detection counts the time the job has run, as the watchman sees it, so
+        # that a process stopped (SIGSTOP) and continued does not count the pause.
+        self.job_budget = 0.0  # seconds the job may run before it is hung
+        self.job_ran = 0.0
+        self._job_over = False  # set by the main thread the moment the user's code returns
+        # The last RESULT/ERROR sent, until the broker confirms it (ACK, or the next JOB):
+        # if we must reconnect first it may be lost with the old socket, so it goes again.
+        self.unconfirmed: tuple[str, int, bytes, list[bytes]] | None = None
         # Stop requests (SIGTERM, SIGINT, request_stop), counted from the wake-up pipe by
         # whoever holds the baton: Python's C-level handler writes it at once, even while
         # the job sits in one long C call (numpy, torch, hashing) in the main thread, where
@@ -158,13 +163,15 @@ class Runner:
         self.dealer = d
         self.poller.register(d, zmq.POLLIN)
         if self.unconfirmed is not None:
-            job_id, attempt, answer = self.unconfirmed
-            self._send(protocol.encode_hello(self.queues, self.info, job_id, attempt))
+            job_id, attempt, token, answer = self.unconfirmed
+            self._send(protocol.encode_hello(self.queues, self.info, job_id, attempt, token))
             self._send(answer)
+        elif self.job is not None:
+            self._send(protocol.encode_hello(self.queues, self.info, *self.job))
         else:
-            job_id, attempt = self.job if self.job else (None, 0)
-            self._send(protocol.encode_hello(self.queues, self.info, job_id, attempt))
-        self.last_heard = time.monotonic()
+            self._send(protocol.encode_hello(self.queues, self.info))
+        self.last_heard = self._connected_at = time.monotonic()
+        self._reconnect_due = False
         self.broker_interval = self.cfg.heartbeat
         self.broker_liveness = self.cfg.liveness
 
@@ -191,6 +198,7 @@ class Runner:
         assert msg is not None
         self._next = None
         worker.job = JobContext(msg.job_id, msg.attempt, msg.timeout)
+        self._job_over = False
         self._in_job = True
         self._baton.release()  # the watchman may now keep the link alive
         try:
@@ -199,6 +207,7 @@ class Runner:
         except BaseException:
             out, ok = [_user_traceback().encode()], False
         finally:
+            self._job_over = True  # before waiting for the baton: the job is not hung
             self._baton.acquire()
             self._in_job = False
             worker.job = None
@@ -211,15 +220,13 @@ class Runner:
                 f"the result of {size} bytes is over the broker's max_message_size "
                 f"of {self.max_message_size} bytes".encode()]
         if ok:
-            answer = protocol.encode_worker_result(msg.job_id, msg.attempt, ready, out)
+            answer = protocol.encode_worker_result(msg.job_id, msg.attempt, msg.token, ready, out)
         else:
             error = out[0].decode("utf-8", "replace")
             log.warning("job %s attempt %d raised:\n%s", msg.job_id, msg.attempt, error.rstrip())
-            answer = protocol.encode_worker_error(msg.job_id, msg.attempt, ready, error)
+            answer = protocol.encode_worker_error(msg.job_id, msg.attempt, msg.token, ready, error)
         self._send(answer)
-        self.unconfirmed = (msg.job_id, msg.attempt, answer)
-        if not ready:
-            self._send(protocol.BYE_FRAMES)
+        self.unconfirmed = (msg.job_id, msg.attempt, msg.token, answer)
         return ready
 
     def _beat(self, now: float) -> None:
@@ -233,6 +240,10 @@ class Runner:
             why = handshake_failure(self.monitor, self.cfg.broker, self.keys)
             if why:
                 log.error("%s; retrying", why)
+        if self._reconnect_due:
+            log.info("broker asked us to register again: reconnecting to %s", self.cfg.broker)
+            self._connect()
+            return
         silent = now - self.last_heard
         if silent > self.broker_interval * self.broker_liveness:
             log.warning("no word from the broker for %.1fs: reconnecting to %s",
@@ -243,11 +254,19 @@ class Runner:
     def _watch(self) -> None:
         """While a job runs: beats, the broker's messages, forced stops, hung jobs."""
         step = min(0.05, self.cfg.heartbeat / 4)
+        last = time.monotonic()
         while not self._ended.wait(step):
-            if not self._in_job or not self._baton.acquire(blocking=False):
+            now = time.monotonic()
+            # A longer gap means this process was stopped (SIGSTOP) or starved: the job
+            # was not running for most of it, so it counts only a little.
+            gap, last = min(now - last, 1.0), now
+            if not self._in_job:
+                continue
+            self.job_ran += gap
+            if not self._baton.acquire(blocking=False):
                 continue
             try:
-                if self._in_job and not self._ended.is_set():
+                if self._in_job and not self._job_over and not self._ended.is_set():
                     self._watch_job()
             finally:
                 self._baton.release()
@@ -258,12 +277,11 @@ class Runner:
         if self.signals >= 2 and self.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
-            job_id, attempt = self.job
-            log.warning("forced stop: giving job %s back to the broker", job_id)
-            self._send(protocol.encode_return(job_id, attempt))
+            log.warning("forced stop: giving job %s back to the broker", self.job[0])
+            self._send(protocol.encode_return(*self.job))
             self._send(protocol.BYE_FRAMES)
             self._leave(0)
-        if self.job is not None and now > self.job_deadline:
+        if self.job is not None and self.job_ran > self.job_budget:
             # The broker gave this job to another worker long ago; the user's code cannot
             # be interrupted, so the process leaves and its pool starts a fresh one.
             log.error("job %s is still running at twice its time limit: "
@@ -283,9 +301,12 @@ class Runner:
         os._exit(code)
 
     # ------------------------------------------------------------------ main loop
-    def run(self) -> int:
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Serve jobs until stopped; ``on_ready`` is called once ``setup()`` has succeeded."""
         worker = self.worker_cls()
         worker.setup()
+        if on_ready is not None:
+            on_ready()
         self._result_what = f"{type(worker).__name__}'s result"
         self.poller = zmq.Poller()
         self.poller.register(self._wake_r, zmq.POLLIN)
@@ -303,11 +324,12 @@ class Runner:
                     self._read_wakeups()
                 if self.signals:  # jobs run in line: here none is in hand, so leave now
                     log.info("stopping")
-                    self._send(protocol.BYE_FRAMES)
+                    self._leave_warmly()
                     return 0
                 if self.dealer in events:
                     self._drain_broker()
                     if self._next is not None and not self._run_job(worker):
+                        self._leave_warmly()
                         return 0
                 if now >= self.next_beat:
                     self._beat(now)
@@ -328,6 +350,28 @@ class Runner:
                 # multiprocessing children leave through os._exit, which never calls it.
                 self.ctx.destroy(linger=2000)
 
+    def _leave_warmly(self) -> None:
+        """Before BYE, wait (a bounded time) until the broker confirms the last answer, so a
+        warm stop really delivers it; reconnect and send it again if the broker went away."""
+        if self.unconfirmed is not None:
+            patience = max(5.0, 2 * self.broker_interval * self.broker_liveness)
+            give_up = time.monotonic() + patience
+            while self.unconfirmed is not None and self.signals < 2:
+                now = time.monotonic()
+                if now >= give_up:
+                    log.warning("leaving without the broker's confirmation of job %s's answer "
+                                "(after %.0fs); if it was lost the job runs again",
+                                self.unconfirmed[0], patience)
+                    break
+                events = dict(self.poller.poll(max(0.0, min(self.next_beat, give_up) - now) * 1000))
+                if self._wake_r in events:
+                    self._read_wakeups()
+                if self.dealer in events:
+                    self._drain_broker()
+                if time.monotonic() >= self.next_beat:
+                    self._beat(time.monotonic())
+        self._send(protocol.BYE_FRAMES)
+
     def _drain_broker(self) -> None:
         assert self.dealer is not None
         while True:
@@ -346,17 +390,22 @@ class Runner:
                                 self.bad_messages, exc)
                 continue
             kind = type(msg)
-            if kind is not protocol.Disconnect:
-                self.unconfirmed = None  # it is answering us: what we sent before arrived
             if kind is protocol.Job:
-                if self.job is not None or self.signals:
+                if self.job is not None or self.signals or self._next is not None:
                     # Not ready for it (a stop crossed the dispatch): hand it straight back.
-                    self._send(protocol.encode_return(msg.job_id, msg.attempt))
+                    self._send(protocol.encode_return(msg.job_id, msg.attempt, msg.token))
                     continue
-                self.job = (msg.job_id, msg.attempt)
-                self.job_deadline = time.monotonic() + HUNG_FACTOR * msg.timeout + HUNG_GRACE
+                # The broker sends JOB only after it applied our last answer.
+                self.unconfirmed = None
+                self.job = (msg.job_id, msg.attempt, msg.token)
+                self.job_budget = HUNG_FACTOR * msg.timeout + HUNG_GRACE
+                self.job_ran = 0.0
                 self._next = msg
                 return  # run it now; whatever else waits is read on the next turn
+            elif kind is protocol.Ack:
+                u = self.unconfirmed
+                if u is not None and u[0] == msg.job_id and u[1] == msg.attempt:
+                    self.unconfirmed = None
             elif kind is protocol.Welcome:
                 if self.broker_id is not None and msg.broker_id != self.broker_id:
                     log.info("registered with a new broker (%s)", msg.broker_id)
@@ -366,6 +415,10 @@ class Runner:
                 self.max_message_size = msg.max_message_size
                 self.welcomed = True
             elif kind is protocol.Disconnect:
+                if time.monotonic() - self._connected_at < 1.0:
+                    # Told again right after registering: do not spin; reconnect at the beat.
+                    self._reconnect_due = True
+                    continue
                 log.info("broker asked us to register again (%s)", msg.reason)
                 self._connect()
                 return
