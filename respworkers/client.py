@@ -118,6 +118,7 @@ class Client:
         self._monitor = watch_handshakes(self.sock)
         self.sock.connect(broker)
         self.limits: dict[str, Any] = {}  # the broker's, from its PONG
+        self.starting = False  # the last PONG said the broker is still loading its journal
         self._handshakes = 0
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, JobResult] = {}
@@ -407,9 +408,14 @@ class Client:
             self._finish(JobResult(reply.job_id, "refused", None, code, text))
         elif cmd == protocol.PONG:
             try:
-                broker_id, self.limits = protocol.decode_pong(reply)
+                broker_id, limits = protocol.decode_pong(reply)
             except ProtocolError:
                 return
+            # A broker loading a large journal answers pings but nothing else yet: wait.
+            self.starting = bool(limits.pop("starting", False))
+            if self.starting and self.on_event:
+                self.on_event("the broker is starting (loading its journal); waiting")
+            self.limits = limits
             if self._broker_id is not None and broker_id != self._broker_id:
                 cut_off = True  # the broker restarted
             elif self._broker_id is None and self._pings > 1:
@@ -461,12 +467,15 @@ class Client:
                 reply = self._replies.pop((cmd, job_id), None)
                 if reply is not None:
                     return reply.info if cmd == protocol.INFO else None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerUnavailable(
-                    f"no answer from the broker at {self.broker} within {self.request_timeout:g}s"
-                )
-            self._pump(left)
+            now = time.monotonic()
+            if now >= deadline:
+                if self.starting and now - self._last_heard < 3 * PING_INTERVAL:
+                    deadline = now + self.request_timeout  # it answers pings: loading its journal
+                else:
+                    raise BrokerUnavailable(
+                        f"no answer from the broker at {self.broker} within {self.request_timeout:g}s")
+            self._pump(min(deadline - now, PING_INTERVAL))
+            self._check_broker()
 
     def query(self, job_id: str) -> dict[str, Any] | None:
         """The job's state as the broker knows it, or None if it does not know the id."""

@@ -10,7 +10,8 @@ from respworkers import Worker
 
 
 class Tester(Worker):
-    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``raise``, ``crash``, ``crash-once:PATH``,
+    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``pad:N``, ``raise``, ``crash``,
+    ``crash-once:PATH``,
     ``cpu:PATH:N`` (say so in a file, then N rounds of one C call that never looks at signals).
 
     Anything else is echoed.
@@ -31,6 +32,8 @@ class Tester(Worker):
             _, marker, rounds = text.split(":")  # but no signal handler runs until it returns
             open(marker, "w").close()
             hashlib.pbkdf2_hmac("sha256", b"rw", b"salt", int(rounds))
+        elif text.startswith("pad:"):  # pad:N - an answer of N more bytes
+            return f"{pid}:{text}".encode() + b"." * int(text[4:])
         elif text == "raise":
             raise ValueError("asked to raise")
         elif text == "crash":

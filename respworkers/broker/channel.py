@@ -20,8 +20,10 @@ from .. import protocol, sockets
 
 #: Messages libzmq may queue for one client before a send to it fails (the socket's SNDHWM).
 SEND_HWM = 64
-#: Messages kept in the broker's memory for one client once its socket queue is full.
-MAX_BACKLOG = 1000
+#: Messages, and bytes of their frames, kept in the broker's memory for one client once its
+#: socket queue is full. Mostly results the broker retains anyway: what they cost is references.
+MAX_BACKLOG = 10_000
+MAX_BACKLOG_BYTES = 64 << 20
 
 RawSend = Callable[[bytes, list[bytes]], bool]
 
@@ -31,12 +33,13 @@ def router_sender(sock: zmq.Socket) -> RawSend:
     was sent); a peer that is not connected is dropped silently (True), as ROUTER does."""
     send = sockets.raw_send
     more = sockets.SNDMORE
+    first = sockets.SNDMORE | sockets.NOBLOCK  # a full queue blocks unless asked not to
     again = zmq.Again
     error = zmq.ZMQError
 
     def send_to(rid: bytes, frames: list[bytes]) -> bool:
         try:
-            send(sock, rid, more)  # with ROUTER_MANDATORY only this frame can fail
+            send(sock, rid, first)  # with ROUTER_MANDATORY only this frame can fail
         except again:
             return False
         except error:  # EHOSTUNREACH: not connected (gone, or reconnecting)
@@ -55,6 +58,7 @@ class ClientChannel:
     def __init__(self, raw_send: RawSend) -> None:
         self._raw = raw_send
         self._backlog: dict[bytes, deque[list[bytes]]] = {}
+        self._bytes: dict[bytes, int] = {}
         self._resync: set[bytes] = set()
         self.overflows = 0  #: times a client fell so far behind that it was told to resync
         self.deferred = 0  #: messages that waited here for a slow client
@@ -65,13 +69,16 @@ class ClientChannel:
             if rid in self._resync or self._raw(rid, frames):
                 return
             backlog = self._backlog[rid] = deque()
-        if len(backlog) >= MAX_BACKLOG:
+            self._bytes[rid] = 0
+        size = self._bytes[rid] + sum(map(len, frames))
+        if len(backlog) >= MAX_BACKLOG or size > MAX_BACKLOG_BYTES:
             # Too far behind: drop what waits and have it ask again once it reads.
-            del self._backlog[rid]
+            del self._backlog[rid], self._bytes[rid]
             self._resync.add(rid)
             self.overflows += 1
             return
         backlog.append(frames)
+        self._bytes[rid] = size
         self.deferred += 1
 
     def pending(self) -> bool:
@@ -83,9 +90,9 @@ class ClientChannel:
         for rid in list(self._backlog):
             backlog = self._backlog[rid]
             while backlog and raw(rid, backlog[0]):
-                backlog.popleft()
+                self._bytes[rid] -= sum(map(len, backlog.popleft()))
             if not backlog:
-                del self._backlog[rid]
+                del self._backlog[rid], self._bytes[rid]
         for rid in list(self._resync):
             if raw(rid, protocol.RESYNC_FRAMES):
                 self._resync.discard(rid)

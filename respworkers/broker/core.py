@@ -49,6 +49,8 @@ MAX_WORKER_HEARTBEAT = 60.0
 RATE_WINDOW = 10.0
 #: Unconfirmed submissions that make a commit due before commit_interval has passed.
 COMMIT_BATCH = 2000
+#: Jobs of a SUBMITS taken in between two looks at the clock (loop turns are bounded in time).
+INTAKE_STEP = 64
 #: Largest RESULTS message, in bytes of results (a single larger result travels alone).
 MAX_RESULTS_BYTES = 256 << 10
 #: Rows restored between two looks at the sockets while a large journal loads.
@@ -241,6 +243,11 @@ class BrokerCore:
         self._journal_retry_at = 0.0
         self.journal.bind(self.jobs)
         self.tokens = Tokens()
+        # Loop turns are bounded in time: the server sets when this turn's budget ends; a
+        # batch of submissions still unfinished then is continued in the next turn.
+        self.clock: Callable[[], float] = time.monotonic
+        self.turn_ends = math.inf
+        self._intake: deque[tuple[bytes, list[protocol.Submit], int]] = deque()
         self._seq = 0
         self._version_told = -math.inf  # when an old-version worker was last told why not
         self._next_beat = 0.0
@@ -327,9 +334,7 @@ class BrokerCore:
         if kind is protocol.Submit:
             self._submit(client, req.job_id, req.queue, req.timeout, req.tries, req.payload, PROTO)
         elif kind is protocol.SubmitMany:
-            submit = self._submit
-            for sub in req.jobs:
-                submit(client, sub.job_id, sub.queue, sub.timeout, sub.tries, sub.payload, BATCH)
+            self._take_in(client, req.jobs, 0)
         elif kind is protocol.Plain:
             # Unguessable, so no other client can WAIT for, QUERY or CANCEL it by guessing.
             job_id = "req-" + self.tokens.next().decode()
@@ -337,10 +342,36 @@ class BrokerCore:
         elif kind is protocol.JobRef:
             self._job_ref(client, req.command, req.job_id)
         elif kind is protocol.Wait:
+            # Many ids (a client catching up): outcomes batched like those of SUBMITS.
+            how = PROTO if len(req.job_ids) == 1 else BATCH
             for job_id in req.job_ids:
-                self._wait(client, job_id)
+                self._wait(client, job_id, how)
         else:
             self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
+
+    def _take_in(self, client: bytes, jobs: list[protocol.Submit], start: int) -> None:
+        """Submit a batch's jobs, in steps; past the turn's budget the rest waits for the next
+        turn (in order, before anything else a client sent), so no turn runs long."""
+        submit = self._submit
+        clock = self.clock
+        n = len(jobs)
+        while start < n:
+            end = min(n, start + INTAKE_STEP)
+            for sub in jobs[start:end]:
+                submit(client, sub.job_id, sub.queue, sub.timeout, sub.tries, sub.payload, BATCH)
+            start = end
+            if start < n and clock() >= self.turn_ends:
+                self._intake.append((client, jobs, start))
+                return
+
+    def intake_pending(self) -> bool:
+        """Whether batched submissions wait to be taken in (read no new client message then)."""
+        return bool(self._intake)
+
+    def resume_intake(self) -> None:
+        intake = self._intake
+        while intake and self.clock() < self.turn_ends:
+            self._take_in(*intake.popleft())
 
     def _submit(
         self, client: bytes, job_id: str, queue: str, timeout: float | None, tries: int | None,
@@ -411,14 +442,14 @@ class BrokerCore:
             self.cancel(job)
             self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
 
-    def _wait(self, client: bytes, job_id: str) -> None:
+    def _wait(self, client: bytes, job_id: str, how: int) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             self.send_client(client, protocol.encode_unknown(job_id))
         elif job.state in FINAL:
-            self._tell(job, client, PROTO)
+            self._tell(job, client, how)
         elif all(waiter != client for waiter, _ in job.waiters):  # also if it sent SUBMITS
-            job.waiters.append((client, PROTO))
+            job.waiters.append((client, how))
 
     def send_results(self) -> None:
         """End of a loop turn: one RESULTS per client for its batched jobs that ended."""

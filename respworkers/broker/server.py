@@ -8,6 +8,7 @@ pings and status requests are answered within a fraction of a second under any l
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -69,6 +70,7 @@ class BrokerServer:
         self._reload = False
         self.state = "starting"
         self.restored = 0
+        self.longest_turn = 0.0  #: the longest loop turn so far (seconds without polling)
         self._deferred: list[tuple[bytes, list[bytes]]] = []
         self.clients = self._socket("clients", client=True)
         self.status = self._socket("status")
@@ -193,6 +195,25 @@ class BrokerServer:
         return self.security.recv(sock, domain)
 
     # ----------------------------------------------------------------- loop
+    @staticmethod
+    def _quiet_gc() -> None:
+        """Keep Python's cyclic garbage collector off the broker's long-lived objects.
+
+        A full collection walks every tracked object: with a million jobs held it stalls
+        the loop for about a second, and a growing heap triggers one at every 25% of
+        growth. So full collections are off, and objects that have lived through a
+        heartbeat are moved out of the collector's sight (gc.freeze, at every tick): it
+        only ever scans what is young. The broker breaks its own reference cycles (a job
+        and the worker holding it) when a job ends or a worker leaves, so what it drops
+        later is freed by reference counting and needs no collector.
+        """
+        gc.collect()
+        gc.freeze()
+        # Young collections stay automatic; full ones would scan everything since the last
+        # freeze (a burst of jobs), so they happen only as the freeze at each tick.
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, 1 << 30)
+
     def run(self) -> None:
         core = self.core
         clients, workers, status = self.clients, self.workers, self.status
@@ -216,7 +237,7 @@ class BrokerServer:
         def drain(sock: zmq.Socket, handle: Handler,
                   recv: Callable[[zmq.Socket], tuple[Any, list[bytes]]]) -> None:
             """Up to BATCH messages or TURN_BUDGET seconds from one socket, then the rest."""
-            until = monotonic() + TURN_BUDGET
+            until = core.turn_ends = monotonic() + TURN_BUDGET
             for _ in range(BATCH):
                 try:
                     rid, frames = recv(sock)
@@ -227,6 +248,16 @@ class BrokerServer:
                 if monotonic() >= until:
                     return
 
+        def take_clients() -> None:
+            """Batches left over from the last turn first; new messages only once they are in."""
+            if core.intake_pending():
+                core.turn_ends = monotonic() + TURN_BUDGET
+                core.resume_intake()
+                if core.intake_pending():
+                    return
+            drain(clients, core.on_client, recv_clients)
+
+        self._quiet_gc()
         core.set_time(monotonic(), wall())
         core.start_recovery()  # restore() may have taken a while: the window starts now
         wake = core.tick()
@@ -235,12 +266,13 @@ class BrokerServer:
             core.broker_id, self.endpoints["clients"], self.endpoints["workers"],
             self.endpoints["status"],
         )
+        longest = 0.0
         while not self._stop:
-            now = monotonic()
-            events = dict(poller.poll(max(0.0, (wake - now) * 1000.0)))
-            core.set_time(monotonic(), wall())
-            if clients in events:
-                drain(clients, core.on_client, recv_clients)
+            events = dict(poller.poll(max(0.0, (wake - monotonic()) * 1000.0)))
+            began = monotonic()
+            core.set_time(began, wall())
+            if clients in events or core.intake_pending():
+                take_clients()
                 core.set_time(monotonic(), wall())
             if workers in events:
                 drain(workers, core.on_worker, recv_workers)
@@ -262,13 +294,19 @@ class BrokerServer:
                     core.revoke_worker(wid)
             if core.now >= wake:
                 core.tick()
+                gc.freeze()  # see _quiet_gc
             core.send_results()
             core.maybe_flush()
             if self.channel.pending():
                 self.channel.flush()
             wake = core.next_wake()
-            if self.channel.pending():
+            if core.intake_pending():
+                wake = core.now  # submissions wait to be taken in: do not sleep
+            elif self.channel.pending():
                 wake = min(wake, core.now + 0.01)  # a slow client's backlog: look again soon
+            busy = monotonic() - began
+            if busy > longest:
+                longest = self.longest_turn = busy
         self._shutdown()
 
     def _serve_status(self) -> None:
@@ -317,6 +355,7 @@ class BrokerServer:
         if self.state == "starting":
             snap["broker"]["restored"] = self.restored
         snap["clients"] = self.channel.describe()
+        snap["broker"]["longest_turn"] = round(self.longest_turn, 4)
         snap["security"] = self.security.describe() if self.security else {"curve": False}
         return snap
 
