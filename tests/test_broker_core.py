@@ -1380,6 +1380,9 @@ class Sim:
             assert all(w.ready and core.workers.get(w.wid) is w for w in ready.values())
         queued = sum(core.depth.values())
         assert queued == sum(1 for j in core.jobs.values() if j.state == "queued")
+        deadlines = [j.deadline for j in running]
+        if deadlines:  # the next wake-up is never later than a running attempt's time limit
+            assert core.next_wake() <= min(deadlines), (core.next_wake(), min(deadlines))
         for key, n in self.finals.items():
             assert n == 1, f"{key} told {n} times"
 
@@ -1596,6 +1599,19 @@ def test_hello_with_too_many_queues_is_refused():
     h.core.on_worker(W1, [b"RWW3 HELLO " + queues, b"{}"])
     assert h.worker_state(W1) is None
     assert h.snap()["bad_messages"] == {"workers: bad HELLO": 1}
+
+
+def test_a_retry_dispatched_at_a_tick_is_timed_out_on_time():
+    """A retry dispatched by tick() into a time-limit group the tick had already passed (or a
+    new one) must still set the next wake-up: its limit is not a heartbeat late."""
+    h = Harness(heartbeat=10.0, timeout=1.0, tries=3)
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "j1")
+    assert ids(h.jobs_to(W1)) == [("j1", 1)]
+    wake = h.advance(1.01)  # times out: the retry goes to W2 at once, due 1 s later
+    assert ids(h.jobs_to(W2)) == [("j1", 2)]
+    assert wake <= h.mono + 1.0 + 1e-9
 
 
 def test_next_wake_follows_new_deadlines_in_constant_time():

@@ -1007,7 +1007,6 @@ class BrokerCore:
             for job in sorted(self.recovering.values(), key=lambda j: j.seq, reverse=True):
                 self._enqueue(job, front=True)
             self.recovering.clear()
-        earliest = math.inf
         for timeout in list(self.inflight):
             group = self.inflight.get(timeout)
             while group:
@@ -1020,9 +1019,10 @@ class BrokerCore:
                     f"no answer within {job.timeout:g}s (attempt {job.attempt} of {job.tries}"
                     f" on {holder.name if holder else '?'})",
                 )
-            if group:
-                earliest = min(earliest, next(iter(group.values())).deadline)
-        self._earliest = earliest
+        # Over every group as it is now: a retry dispatched above may have started a group
+        # (or refilled one) that the loop did not look at. O(distinct time limits).
+        self._earliest = min((next(iter(g.values())).deadline for g in self.inflight.values()),
+                             default=math.inf)
         if now >= self._next_beat:
             self._next_beat = now + self.cfg.heartbeat
             self._heartbeat(now)
