@@ -42,7 +42,14 @@ WATCH_INTERVAL = 0.1
 
 @dataclass
 class JobResult:
-    """How one job ended: ``status`` is ``done``, ``failed``, ``cancelled`` or ``refused``."""
+    """How one job ended.
+
+    ``status`` is ``done`` (``frames`` holds the result), ``failed`` (``reason`` is the last
+    attempt's: ``timeout``, ``error`` or ``worker-lost``; ``error`` the text), ``cancelled``,
+    ``refused`` (``reason`` is the broker's code: ``full``, ``limit``, ``journal``,
+    ``shutdown``; ``error`` its text) or ``unknown`` (the broker does not know the id: never
+    submitted, or forgotten after its retention).
+    """
 
     id: str
     status: str
@@ -120,9 +127,12 @@ class Client:
         self.limits: dict[str, Any] = {}  # the broker's, from its PONG
         self.starting = False  # the last PONG said the broker is still loading its journal
         self._handshakes = 0
+        self._closed = False
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, JobResult] = {}
+        # Answers to QUERY and CANCEL, kept only while a request for that id waits for one.
         self._replies: dict[tuple[bytes, str], protocol.Reply] = {}
+        self._asking: set[str] = set()
         self._broker_id: str | None = None
         self._last_heard = 0.0  # monotonic time of the broker's last message; 0 = never
         self._last_ping = 0.0
@@ -146,13 +156,52 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving on an error: do not wait, and do not hide the error with another.
+        self.close(timeout=0.0 if exc_type is not None else None, check=exc_type is None)
 
-    def close(self) -> None:
-        self.sock.disable_monitor()
-        self._monitor.close(0)
-        self.sock.close(0)
+    def close(self, timeout: float | None = None, check: bool = True) -> None:
+        """Close the connection, having delivered what was submitted.
+
+        Jobs submitted but not yet confirmed by the broker (ACCEPTED: journaled) are waited
+        for, up to ``timeout`` seconds (default ``request_timeout``); if some are still not
+        confirmed then, raises :class:`BrokerUnavailable` naming them (with ``check``): they
+        may never have reached the broker, and submitting them again (same ids) is safe.
+        The broker is told that this client no longer waits for the jobs still unfinished,
+        which keep running; fetch their outcomes later with :meth:`result` from any client.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        unconfirmed: list[str] = []
+        try:
+            wait = self.request_timeout if timeout is None else timeout
+            unconfirmed = [j for j, p in self._pending.items() if not p.confirmed]
+            if unconfirmed and self._last_heard:
+                try:
+                    self.wait_confirmed(unconfirmed, timeout=wait)
+                except TimeoutError:
+                    pass
+                unconfirmed = [j for j in unconfirmed
+                               if j in self._pending and not self._pending[j].confirmed]
+            waiting = [j for j, p in self._pending.items() if p.confirmed]
+            for i in range(0, len(waiting), protocol.MAX_BATCH):
+                try:
+                    sockets.send(self.sock, protocol.encode_unwait(waiting[i:i + protocol.MAX_BATCH]),
+                                 sockets.NOBLOCK)
+                except zmq.Again:
+                    break
+        finally:
+            self.sock.disable_monitor()
+            self._monitor.close(0)
+            # Deliver the UNWAITs if the link is up; never hang the process on a dead broker.
+            self.sock.close(linger=int(min(1.0, self.request_timeout) * 1000))
+        if check and unconfirmed:
+            shown = ", ".join(unconfirmed[:5]) + (" ..." if len(unconfirmed) > 5 else "")
+            raise BrokerUnavailable(
+                f"{len(unconfirmed)} submitted job(s) not confirmed by the broker at {self.broker} "
+                f"before close: {shown}; they may not have reached it (submitting them again with "
+                "the same ids is safe)")
 
     # ----------------------------------------------------------------- submitting
     def submit(
@@ -431,8 +480,9 @@ class Client:
                 self._pending.pop(reply.job_id)
                 self._done[reply.job_id] = JobResult(
                     reply.job_id, "unknown", None, "unknown", "the broker does not know this job")
-            self._replies[(cmd, reply.job_id)] = reply
-        else:  # INFO
+            if reply.job_id in self._asking:
+                self._replies[(cmd, reply.job_id)] = reply
+        elif reply.job_id in self._asking:  # INFO, for a QUERY or CANCEL still waiting
             self._replies[(cmd, reply.job_id)] = reply
         if cut_off and self._pending:
             self._resync()
@@ -458,8 +508,15 @@ class Client:
     # ----------------------------------------------------------------- inspect and cancel
     def _request(self, command: bytes, job_id: str) -> dict[str, Any] | None:
         protocol.check_job_id(job_id.encode())
-        self._replies.pop((protocol.INFO, job_id), None)
-        self._replies.pop((protocol.UNKNOWN, job_id), None)
+        self._asking.add(job_id)
+        try:
+            return self._await_reply(command, job_id)
+        finally:
+            self._asking.discard(job_id)
+            self._replies.pop((protocol.INFO, job_id), None)
+            self._replies.pop((protocol.UNKNOWN, job_id), None)
+
+    def _await_reply(self, command: bytes, job_id: str) -> dict[str, Any] | None:
         self._send(protocol.encode_job_ref(command, job_id))
         deadline = time.monotonic() + self.request_timeout
         while True:

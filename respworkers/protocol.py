@@ -32,6 +32,7 @@ STATUS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, 
 SUBMIT = b"SUBMIT"
 SUBMITS = b"SUBMITS"  #: several jobs in one message
 WAIT = b"WAIT"
+UNWAIT = b"UNWAIT"  #: the client no longer waits for these jobs (it is closing)
 QUERY = b"QUERY"
 CANCEL = b"CANCEL"
 PING = b"PING"
@@ -224,6 +225,12 @@ class Wait(NamedTuple):
     job_ids: list[str]
 
 
+class Unwait(NamedTuple):
+    """The client stops waiting for these jobs (they go on; it will not be told)."""
+
+    job_ids: list[str]
+
+
 class Ping(NamedTuple):
     pass
 
@@ -235,7 +242,7 @@ class SubmitMany(NamedTuple):
     jobs: list[Submit]
 
 
-ClientRequest = Union[Submit, SubmitMany, Plain, JobRef, Wait, Ping]
+ClientRequest = Union[Submit, SubmitMany, Plain, JobRef, Wait, Unwait, Ping]
 
 
 def _line(frames: list[bytes], version: bytes) -> list[bytes]:
@@ -288,10 +295,11 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
         )
     if cmd == SUBMITS:
         return _decode_submits(words, frames)
-    if cmd == WAIT:
+    if cmd in (WAIT, UNWAIT):
         if not 3 <= len(words) <= 2 + MAX_BATCH or len(frames) != 1:
-            raise ProtocolError("bad WAIT", f"needs 1..{MAX_BATCH} job ids")
-        return Wait([check_job_id(w) for w in words[2:]])
+            raise ProtocolError(f"bad {cmd.decode()}", f"needs 1..{MAX_BATCH} job ids")
+        ids = [check_job_id(w) for w in words[2:]]
+        return Wait(ids) if cmd == WAIT else Unwait(ids)
     if cmd in (QUERY, CANCEL):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
@@ -374,6 +382,12 @@ def encode_wait(job_ids: list[str]) -> list[bytes]:
     if not 1 <= len(job_ids) <= MAX_BATCH:
         raise ValueError(f"WAIT names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
     return [b" ".join([b"RWC2 WAIT", *(j.encode() for j in job_ids)])]
+
+
+def encode_unwait(job_ids: list[str]) -> list[bytes]:
+    if not 1 <= len(job_ids) <= MAX_BATCH:
+        raise ValueError(f"UNWAIT names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
+    return [b" ".join([b"RWC2 UNWAIT", *(j.encode() for j in job_ids)])]
 
 
 PING_FRAMES = [b"RWC2 PING"]  #: never mutate

@@ -346,6 +346,11 @@ class BrokerCore:
             how = PROTO if len(req.job_ids) == 1 else BATCH
             for job_id in req.job_ids:
                 self._wait(client, job_id, how)
+        elif kind is protocol.Unwait:
+            for job_id in req.job_ids:
+                job = self.jobs.get(job_id)
+                if job is not None and job.waiters:
+                    job.waiters = [w for w in job.waiters if w[0] != client]
         else:
             self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
 
