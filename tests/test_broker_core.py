@@ -1130,6 +1130,10 @@ def test_malformed_worker_message_is_counted_and_dropped(h, frames, key):
                                       b"speaks RWW3; upgrade respworkers on this worker to the "
                                       b"broker's version " + __version__.encode()])]
         h.worker_out.clear()
+    if frames and frames[0].startswith(b"RWW3 HELLO"):  # told why, so it does not wait forever
+        assert [(rid, p.decode_broker(f).__class__) for rid, f in h.worker_out] == [
+            (W1, p.Disconnect)]  # and W2 not: at most once a second
+        h.worker_out.clear()
     assert h.worker_out == []
     assert h.client_out == []
     assert h.snap()["bad_messages"] == {key: 2}
@@ -1749,3 +1753,37 @@ def test_a_batched_job_waited_for_or_resubmitted_singly_is_told_once(h):
     replies = h.to_client(C1)
     told = [i for r in replies for i in ([j for j, _ in r.batch] if r.batch else [r.job_id])]
     assert sorted(told) == ["a", "b"]
+
+
+def test_a_hello_the_broker_refuses_is_answered_with_the_reason(h):
+    h.core.on_worker(W1, [b"RWW3 HELLO default"])  # no info frame: the worker must be told
+    assert h.to_worker(W1) == [p.Disconnect(
+        "HELLO refused: bad HELLO: needs exactly one info frame after the line (an empty frame "
+        "means {})")]
+    h.core.on_worker(W2, [b"RWW3 HELLO default"])  # at most once a second: a loop stays cheap
+    assert h.to_worker(W2) == []
+    h.advance(1.0)
+    h.core.on_worker(W2, [b"RWW3 HELLO default", b"x", b"y"])
+    assert len(h.to_worker(W2)) == 1
+    assert h.snap()["bad_messages"] == {"workers: bad HELLO": 3}
+
+
+def test_a_refused_limit_never_looks_equal_to_the_limit():
+    h = Harness(max_timeout=86400.0)
+    h.submit(C1, "j", timeout=86400.001)
+    (refused,) = h.to_client(C1)
+    assert refused.frames[1] == b"timeout 86400.001s is over the broker's max_timeout of 86400s"
+
+
+def test_jobs_running_at_a_restart_are_held_back_exactly_heartbeat_times_liveness():
+    h = Harness(heartbeat=1.0, liveness=3)
+    job = __import__("respworkers.broker.core", fromlist=["Job"]).Job(
+        "held", "default", [b"x"], 60.0, 3, 1, WALL0)
+    h.core.recovering[job.id] = job
+    h.core.start_recovery()
+    h.hello(W1)
+    assert h.core.next_wake() <= T0 + 3.0
+    h.at(T0 + 2.99)
+    assert h.jobs_to(W1) == []
+    h.at(T0 + 3.0)
+    assert ids(h.jobs_to(W1)) == [("held", 1)]

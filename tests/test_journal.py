@@ -165,3 +165,19 @@ def test_group_commit_confirms_at_once_when_quiet_and_batches_under_load(tmp_pat
     assert sent[-1] == [b"RWC2 ACCEPTED b c"] and not core.journal.dirty()
     assert core.journal.describe()["batches"] == 2
     assert core.next_wake() == pytest.approx(2000.0)  # nothing left: the next heartbeat
+
+
+def test_recent_failures_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    core, sent = make_core(path)
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
+    core.on_client(b"c1", p.encode_submit("bad", p.DEFAULT_QUEUE, None, 1, [b"in"]))
+    job = next(p.decode_broker(f) for kind, f in reversed(sent) if kind == "w" and b" JOB " in f[0])
+    core.on_worker(b"w1", p.encode_worker_error("bad", 1, job.token, True, "ValueError: boom"))
+    core.flush()
+    assert [f["id"] for f in core.snapshot()["recent_failures"]] == ["bad"]
+    core.journal.close()
+    again, _ = make_core(path)
+    again.restore(again.journal.load())
+    (failure,) = again.snapshot()["recent_failures"]
+    assert (failure["id"], failure["reason"], failure["error"]) == ("bad", "error", "ValueError: boom")

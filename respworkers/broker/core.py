@@ -60,6 +60,11 @@ JOURNAL_RETRY = 0.1
 JOURNAL_RETRY_MAX = 5.0
 
 
+def _secs(value: float) -> str:
+    """Seconds to the millisecond, never rounded so that two different values print alike."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
 class Tokens:
     """Unguessable attempt tokens (32 hex digits), cut from one urandom read per 256 tokens."""
 
@@ -250,6 +255,7 @@ class BrokerCore:
         self._intake: deque[tuple[bytes, list[protocol.Submit], int]] = deque()
         self._seq = 0
         self._version_told = -math.inf  # when an old-version worker was last told why not
+        self._hello_told = -math.inf  # when a worker was last told why its HELLO was refused
         self._next_beat = 0.0
         self._earliest = math.inf  # no attempt's deadline is earlier than this
         self._committed = -math.inf  # when the journal last committed something
@@ -296,14 +302,17 @@ class BrokerCore:
             else:
                 self._enqueue(job, front=False)
                 counts["queued"] += 1
-        for job in sorted(finished, key=lambda j: j.finished):
+        finished.sort(key=lambda j: j.finished)
+        for job in finished:
             self.finished[job.id] = job
+            if job.state == FAILED:  # the snapshot's recent failures survive a restart
+                self.recent_failures.append(self._failure_record(job))
         counts["finished"] = len(finished)
         return counts
 
     def start_recovery(self) -> None:
         """Open the window in which workers may claim interrupted jobs (call when serving)."""
-        self.recover_at = self.now + self.cfg.heartbeat * self.cfg.liveness + 1.0
+        self.recover_at = self.now + self.cfg.heartbeat * self.cfg.liveness
 
     # ------------------------------------------------------------------ clock
     def set_time(self, mono: float, wall: float) -> None:
@@ -424,7 +433,8 @@ class BrokerCore:
             return protocol.REFUSE_JOURNAL, f"journal unavailable: {self.journal_problem}"
         if timeout is not None and timeout > cfg.max_timeout:
             return (protocol.REFUSE_LIMIT,
-                    f"timeout {timeout:g}s is over the broker's max_timeout of {cfg.max_timeout:g}s")
+                    f"timeout {_secs(timeout)}s is over the broker's max_timeout of "
+                    f"{_secs(cfg.max_timeout)}s")
         if tries is not None and tries > cfg.max_tries:
             return (protocol.REFUSE_LIMIT,
                     f"tries {tries} is over the broker's max_tries of {cfg.max_tries}")
@@ -743,10 +753,7 @@ class BrokerCore:
             self.counters.done += 1
         elif state == FAILED:
             self.counters.failed += 1
-            self.recent_failures.append(
-                {"id": job.id, "queue": job.queue, "reason": reason,
-                 "error": (job.error or "")[-500:], "attempts": job.attempt, "at": job.finished}
-            )
+            self.recent_failures.append(self._failure_record(job))
         else:
             self.counters.cancelled += 1
         self.journal.finished(job)
@@ -754,6 +761,11 @@ class BrokerCore:
             self._tell(job, client, how)
         job.waiters = []
         self.finished[job.id] = job
+
+    @staticmethod
+    def _failure_record(job: Job) -> dict[str, Any]:
+        return {"id": job.id, "queue": job.queue, "reason": job.reason,
+                "error": (job.error or "")[-500:], "attempts": job.attempt, "at": job.finished}
 
     # ================================================================== workers
     def on_worker(self, wid: bytes, frames: list[bytes]) -> None:
@@ -763,6 +775,9 @@ class BrokerCore:
             self.count_bad("workers", exc)
             if exc.reason == "unsupported version":
                 self._tell_old_version(wid, frames, exc)
+            elif frames and frames[0].startswith(b"RWW3 HELLO"):
+                # A worker whose HELLO is refused would otherwise wait for a WELCOME forever.
+                self._tell_refused_hello(wid, exc)
             return
         w = self.workers.get(wid)
         kind = type(msg)
@@ -796,6 +811,13 @@ class BrokerCore:
                 self.count_bad("workers", ProtocolError(
                     f"{frames[0].split(b' ', 2)[1].decode()} from an unregistered worker"))
             self.send_worker(wid, protocol.encode_disconnect("unknown worker, say HELLO"))
+
+    def _tell_refused_hello(self, wid: bytes, exc: ProtocolError) -> None:
+        """Say why a HELLO was refused (at most once a second: the worker will say it again)."""
+        if self.now - self._hello_told < 1.0:
+            return
+        self._hello_told = self.now
+        self.send_worker(wid, protocol.encode_disconnect(f"HELLO refused: {exc}"))
 
     def _tell_old_version(self, wid: bytes, frames: list[bytes], exc: ProtocolError) -> None:
         """Tell a worker of another protocol version why it is ignored (at most once a second:
