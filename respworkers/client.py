@@ -185,12 +185,10 @@ class Client:
                 unconfirmed = [j for j in unconfirmed
                                if j in self._pending and not self._pending[j].confirmed]
             waiting = [j for j, p in self._pending.items() if p.confirmed]
-            for i in range(0, len(waiting), protocol.MAX_BATCH):
-                try:
-                    sockets.send(self.sock, protocol.encode_unwait(waiting[i:i + protocol.MAX_BATCH]),
-                                 sockets.NOBLOCK)
-                except zmq.Again:
-                    break
+            try:
+                self._send_ids(protocol.encode_unwait, waiting, sockets.NOBLOCK)
+            except zmq.Again:
+                pass
         finally:
             self.sock.disable_monitor()
             self._monitor.close(0)
@@ -246,21 +244,49 @@ class Client:
         self._send_submits([frames for _, frames in todo])
         return ids
 
+    def _budgets(self) -> tuple[int, int]:
+        """(payload bytes, frame bytes) one message may carry: the broker takes jobs whose
+        payloads add up to max_message_size, and libzmq closes the connection of a peer
+        sending any frame (a command line too) over max_message_size + 1024, unanswered."""
+        limit = self.limits.get("max_message_size")
+        payload = limit if isinstance(limit, int) else 64 << 20
+        return payload, payload + 1024 - 64
+
     def _send_submits(self, submits: list[list[bytes]]) -> None:
         """SUBMIT frames of many jobs in as few messages as the broker's limits allow."""
-        limit = self.limits.get("max_message_size")
-        budget = limit if isinstance(limit, int) else 64 << 20
+        budget, line_budget = self._budgets()
         batch: list[list[bytes]] = []
-        size = 0
+        size, line = 0, 16
         for frames in submits:
-            job_size = sum(map(len, frames))
-            if batch and (len(batch) == protocol.MAX_BATCH or size + job_size > budget):
+            job_size = sum(map(len, frames)) - len(frames[0])
+            job_line = len(frames[0]) - 4  # "<id> <queue> <ms> <tries> <frames>" and a space
+            if batch and (len(batch) == protocol.MAX_BATCH or size + job_size > budget
+                          or line + job_line > line_budget):
                 self._send_batch(batch)
-                batch, size = [], 0
+                batch, size, line = [], 0, 16
             batch.append(frames)
             size += job_size
+            line += job_line
         if batch:
             self._send_batch(batch)
+
+    def _send_ids(self, encode: Callable[[list[str]], list[bytes]], ids: list[str],
+                  flags: int | None = None) -> None:
+        """WAIT or UNWAIT for many ids, in as few messages as the limits allow."""
+        line_budget = self._budgets()[1]
+        chunk: list[str] = []
+        line = 16
+        for job_id in ids + [""]:
+            if chunk and (not job_id or len(chunk) == protocol.MAX_BATCH
+                          or line + len(job_id.encode()) + 1 > line_budget):
+                if flags is None:
+                    self._send(encode(chunk))
+                else:
+                    sockets.send(self.sock, encode(chunk), flags)
+                chunk, line = [], 16
+            if job_id:
+                chunk.append(job_id)
+                line += len(job_id.encode()) + 1
 
     def _send_batch(self, batch: list[list[bytes]]) -> None:
         self._send(batch[0] if len(batch) == 1 else protocol.encode_submits(batch))
@@ -309,8 +335,7 @@ class Client:
             if job_id not in self._pending and job_id not in self._done:
                 self._pending[job_id] = _Pending([], confirmed=True)
                 fresh.append(job_id)
-        for i in range(0, len(fresh), protocol.MAX_BATCH):
-            self._send(protocol.encode_wait(fresh[i:i + protocol.MAX_BATCH]))
+        self._send_ids(protocol.encode_wait, fresh)
 
     def wait_confirmed(self, job_ids: Iterable[str], timeout: float | None = None) -> None:
         """Return once the broker has confirmed (journaled) these jobs, or they ended."""
@@ -501,8 +526,7 @@ class Client:
         # message each would add to whatever load made the broker slow to answer.
         waits = [j for j, p in self._pending.items() if p.confirmed or not p.frames]
         resubmits = [p.frames for p in self._pending.values() if not (p.confirmed or not p.frames)]
-        for i in range(0, len(waits), protocol.MAX_BATCH):
-            self._send(protocol.encode_wait(waits[i:i + protocol.MAX_BATCH]))
+        self._send_ids(protocol.encode_wait, waits)
         self._send_submits(resubmits)
 
     # ----------------------------------------------------------------- inspect and cancel

@@ -57,3 +57,17 @@ def test_answers_nobody_asked_for_are_not_kept(cluster: Cluster) -> None:
         assert {r.status for r in outcomes} == {"unknown"}
         assert c.query("never-1") is None
         assert c._replies == {}  # noqa: SLF001 - the bound is the point of this test
+
+
+def test_no_message_the_client_sends_is_over_the_brokers_frame_limit(cluster: Cluster) -> None:
+    """libzmq closes the connection of a peer sending a frame over max_message_size + 1024,
+    without a word: command lines of SUBMITS and WAIT must stay under it too."""
+    conf = cluster.root / "small.toml"
+    conf.write_text("[broker]\nmax_message_size = 2048\n")
+    cluster.broker("-c", str(conf))
+    long_ids = [f"{'x' * 150}-{i}" for i in range(1000)]  # 1000 x ~160 bytes on one line: 160 KB
+    with cluster.client() as c:
+        c.submit_many([{"payload": b"p", "id": i, "queue": "nobody"} for i in long_ids])
+        c.wait_confirmed(long_ids, timeout=20)
+    with cluster.client() as c:
+        assert list(c.results([f"{'y' * 150}-{i}" for i in range(500)], timeout=20))  # WAIT

@@ -52,13 +52,18 @@ _LIBRARY_FILES = {__file__, base_file}
 MAX_ERROR_CHARS = 32_000
 
 
-def _user_traceback() -> str:
-    """The exception's traceback without the library's own frames on top."""
+def _error_text() -> str:
+    """The error text of the exception being handled: a one-line summary (``Type: message``,
+    which clients show), then the traceback without the library's own frames on top."""
     etype, value, tb = sys.exc_info()
     while tb is not None and tb.tb_frame.f_code.co_filename in _LIBRARY_FILES:
         tb = tb.tb_next
+    summary = "".join(traceback.format_exception_only(etype, value)).strip().splitlines()
+    head = (summary[0] if summary else getattr(etype, "__name__", "error"))[:500]
     text = "".join(traceback.format_exception(etype, value, tb))
-    return text if len(text) <= MAX_ERROR_CHARS else "[...]\n" + text[-MAX_ERROR_CHARS:]
+    if len(text) > MAX_ERROR_CHARS:
+        text = "[...]\n" + text[-MAX_ERROR_CHARS:]
+    return f"{head}\n{text}"
 
 
 class Runner:
@@ -205,7 +210,7 @@ class Runner:
             out = protocol.as_frames(worker.process_multipart(msg.payload), self._result_what)
             ok = True
         except BaseException:
-            out, ok = [_user_traceback().encode()], False
+            out, ok = [_error_text().encode()], False
         finally:
             self._job_over = True  # before waiting for the baton: the job is not hung
             self._baton.acquire()
