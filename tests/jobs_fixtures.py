@@ -62,3 +62,13 @@ class NotAWorker:
 
 class Lazy(Worker):
     """Overrides nothing: rejected as a target."""
+
+
+class BadSetup(Worker):
+    """setup() always raises: the pool must give up, not restart it forever."""
+
+    def setup(self) -> None:
+        raise RuntimeError("the model file is missing")
+
+    def process(self, payload: bytes) -> bytes:
+        return payload
