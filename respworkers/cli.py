@@ -29,6 +29,9 @@ RET_JOBS_FAILED = 1
 RET_USAGE = 2
 RET_UNAVAILABLE = 3
 
+#: Shortest refresh interval of the live status: anything less is a busy loop against the broker.
+MIN_INTERVAL = 0.1
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -317,8 +320,8 @@ def _console(stderr: bool = False) -> Any:
 @click.option("--status", metavar="ENDPOINT", help="The broker's status endpoint.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON and exit.")
-@click.option("--interval", type=float, default=1.0, show_default=True,
-              help="Seconds between refreshes.")
+@click.option("--interval", type=click.FloatRange(min=MIN_INTERVAL), default=1.0, show_default=True,
+              help=f"Seconds between refreshes (at least {MIN_INTERVAL}).")
 def status(config_path: str | None, status: str | None, once: bool, as_json: bool,
            interval: float) -> None:
     """Show the broker's state: a live table until Ctrl-C, or one snapshot."""
