@@ -167,3 +167,21 @@ def test_inspect_and_cancel(cluster: Cluster) -> None:
     assert gone.returncode == 1
     table = cluster.run("inspect", "waiting-job", "--broker", cluster.clients)
     assert "cancelled" in table.stdout
+
+
+def test_status_interval_must_be_at_least_a_tenth_of_a_second(cluster: Cluster) -> None:
+    for bad in ("0", "-1", "0.05"):
+        r = cluster.run("status", "--status", cluster.status, "--interval", bad, timeout=15)
+        assert r.returncode == 2 and "--interval" in r.stderr and "0.1" in r.stderr, r.stderr
+
+
+def test_keygen_creates_only_the_last_folder_level(cluster: Cluster) -> None:
+    missing = cluster.root / "no-such-parent" / "keys"
+    r = cluster.run("keygen", "app1", "-d", str(missing))
+    assert r.returncode == 2
+    assert f"its parent folder {missing.parent} does not exist" in r.stderr, r.stderr
+    assert not missing.parent.exists()
+    ok = cluster.run("keygen", "app1", "-d", str(cluster.root / "keys"))
+    assert ok.returncode == 0, ok.stderr
+    assert (cluster.root / "keys" / "app1.key").is_file()
+    assert (cluster.root / "keys" / "app1.key_secret").stat().st_mode & 0o777 == 0o600
