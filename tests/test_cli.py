@@ -128,12 +128,34 @@ def test_bad_config_value_is_named(cluster: Cluster) -> None:
     conf = cluster.root / "bad.toml"
     conf.write_text("[broker]\ntries = 0\n")
     r = cluster.run("broker", "-c", str(conf))
-    assert r.returncode == 2 and "bad.toml: [broker] tries: must be at least 1" in r.stderr
+    # a config file is not command-line usage: one line, no "Usage: ... Try 'rw broker --help'"
+    assert r.returncode == 2 and r.stderr == f"rw: {conf}: [broker] tries: must be at least 1\n"
     conf.write_text("[broker]\ntimout = 3\n")
     r = cluster.run("broker", "-c", str(conf))
     assert r.returncode == 2 and "unknown key 'timout' (did you mean 'timeout'?)" in r.stderr
+    assert "Usage:" not in r.stderr
+    conf.write_text('[client]\nsecret_key = "nokey.key_secret"\nbroker_key = "broker.key"\n')
+    r = cluster.run("submit", "-p", "x", "-c", str(conf))
+    assert r.returncode == 2 and "Usage:" not in r.stderr
+    assert r.stderr.startswith(f"rw: {conf}: [client] secret_key: no key file at "), r.stderr
+    # a flag is usage: click's message, naming the option
     r = cluster.run("broker", "--timeout", "-1", "--clients", cluster.clients)
-    assert r.returncode == 2 and "--timeout: must be a number of seconds greater than 0" in r.stderr
+    assert r.returncode == 2 and "Usage: rw broker" in r.stderr
+    assert "Invalid value for '--timeout': must be a number of seconds greater than 0" in r.stderr
+    r = cluster.run("worker", "jobs_fixtures:Tester", "-q", "not ok")
+    assert r.returncode == 2 and "Invalid value for '-q' / '--queue'" in r.stderr
+    r = cluster.run("submit", "--no-such-option")
+    assert r.returncode == 2 and "Usage: rw submit" in r.stderr and "No such option" in r.stderr
+
+
+def test_bad_job_ids_are_usage_errors_not_a_silent_broker(cluster: Cluster) -> None:
+    cluster.broker()
+    for args in (["result", "ok-id", "bad id"], ["inspect", "a b"], ["cancel", "tab\there"]):
+        r = cluster.run(*args, "--broker", cluster.clients, timeout=20)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("rw: bad job id: ") and "whitespace" in r.stderr, r.stderr
+    r = cluster.run("inspect", "never-submitted", "--broker", cluster.clients, timeout=20)
+    assert r.returncode == 1 and "does not know job 'never-submitted'" in r.stderr
 
 
 def test_broker_reads_config_file_from_env_and_cwd(cluster: Cluster) -> None:
