@@ -194,15 +194,17 @@ def submit(
     conf: ClientConfig, jobfile: str | None, payloads: tuple[str, ...], queue: str | None,
     timeout: float | None, tries: int | None, as_json: bool, no_progress: bool, no_wait: bool,
 ) -> None:
-    """Submit the jobs in JOBFILE ('-' for stdin), wait for and print their results.
+    """Submit the jobs in JOBFILE ('-' for stdin) and print each result as it arrives.
 
     JOBFILE holds one JSON object, an array of them, or JSON Lines. Each job has a
     "payload" and optionally "id", "queue", "timeout" (seconds) and "tries".
-    Exits 1 if any job failed.
+    Results are printed in the order the jobs end, one line per job with its id
+    (--json: one object per line). Exits 1 if any job did not succeed.
     """
     from . import jobfile as jf
     from . import protocol
     from .client import Client, new_job_id
+    from .stream import Printer, follow, summary
 
     if queue is not None:
         try:
@@ -246,70 +248,13 @@ def submit(
             for job_id in ids:
                 click.echo(json.dumps({"id": job_id, "status": "accepted"}) if as_json else job_id)
             return
-        outcomes = _collect(client, ids, no_progress)
+        out = Printer(as_json)
+        follow(client, ids, out, progress=not no_progress)
     finally:
         client.close()
-    if _print_outcomes(ids, outcomes, as_json):
+    summary(out, len(ids))
+    if out.failed:
         sys.exit(RET_JOBS_FAILED)
-
-
-def _collect(client: Any, ids: list[str], no_progress: bool) -> dict[str, Any]:
-    """Wait for every job's outcome, with a progress bar for batches on a terminal."""
-    console_err = _console(stderr=True)
-    show_bar = len(ids) > 1 and not no_progress and console_err.is_terminal
-    outcomes: dict[str, Any] = {}
-    failed = 0
-    try:
-        if show_bar:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            with Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-                          console=console_err, transient=True) as bar:
-                task = bar.add_task("jobs", total=len(ids), failed=0)
-                client.on_event = lambda note: bar.console.print(f"[yellow]{note}")
-                for r in client.results(ids):
-                    outcomes[r.id] = r
-                    failed += not r.ok
-                    bar.update(task, advance=1, failed=failed)
-        else:
-            client.on_event = lambda note: console_err.print(f"[yellow]{note}")
-            for r in client.results(ids):
-                outcomes[r.id] = r
-    except KeyboardInterrupt:
-        console_err.print("interrupted; accepted jobs keep running on the broker. "
-                          "Fetch them later with: rw result JOB_ID...")
-        sys.exit(RET_OK)
-    return outcomes
-
-
-def _print_outcomes(ids: list[str], outcomes: dict[str, Any], as_json: bool) -> int:
-    """Print one line per job in input order; return how many did not succeed."""
-    from rich.text import Text
-
-    out = _console()
-    failed = 0
-    for job_id in ids:
-        r = outcomes[job_id]
-        failed += not r.ok
-        if as_json:
-            click.echo(json.dumps(r.as_dict()))
-        elif r.ok:
-            body = b"".join(r.frames or []).decode("utf-8", "replace")
-            out.print(Text.assemble(("✓", "green"), f" {job_id}  {body}"), soft_wrap=True)
-        else:
-            last = (r.error or "").strip().splitlines()
-            out.print(Text.assemble(("✗", "red"), f" {job_id}  {r.status} ({r.reason})",
-                                    f": {last[-1]}" if last else ""), soft_wrap=True)
-    if failed and not as_json:
-        _console(stderr=True).print(f"[red]{failed} of {len(ids)} jobs did not succeed")
-    return failed
 
 
 @cli.command()
@@ -319,13 +264,20 @@ def _print_outcomes(ids: list[str], outcomes: dict[str, Any], as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def result(conf: ClientConfig, job_ids: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
-    """Wait for jobs submitted earlier (by anyone) and print their results."""
+    """Wait for jobs submitted earlier (by anyone) and print their results as they arrive.
+
+    One line per job, in the order the jobs end (--json: one object per line, with
+    its "id"). Exits 1 if any job did not succeed.
+    """
     from .client import Client
+    from .stream import Printer, follow, summary
 
     ids = _job_ids(job_ids)
+    out = Printer(as_json)
     with Client.from_config(conf) as client:
-        outcomes = _collect(client, ids, no_progress)
-    if _print_outcomes(ids, outcomes, as_json):
+        follow(client, ids, out, progress=not no_progress)
+    summary(out, len(ids))
+    if out.failed:
         sys.exit(RET_JOBS_FAILED)
 
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import Cluster
+from conftest import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,16 +23,35 @@ def test_submit_batch_json_and_exit_codes(cluster: Cluster) -> None:
     ]))
     done = cluster.run("submit", str(jobs), "--broker", cluster.clients, "--json")
     assert done.returncode == 1, done.stderr  # one job failed
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [line["id"] for line in lines] == ["job-1", "job-2", "job-3"]
-    assert lines[0]["status"] == "done" and lines[0]["result"].endswith(":one")
-    assert lines[1]["result"].endswith(':{"k": [1, 2]}')  # non-strings are sent as JSON text
-    assert lines[2]["status"] == "failed" and "ValueError" in lines[2]["error"]
+    lines = {line["id"]: line for line in map(json.loads, done.stdout.splitlines())}  # arrival order
+    assert sorted(lines) == ["job-1", "job-2", "job-3"]
+    assert lines["job-1"]["status"] == "done" and lines["job-1"]["result"].endswith(":one")
+    assert lines["job-2"]["result"].endswith(':{"k": [1, 2]}')  # non-strings are sent as JSON text
+    assert lines["job-3"]["status"] == "failed" and "ValueError" in lines["job-3"]["error"]
 
     ok = cluster.run("submit", "-", "--broker", cluster.clients,
                      input='{"payload": "a"}\n{"payload": "b", "timeout": 5}\n')
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("✓") == 2
+
+
+def test_submit_and_result_print_each_outcome_as_it_arrives(cluster: Cluster) -> None:
+    cluster.broker()
+    cluster.pool(n=2)
+    jobs = cluster.root / "jobs.json"
+    jobs.write_text(json.dumps([{"payload": "sleep:60", "id": "slow"}, {"payload": "quick", "id": "fast"}]))
+    sub = cluster.rw("submit", str(jobs), "--broker", cluster.clients, "--json", name="submit")
+    res = cluster.rw("result", "slow", "fast", "--broker", cluster.clients, name="result")
+    for proc in (sub, res):
+        wait_for(lambda p=proc: '"id": "fast"' in p.output() or "✓ fast" in p.output(), 20,
+                 what="the quick job's line while the slow one runs")
+        assert proc.popen.poll() is None and "slow" not in proc.output()
+    cancel = cluster.run("cancel", "slow", "--broker", cluster.clients)
+    assert cancel.returncode == 0, cancel.stderr
+    assert sub.wait(20) == 1 and res.wait(20) == 1  # a job did not succeed
+    lines = [json.loads(line) for line in sub.output().splitlines() if line.startswith("{")]
+    assert [(line["id"], line["status"]) for line in lines] == [("fast", "done"), ("slow", "cancelled")]
+    assert res.output().index("✓ fast") < res.output().index("✗ slow  cancelled")
 
 
 def test_submit_resubmitting_an_id_returns_the_same_result(cluster: Cluster) -> None:
