@@ -190,9 +190,13 @@ def worker(conf: WorkerConfig, target: str) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-wait", is_flag=True,
               help="Print the job ids once the broker has them; fetch results with rw result.")
+@click.option("--new-ids", is_flag=True,
+              help="Give the file's jobs without an \"id\" fresh random ids: run them again "
+                   "rather than attach to the jobs of an earlier run of the same file.")
 def submit(
     conf: ClientConfig, jobfile: str | None, payloads: tuple[str, ...], queue: str | None,
     timeout: float | None, tries: int | None, as_json: bool, no_progress: bool, no_wait: bool,
+    new_ids: bool,
 ) -> None:
     """Submit the jobs in JOBFILE ('-' for stdin) and print each result as it arrives.
 
@@ -204,57 +208,108 @@ def submit(
     from . import jobfile as jf
     from . import protocol
     from .client import Client, new_job_id
-    from .stream import Printer, follow, summary
+    from .stream import Interrupted, Printer, Signals, follow, summary
 
     if queue is not None:
         try:
             protocol.check_queue(queue.encode())
         except RespWorkersError as exc:
             raise click.BadParameter(str(exc), param_hint="--queue") from None
-    specs: list[jf.JobSpec] = [jf.JobSpec(p.encode()) for p in payloads]
+    specs = [(jf.JobSpec(p.encode()), new_job_id()) for p in payloads]
+    random_ids = {job_id for _, job_id in specs}  # ids the same command would not give again
     if jobfile is not None:
-        try:
-            if jobfile == "-":
-                text, source = sys.stdin.read(), "<stdin>"
-            else:
-                with open(jobfile, encoding="utf-8") as fh:
-                    text, source = fh.read(), jobfile
-            specs.extend(jf.parse(text, source))
-        except OSError as exc:
-            raise JobFileError(f"cannot read {jobfile}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise JobFileError(f"{jobfile}: not UTF-8 text ({exc.reason})") from None
-        except JobFileError as exc:
-            raise JobFileError(f"{exc} (nothing was submitted)") from None
+        from_file = _read_jobs(jobfile, new_ids)
+        specs.extend(from_file)
+        if new_ids:
+            random_ids.update(job_id for spec, job_id in from_file if spec.id is None)
     if not specs:
         raise click.UsageError("give a JOBFILE ('-' for stdin) or --payload TEXT")
+    jobs = [{"payload": spec.payload, "id": job_id,
+             "queue": spec.queue or queue or protocol.DEFAULT_QUEUE,
+             "timeout": spec.timeout if spec.timeout is not None else timeout,
+             "tries": spec.tries if spec.tries is not None else tries} for spec, job_id in specs]
+    ids = [job["id"] for job in jobs]
 
-    client = Client.from_config(conf)
-    ids: list[str] = []
-    try:
-        jobs = [dict(payload=s.payload, id=s.id or new_job_id(),
-                     queue=s.queue or queue or protocol.DEFAULT_QUEUE,
-                     timeout=s.timeout if s.timeout is not None else timeout,
-                     tries=s.tries if s.tries is not None else tries) for s in specs]
-        for spec, job in zip(specs, jobs):  # all of them first: nothing or everything is sent
-            try:
-                client.validate(**job)
-            except (ValueError, ProtocolError) as exc:
-                where = f"{jobfile}: line {spec.line}: " if spec.line else ""
-                raise JobFileError(f"{where}{exc} (nothing was submitted)") from None
-        ids = client.submit_many(jobs)
-        if no_wait:
-            client.wait_confirmed(ids)
-            for job_id in ids:
-                click.echo(json.dumps({"id": job_id, "status": "accepted"}) if as_json else job_id)
+    out = Printer(as_json)
+    phase = "checking"
+    with Signals() as signals, Client.from_config(conf) as client:
+        try:
+            with signals.waiting():
+                for (spec, _), job in zip(specs, jobs):  # all first: nothing or everything is sent
+                    try:
+                        client.validate(**job)
+                    except (ValueError, ProtocolError) as exc:
+                        where = f"{jobfile}: line {spec.line}: " if spec.line else ""
+                        raise JobFileError(f"{where}{exc} (nothing was submitted)") from None
+                phase = "sending"
+                client.submit_many(jobs)
+                phase = "sent"
+                if no_wait:
+                    client.wait_confirmed(ids)
+            if no_wait:
+                for job_id in ids:
+                    click.echo(json.dumps({"id": job_id, "status": "accepted"}) if as_json else job_id)
+                return
+            follow(client, ids, out, signals, progress=not no_progress)
+        except Interrupted:
+            if phase == "checking":
+                out.say("interrupted: nothing was submitted")
+            else:
+                _interrupted(client, ids, out, phase == "sent", random_ids)
             return
-        out = Printer(as_json)
-        follow(client, ids, out, progress=not no_progress)
-    finally:
-        client.close()
     summary(out, len(ids))
     if out.failed:
         sys.exit(RET_JOBS_FAILED)
+
+
+def _read_jobs(path: str, new_ids: bool) -> list[tuple[Any, str]]:
+    """The jobs of a job file ('-': stdin), each with its id.
+
+    A job without an "id" gets one derived from the file's bytes and its place in the
+    file (random ones with ``new_ids``), so that re-running an interrupted submit of the
+    same file attaches to the jobs instead of running them again.
+    """
+    from . import jobfile as jf
+    from .client import new_job_id
+
+    try:
+        if path == "-":
+            content, source = sys.stdin.buffer.read(), "<stdin>"
+        else:
+            with open(path, "rb") as fh:
+                content, source = fh.read(), path
+        specs = jf.parse(content.decode("utf-8"), source)
+    except OSError as exc:
+        raise JobFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except JobFileError as exc:
+        raise JobFileError(f"{exc} (nothing was submitted)") from None
+    # A derived id cannot equal an id written in the file: that would take a SHA-256 fixed point.
+    derived = jf.content_ids(content)
+    return [(spec, spec.id or (new_job_id() if new_ids else derived(n)))
+            for n, spec in enumerate(specs, 1)]
+
+
+def _interrupted(client: Any, ids: list[str], out: Any, sent: bool, random_ids: set[str]) -> None:
+    """After SIGINT/SIGTERM: list the jobs still running, and say on stderr how to get them."""
+    from .stream import wind_down
+
+    pending, confirmed = wind_down(client, ids, out, sent)
+    if not pending:
+        out.say("interrupted; every job had ended")
+        return
+    again = not random_ids.intersection(pending)  # the same command names the same jobs
+    head = f"interrupted: {len(pending)} of {len(ids)} jobs had not ended (listed above as pending)"
+    if confirmed:
+        out.say(f"{head}; they keep running on the broker. Fetch their results later with: "
+                "rw result ID..." + ("; or run the same command again: it attaches to these jobs "
+                                     "instead of submitting them again." if again else ""))
+    else:
+        out.say(f"{head}, and the broker has not confirmed that it holds all of them. " + (
+            "Run the same command again: it submits any the broker lacks and attaches to the others."
+            if again else "Ask with rw inspect ID; one the broker does not know must be submitted again."
+        ), "yellow")
 
 
 @cli.command()
@@ -270,12 +325,16 @@ def result(conf: ClientConfig, job_ids: tuple[str, ...], as_json: bool, no_progr
     its "id"). Exits 1 if any job did not succeed.
     """
     from .client import Client
-    from .stream import Printer, follow, summary
+    from .stream import Interrupted, Printer, Signals, follow, summary
 
     ids = _job_ids(job_ids)
     out = Printer(as_json)
-    with Client.from_config(conf) as client:
-        follow(client, ids, out, progress=not no_progress)
+    with Signals() as signals, Client.from_config(conf) as client:
+        try:
+            follow(client, ids, out, signals, progress=not no_progress)
+        except Interrupted:
+            _interrupted(client, ids, out, True, set())
+            return
     summary(out, len(ids))
     if out.failed:
         sys.exit(RET_JOBS_FAILED)

@@ -6,6 +6,7 @@ Everything is checked before anything is sent, and every error names the line
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ def _check(obj: Any, where: str, line: int) -> JobSpec:
     if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
         raise JobFileError(f"{where}: field 'tries' must be a whole number >= 1")
     return JobSpec(payload, job_id, queue, None if timeout is None else float(timeout), tries, line)
+
+
+def content_ids(content: bytes) -> Callable[[int], str]:
+    """Default ids for a file's jobs: its content's hash and the job's place (1-based).
+
+    Submitting the same file again names the same jobs, so the broker attaches to
+    them instead of running them twice (an interrupted ``rw submit`` can be re-run).
+    """
+    digest = hashlib.sha256(content).hexdigest()[:16]
+    return lambda index: f"{digest}-{index}"
 
 
 def parse(text: str, source: str) -> list[JobSpec]:

@@ -15,17 +15,72 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import IO
 
 from rich.console import Console
 from rich.text import Text
 
 from .client import Client, JobResult
+from .errors import RespWorkersError
 
 #: Seconds between two batches of lines printed above a progress bar.
 FLUSH_INTERVAL = 0.1
+#: After an interrupt, how long to wait for the broker to confirm jobs it may not hold yet.
+CONFIRM_WAIT = 2.0
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while rw was following jobs."""
+
+
+class Signals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM end the wait for jobs instead of rw itself.
+
+    rw can then say what ended and which jobs are still running. Inside :meth:`waiting`
+    (blocked on the broker) the signal raises :class:`Interrupted` at once; elsewhere it
+    is noted and :meth:`check` raises it at the next safe point, so a line being printed is
+    not cut. A second signal ends rw at once (the default action).
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._waiting = False
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> Signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        for other in self._saved:
+            signal.signal(other, signal.SIG_DFL)
+        if self._waiting:
+            raise Interrupted
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        self._waiting = True
+        try:
+            self.check()
+            yield
+        finally:
+            self._waiting = False
+
+    def check(self) -> None:
+        if self.received:
+            raise Interrupted
 
 
 def _same_terminal(a: IO[str], b: IO[str]) -> bool:
@@ -64,6 +119,17 @@ class Printer:
             last = (r.error or "").strip().splitlines()
             self._line(f"{r.id}  {r.status} ({r.reason})" + (f": {last[-1]}" if last else ""),
                        "✗", "red")
+
+    def say(self, text: str, style: str = "") -> None:
+        """A message on stderr, never wrapped (a pipe is not 80 columns wide)."""
+        self.err.print(Text(text, style=style), soft_wrap=True)
+
+    def pending(self, job_id: str) -> None:
+        """A job that had not ended when rw was interrupted: it keeps running on the broker."""
+        if self.as_json:
+            self._line(json.dumps({"id": job_id, "status": "pending"}))
+        else:
+            self._line(f"{job_id}  pending", "…", "yellow")
 
     def note(self, text: str) -> None:
         """A remark on stderr, in yellow (in order with the lines when a bar shares the terminal)."""
@@ -118,13 +184,25 @@ class Printer:
             self.flush()
 
 
-def follow(client: Client, ids: list[str], out: Printer, progress: bool = True) -> None:
+def _each(results: Iterator[JobResult], signals: Signals) -> Iterator[JobResult]:
+    while True:
+        with signals.waiting():
+            r = next(results, None)
+        if r is None:
+            return
+        yield r
+        signals.check()  # a signal that came while the line was printed
+
+
+def follow(client: Client, ids: list[str], out: Printer, signals: Signals,
+           progress: bool = True) -> None:
     """Print each job's outcome as it arrives until all of them have ended.
 
     With ``progress``, a batch of jobs shows a progress bar on stderr when it is a terminal.
+    Raises :class:`Interrupted` on SIGINT/SIGTERM; :func:`wind_down` then tells the rest.
     """
     client.on_event = out.note
-    results = client.results(ids)
+    results = _each(client.results(ids), signals)
     if not (progress and len(ids) > 1 and out.err.is_terminal):
         for r in results:
             out.outcome(r)
@@ -148,4 +226,30 @@ def follow(client: Client, ids: list[str], out: Printer, progress: bool = True) 
 def summary(out: Printer, total: int) -> None:
     """Say on stderr how many jobs did not succeed (not with --json: the lines say it)."""
     if out.failed and not out.as_json:
-        out.err.print(f"[red]{out.failed} of {total} jobs did not succeed")
+        out.say(f"{out.failed} of {total} jobs did not succeed", "red")
+
+
+def wind_down(client: Client, ids: list[str], out: Printer, sent: bool) -> tuple[list[str], bool]:
+    """After an interrupt: print the outcomes already received and the jobs still running.
+
+    Before the ids of unfinished jobs are given out as pending, the broker gets a moment
+    to confirm (journal) them: a job sent but not yet confirmed could otherwise be lost
+    with this process's socket. Returns the ids printed as pending, and whether the
+    broker is known to hold all of them (``sent``: every job was handed to the socket).
+    """
+    left = [job_id for job_id in ids if job_id not in out.ended]
+    confirmed = sent
+    if sent and left:
+        try:
+            client.wait_confirmed(left, timeout=CONFIRM_WAIT)
+        except (TimeoutError, RespWorkersError):
+            confirmed = False
+        try:
+            for r in client.results(left, timeout=0):  # only those already here: no waiting
+                out.outcome(r)
+        except (TimeoutError, RespWorkersError):
+            pass
+    pending = [job_id for job_id in left if job_id not in out.ended]
+    for job_id in pending:
+        out.pending(job_id)
+    return pending, confirmed

@@ -41,17 +41,66 @@ def test_submit_and_result_print_each_outcome_as_it_arrives(cluster: Cluster) ->
     jobs = cluster.root / "jobs.json"
     jobs.write_text(json.dumps([{"payload": "sleep:60", "id": "slow"}, {"payload": "quick", "id": "fast"}]))
     sub = cluster.rw("submit", str(jobs), "--broker", cluster.clients, "--json", name="submit")
+    wait_for(lambda: '"id": "fast"' in sub.output(), 20, what="the quick job's line")
+    assert sub.popen.poll() is None and "slow" not in sub.output()
     res = cluster.rw("result", "slow", "fast", "--broker", cluster.clients, name="result")
-    for proc in (sub, res):
-        wait_for(lambda p=proc: '"id": "fast"' in p.output() or "✓ fast" in p.output(), 20,
-                 what="the quick job's line while the slow one runs")
-        assert proc.popen.poll() is None and "slow" not in proc.output()
+    wait_for(lambda: "✓ fast" in res.output(), 20, what="the quick job's line from rw result")
+    assert res.popen.poll() is None and "slow" not in res.output()
     cancel = cluster.run("cancel", "slow", "--broker", cluster.clients)
     assert cancel.returncode == 0, cancel.stderr
     assert sub.wait(20) == 1 and res.wait(20) == 1  # a job did not succeed
     lines = [json.loads(line) for line in sub.output().splitlines() if line.startswith("{")]
     assert [(line["id"], line["status"]) for line in lines] == [("fast", "done"), ("slow", "cancelled")]
     assert res.output().index("✓ fast") < res.output().index("✗ slow  cancelled")
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_submit_prints_what_ended_and_what_runs_then_rerun_attaches(
+    cluster: Cluster, signum: int
+) -> None:
+    cluster.broker()
+    cluster.pool(n=2)
+    jobs = cluster.root / "jobs.json"  # no ids: derived from the file's content
+    jobs.write_text(json.dumps([{"payload": "a"}, {"payload": "b"}]
+                               + [{"payload": "sleep:30"}] * 6))
+    sub = cluster.rw("submit", str(jobs), "--broker", cluster.clients, "--json", name="submit")
+    wait_for(lambda: len(json_lines(sub.output())) == 2, 20, what="the two quick results")
+    sub.signal(signum)
+    assert sub.wait(15) == 0
+    lines = json_lines(sub.output())
+    assert len(lines) == 8 and len({line["id"] for line in lines}) == 8
+    assert [line["status"] for line in lines] == ["done"] * 2 + ["pending"] * 6
+    assert "6 of 8 jobs had not ended" in sub.output() and "rw result ID" in sub.output()
+    assert "run the same command again" in sub.output()
+    first_ids = [line["id"] for line in lines]
+    submitted = cluster.snapshot()["totals"]["submitted"]
+    assert submitted == 8
+
+    again = cluster.run("submit", str(jobs), "--broker", cluster.clients, "--json", "--no-wait")
+    assert again.returncode == 0, again.stderr
+    assert sorted(line["id"] for line in json_lines(again.stdout)) == sorted(first_ids)
+    assert cluster.snapshot()["totals"]["submitted"] == submitted  # attached, nothing ran twice
+    fresh = cluster.run("submit", str(jobs), "--broker", cluster.clients, "--json", "--no-wait",
+                        "--new-ids")
+    assert not {line["id"] for line in json_lines(fresh.stdout)} & set(first_ids)
+    assert cluster.snapshot()["totals"]["submitted"] == submitted + 8
+
+
+def test_interrupted_result_lists_the_jobs_still_running(cluster: Cluster) -> None:
+    cluster.broker()
+    cluster.pool(n=1)
+    with cluster.client() as c:
+        c.submit_many([{"payload": "x", "id": "quick"}, {"payload": "sleep:30", "id": "long"}])
+        c.wait_confirmed(["quick", "long"], timeout=10)
+    res = cluster.rw("result", "long", "quick", "--broker", cluster.clients, name="result")
+    wait_for(lambda: "✓ quick" in res.output(), 20, what="the quick result")
+    res.signal(signal.SIGINT)
+    assert res.wait(15) == 0
+    assert "… long  pending" in res.output() and "1 of 2 jobs had not ended" in res.output()
 
 
 def test_submit_resubmitting_an_id_returns_the_same_result(cluster: Cluster) -> None:

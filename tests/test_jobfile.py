@@ -67,3 +67,13 @@ def test_large_array_parses_in_linear_time() -> None:
     took = time.perf_counter() - started
     assert len(jobs) == n and jobs[-1].line == n + 1
     assert took < 5.0, f"parsing {n} jobs took {took:.1f}s"
+
+
+def test_content_ids_name_the_same_jobs_for_the_same_bytes() -> None:
+    from respworkers.jobfile import content_ids
+    from respworkers.protocol import check_job_id
+
+    first, same, other = content_ids(b"[1]"), content_ids(b"[1]"), content_ids(b"[1] ")
+    assert [first(n) for n in (1, 2, 10_000)] == [same(n) for n in (1, 2, 10_000)]
+    assert first(1) != first(2) and first(1) != other(1)
+    assert check_job_id(first(10_000).encode()) == first(10_000)
