@@ -105,6 +105,7 @@ class Printer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._last_note = ""
 
     # ---------------------------------------------------------------- lines
     def outcome(self, r: JobResult) -> None:
@@ -132,7 +133,15 @@ class Printer:
             self._line(f"{job_id}  pending", "…", "yellow")
 
     def note(self, text: str) -> None:
-        """A remark on stderr, in yellow (in order with the lines when a bar shares the terminal)."""
+        """A remark on stderr, in yellow (in order with the lines when a bar shares the terminal).
+
+        A note the same as the one before is dropped: the client says "not answering" on
+        every ping while the broker is away, and "reconnected" twice after a broker restart
+        (once for the new connection, once for the new broker id).
+        """
+        if text == self._last_note:
+            return
+        self._last_note = text
         line = Text(text, style="yellow")
         if self._held is not None:
             with self._lock:

@@ -157,3 +157,25 @@ def test_client_keeps_waiting_while_the_broker_is_down(cluster: Cluster) -> None
         cluster.broker()
         t.join(45)
     assert outcome and outcome[0].ok and outcome[0].payload.endswith(b":while-down")
+
+
+def test_rw_submit_tells_of_a_broker_restart_once(cluster: Cluster) -> None:
+    broker = cluster.broker()
+    cluster.pool(n=1)
+    release = cluster.root / "release"
+    sub = cluster.rw("submit", "-p", f"wait:{release}", "--broker", cluster.clients, name="submit")
+    wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]), 20,
+             what="the job to start")
+    broker.signal(signal.SIGKILL)
+    broker.wait(5)
+    wait_for(lambda: "not answering" in sub.output(), 20, what="rw submit to notice")
+    cluster.broker()
+    wait_for(lambda: "reconnected" in sub.output(), 20, what="rw submit to reconnect")
+    wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]), 20,
+             what="the worker to come back holding the job")
+    release.touch()
+    assert sub.wait(20) == 0
+    out = sub.output()
+    assert f":wait:{release}" in out
+    assert out.count("not answering") == 1, out
+    assert out.count("reconnected to the broker") == 1, out
