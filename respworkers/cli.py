@@ -403,14 +403,9 @@ def inspect(conf: ClientConfig, job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    from rich.table import Table
+    from .status import render_job
 
-    table = Table(show_header=False, title=f"job {job_id}", title_justify="left")
-    for key, value in info.items():
-        if key in ("created", "started", "finished") and value:
-            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-        table.add_row(key, "" if value is None else str(value))
-    _console().print(table)
+    _console().print(render_job(info), soft_wrap=True)
 
 
 @cli.command()

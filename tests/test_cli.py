@@ -257,6 +257,15 @@ def test_inspect_and_cancel(cluster: Cluster) -> None:
     assert gone.returncode == 1
     table = cluster.run("inspect", "waiting-job", "--broker", cluster.clients)
     assert "cancelled" in table.stdout
+    cluster.pool(n=1)
+    with cluster.client() as c:
+        assert c.outcome(c.submit("raise", id="bad-job", tries=1, timeout=90), timeout=10).status == "failed"
+    shown = cluster.run("inspect", "bad-job", "--broker", cluster.clients).stdout
+    assert "1 of 1" in shown and "1 min 30 s" in shown and "90.0" not in shown
+    assert "['" not in shown and "None" not in shown
+    last_error = shown[shown.index("last error:"):]
+    assert "Traceback (most recent call last):" in last_error
+    assert last_error.rstrip().endswith("ValueError: asked to raise")
 
 
 def test_status_interval_must_be_at_least_a_tenth_of_a_second(cluster: Cluster) -> None:
