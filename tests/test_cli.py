@@ -165,15 +165,21 @@ def test_status_once_json_and_unreachable(cluster: Cluster) -> None:
     assert gone.returncode == 3 and "no answer from the broker's status endpoint" in gone.stderr
 
 
-def test_live_status_stops_cleanly_on_sigint(cluster: Cluster) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_live_status_stops_cleanly(cluster: Cluster, stop: str) -> None:
     cluster.broker()
-    live = cluster.rw("status", "--status", cluster.status, name="status")
-    import time
-
-    time.sleep(2)
-    live.signal(signal.SIGINT)
+    broker_id = cluster.snapshot()["broker"]["id"]  # only a real snapshot shows it
+    live = cluster.rw_tty("status", "--status", cluster.status, name="status")
+    wait_for(lambda: f"broker {broker_id}" in live.text(), 20, what="a snapshot on the screen")
+    if stop == "ctrl-c":
+        live.press(b"\x03")
+    else:
+        live.signal(signal.SIGTERM)
     assert live.wait(10) == 0
-    assert "broker" in live.output()
+    rows = live.lines()
+    assert sum(f"broker {broker_id}" in row for row in rows) == 1, live.text()  # redrawn in place
+    assert sum(row.startswith("╭") for row in rows) == 1, live.text()
+    assert "Traceback" not in live.output() and "Aborted" not in live.output()
 
 
 @pytest.mark.parametrize(
