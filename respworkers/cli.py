@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -368,21 +367,34 @@ def status(conf: ClientConfig, once: bool, as_json: bool, interval: float) -> No
         else:
             _console().print(render(snap))
         return
+    from rich.console import Group
     from rich.live import Live
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(RET_OK))
-    try:
-        with Live(render_unreachable(f"asking {endpoint} ..."), console=_console(),
-                  auto_refresh=False) as live:
+    from .stream import Interrupted, Signals
+
+    def view(renderable: Any) -> Group:
+        # The empty last line keeps the cursor off the last column: a terminal echoes Ctrl-C
+        # as "^C" there, which would wrap onto a new line that the last redraw does not know
+        # of, leaving a stray copy of the first line above the final view.
+        return Group(renderable, "")
+
+    # Signals interrupt only the waiting (for the broker, for the next refresh), never a
+    # redraw halfway written; SIGTERM ends the view as cleanly as Ctrl-C.
+    with Signals() as signals, Live(view(render_unreachable(f"asking {endpoint} ...")),
+                                    console=_console(), auto_refresh=False) as live:
+        try:
             while True:
                 started = time.monotonic()
-                try:
-                    live.update(render(fetch_status(endpoint, wait, keys=keys)), refresh=True)
-                except BrokerUnavailable as exc:
-                    live.update(render_unreachable(f"{exc}; retrying"), refresh=True)
-                time.sleep(max(0.0, interval - (time.monotonic() - started)))
-    except KeyboardInterrupt:
-        pass
+                with signals.waiting():
+                    try:
+                        shown = render(fetch_status(endpoint, wait, keys=keys))
+                    except BrokerUnavailable as exc:
+                        shown = render_unreachable(f"{exc}; retrying")
+                live.update(view(shown), refresh=True)
+                with signals.waiting():
+                    time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except Interrupted:
+            pass
 
 
 # ================================================================================= jobs

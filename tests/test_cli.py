@@ -182,6 +182,21 @@ def test_live_status_stops_cleanly(cluster: Cluster, stop: str) -> None:
     assert "Traceback" not in live.output() and "Aborted" not in live.output()
 
 
+def test_live_status_ctrl_c_while_the_broker_is_away_leaves_no_stray_lines(cluster: Cluster) -> None:
+    conf = cluster.root / "c.toml"
+    conf.write_text("[client]\nrequest_timeout = 0.3\n")
+    # narrow: the message wraps and the panel spans the whole width, so the terminal's
+    # echo of ^C after its last column would start a new line under the panel
+    live = cluster.rw_tty("status", "-c", str(conf), "--status", f"ipc://{cluster.root}/nobody",
+                          columns=60, name="status")
+    wait_for(lambda: "retrying" in live.text(), 20, what="the unreachable panel")
+    live.press(b"\x03")
+    assert live.wait(10) == 0
+    rows = [row for row in live.lines() if row]
+    assert rows[0].startswith("╭") and sum(row.startswith("╭") for row in rows) == 1, live.text()
+    assert sum(row.startswith("╰") for row in rows) == 1, live.text()
+
+
 @pytest.mark.parametrize(
     "target, message",
     [
