@@ -42,7 +42,8 @@ def test_idle_workers_come_back_by_themselves_after_a_broker_restart(cluster: Cl
     first_children = set(pool.children())
     broker.signal(signal.SIGKILL)
     broker.wait(5)
-    time.sleep(1.5)
+    wait_for(lambda: pool.output().count("no word from the broker") >= 2, 15,
+             what="both workers to notice the broker is gone")
     cluster.broker()
     started = time.monotonic()
     wait_for(lambda: len(cluster.workers_registered()) == 2, 15,
@@ -151,9 +152,11 @@ def test_client_keeps_waiting_while_the_broker_is_down(cluster: Cluster) -> None
         broker.signal(signal.SIGKILL)
         broker.wait(5)
         job2 = c.submit("while-down", id="sent-while-down")  # not confirmed yet
+        waiting = threading.Event()  # the client has found the broker silent and waits on
+        c.on_event = lambda note: "not answering" in note and waiting.set()
         t = threading.Thread(target=lambda: outcome.append(c.outcome(job2, timeout=40)))
         t.start()
-        time.sleep(3)
+        assert waiting.wait(20), "the client never noticed the broker was down"
         cluster.broker()
         t.join(45)
     assert outcome and outcome[0].ok and outcome[0].payload.endswith(b":while-down")
