@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,6 +25,11 @@ from .errors import (
     RespWorkersError,
     TargetError,
 )
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .jobfile import JobSpec
+    from .stream import Printer
 
 #: Exit codes (also in the README).
 RET_OK = 0
@@ -238,7 +243,7 @@ def submit(
                     try:
                         client.validate(**job)
                     except (ValueError, ProtocolError) as exc:
-                        where = f"{jobfile}: line {spec.line}: " if spec.line else ""
+                        where = f"{_source(jobfile)}: line {spec.line}: " if spec.line else ""
                         raise JobFileError(f"{where}{exc} (nothing was submitted)") from None
                 phase = "sending"
                 client.submit_many(jobs)
@@ -261,7 +266,7 @@ def submit(
         sys.exit(RET_JOBS_FAILED)
 
 
-def _read_jobs(path: str, new_ids: bool) -> list[tuple[Any, str]]:
+def _read_jobs(path: str, new_ids: bool) -> list[tuple[JobSpec, str]]:
     """The jobs of a job file ('-': stdin), each with its id.
 
     A job without an "id" gets one derived from the file's bytes and its place in the
@@ -273,24 +278,29 @@ def _read_jobs(path: str, new_ids: bool) -> list[tuple[Any, str]]:
 
     try:
         if path == "-":
-            content, source = sys.stdin.buffer.read(), "<stdin>"
+            content = sys.stdin.buffer.read()
         else:
             with open(path, "rb") as fh:
-                content, source = fh.read(), path
-        specs = jf.parse(content.decode("utf-8"), source)
+                content = fh.read()
+        specs = jf.parse(content.decode("utf-8"), _source(path))
     except OSError as exc:
         raise JobFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise JobFileError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        raise JobFileError(f"{_source(path)}: not UTF-8 text ({exc.reason})") from None
     except JobFileError as exc:
         raise JobFileError(f"{exc} (nothing was submitted)") from None
-    # A derived id cannot equal an id written in the file: that would take a SHA-256 fixed point.
+    # A derived id cannot clash with one written in the file: the file would have to hold
+    # (a prefix of) its own SHA-256.
     derived = jf.content_ids(content)
     return [(spec, spec.id or (new_job_id() if new_ids else derived(n)))
             for n, spec in enumerate(specs, 1)]
 
 
-def _interrupted(client: Any, ids: list[str], out: Any, sent: bool, random_ids: set[str]) -> None:
+def _source(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def _interrupted(client: Client, ids: list[str], out: Printer, sent: bool, random_ids: set[str]) -> None:
     """After SIGINT/SIGTERM: list the jobs still running, and say on stderr how to get them."""
     from .stream import wind_down
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -52,6 +55,20 @@ def test_submit_and_result_print_each_outcome_as_it_arrives(cluster: Cluster) ->
     lines = [json.loads(line) for line in sub.output().splitlines() if line.startswith("{")]
     assert [(line["id"], line["status"]) for line in lines] == [("fast", "done"), ("slow", "cancelled")]
     assert res.output().index("✓ fast") < res.output().index("✗ slow  cancelled")
+
+
+def test_submit_into_a_closed_pipe_stops_quietly(cluster: Cluster) -> None:
+    cluster.broker()
+    cluster.pool(n=1)
+    read, write = os.pipe()
+    os.close(read)  # like `rw submit ... | head -0`: the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "respworkers", "submit", "-p", "a", "-p", "b",
+                               "--broker", cluster.clients], cwd=cluster.root, env=cluster.env,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
 
 
 def json_lines(text: str) -> list[dict]:
