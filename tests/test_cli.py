@@ -107,6 +107,26 @@ def test_interrupted_submit_prints_what_ended_and_what_runs_then_rerun_attaches(
     assert cluster.snapshot()["totals"]["submitted"] == submitted + 8
 
 
+def test_submit_on_a_terminal_prints_lines_above_the_bar_and_ctrl_c_leaves_it_clean(
+    cluster: Cluster,
+) -> None:
+    cluster.broker()
+    cluster.pool(n=2)
+    jobs = cluster.root / "jobs.json"
+    jobs.write_text(json.dumps([{"payload": f"quick-{i}", "id": f"q{i}"} for i in range(12)]
+                               + [{"payload": "sleep:30", "id": f"s{i}"} for i in range(3)]))
+    term = cluster.rw_tty("submit", str(jobs), "--broker", cluster.clients, name="submit")
+    wait_for(lambda: sum(row.startswith("✓ q") for row in term.lines()) == 12, 20,
+             what="the quick jobs' lines")
+    wait_for(lambda: "jobs" in term.text() and "12/15" in term.text(), 10, what="the progress bar")
+    term.press(b"\x03")
+    assert term.wait(15) == 0
+    rows = term.lines()
+    assert sum(row.startswith("✓ q") for row in rows) == 12, term.text()
+    assert [row for row in rows if row.startswith("… ")] == [f"… s{i}  pending" for i in range(3)]
+    assert "12/15" not in term.text() and "Traceback" not in term.output()  # the bar is gone
+
+
 def test_interrupted_result_lists_the_jobs_still_running(cluster: Cluster) -> None:
     cluster.broker()
     cluster.pool(n=1)
