@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/core.py --journal sqlite
+	$(PY) benchmarks/jobfile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

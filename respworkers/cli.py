@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import __version__
-from .config import Config, load
+from .config import BrokerConfig, ClientConfig, WorkerConfig, load
 from .errors import (
     BrokerUnavailable,
     ConfigError,
+    FlagError,
+    JobFailed,
     JobFileError,
     ProtocolError,
+    Refused,
     RespWorkersError,
     TargetError,
 )
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .jobfile import JobSpec
+    from .stream import Printer
 
 #: Exit codes (also in the README).
 RET_OK = 0
@@ -29,39 +37,86 @@ RET_JOBS_FAILED = 1
 RET_USAGE = 2
 RET_UNAVAILABLE = 3
 
+#: Shortest refresh interval of the live status: anything less is a busy loop against the broker.
+MIN_INTERVAL = 0.1
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _config_option(fn: F) -> F:
-    return click.option(
-        "-c", "--config", "config_path", metavar="PATH", envvar=None,
-        help="TOML config (default: $RW_CONFIG, else ./respworkers.toml, else built-in defaults).",
-    )(fn)
+class UnknownJob(RespWorkersError):
+    """The broker does not know a job id (never submitted, refused, or no longer retained)."""
 
 
-def _load(config_path: str | None) -> Config:
-    try:
-        return load(config_path)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+#: The one mapping from a deliberate error to an exit code; the first matching class wins.
+#: Everything else respworkers raises on purpose is a usage problem: a config file, flag,
+#: key, worker target, job file or job id, an endpoint in use, an unusable journal.
+EXIT_CODES: tuple[tuple[type[RespWorkersError], int], ...] = (
+    (BrokerUnavailable, RET_UNAVAILABLE),  # no answer in time, or our key was refused
+    (JobFailed, RET_JOBS_FAILED),
+    (Refused, RET_JOBS_FAILED),
+    (UnknownJob, RET_JOBS_FAILED),
+    (RespWorkersError, RET_USAGE),
+)
 
 
-def _override(cfg: Config, section: str, **flags: Any) -> Config:
-    try:
-        return cfg.override(section, **flags)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+def exit_code(exc: RespWorkersError) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
 
 
-def _keys(cfg: Config, section: str) -> Any:
-    """The CURVE keys of a [client]/[worker] section (None without), or a usage error."""
+def configured(section: str, *flags: str) -> Callable[[F], F]:
+    """Give a command ``-c/--config`` and call it with its config section as first argument.
+
+    The file is found and read once, by the documented precedence; the command's options
+    named in ``flags`` override keys of ``[section]`` (a bad value is a usage error that
+    names the option). Errors raised later about the section (a key file, a folder) get
+    the file's name in front, so every config message reads ``FILE: [section] key: ...``.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, config_path: str | None, **kwargs: Any) -> Any:
+            cfg = load(config_path)
+            given = {name: kwargs.pop(name) for name in flags}
+            for name, value in given.items():
+                if value is None or value == ():
+                    continue
+                try:
+                    cfg = cfg.override(section, **{name: value})
+                except FlagError as exc:
+                    ctx = click.get_current_context()
+                    param = next(p for p in ctx.command.params if p.name == name)
+                    raise click.BadParameter(exc.detail, ctx=ctx, param=param) from None
+            try:
+                return fn(getattr(cfg, section), *args, **kwargs)
+            except ConfigError as exc:
+                raise ConfigError(f"{cfg.source}: {exc}") from None
+
+        return click.option(
+            "-c", "--config", "config_path", metavar="PATH", envvar=None,
+            help="TOML config (default: $RW_CONFIG, else ./respworkers.toml, else built-in defaults).",
+        )(run)  # type: ignore[return-value]
+
+    return decorate
+
+
+def _keys(part: Any, section: str) -> Any:
+    """The CURVE keys of a [client]/[worker] section, None without; ConfigError if unusable."""
     from .security import client_keys
 
-    part = getattr(cfg, section)
-    try:
-        return client_keys(part.secret_key, part.broker_key, section)
-    except ConfigError as exc:
-        raise click.UsageError(f"{cfg.source}: {exc}") from None
+    return client_keys(part.secret_key, part.broker_key, section)
+
+
+def _job_ids(job_ids: Iterable[str]) -> list[str]:
+    """The ids, without repeats, each checked before the broker is asked.
+
+    A malformed id is the caller's mistake (exit 2), not the broker's silence (exit 3).
+    """
+    from .protocol import check_job_id
+
+    ids = list(dict.fromkeys(job_ids))
+    for job_id in ids:
+        check_job_id(job_id.encode())
+    return ids
 
 
 def _logging(level: str) -> None:
@@ -72,11 +127,6 @@ def _logging(level: str) -> None:
     )
 
 
-def _fail(message: str, code: int) -> None:
-    click.secho(f"rw: {message}", fg="red", err=True)
-    sys.exit(code)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rw")
 def cli() -> None:
@@ -85,7 +135,7 @@ def cli() -> None:
 
 # ================================================================================= broker
 @cli.command()
-@_config_option
+@configured("broker", "clients", "workers", "status", "timeout", "tries", "journal", "log_level")
 @click.option("--clients", metavar="ENDPOINT", help="Endpoint clients submit to.")
 @click.option("--workers", metavar="ENDPOINT", help="Endpoint workers connect to.")
 @click.option("--status", metavar="ENDPOINT", help="Endpoint status queries go to.")
@@ -93,215 +143,209 @@ def cli() -> None:
 @click.option("--tries", type=int, help="Default attempts before a job fails.")
 @click.option("--journal", metavar="PATH", help='sqlite journal file, or ":memory:".')
 @click.option("--log-level", help="debug, info, warning or error.")
-def broker(config_path: str | None, **flags: Any) -> None:
+def broker(conf: BrokerConfig) -> None:
     """Run the broker until Ctrl-C or SIGTERM."""
-    cfg = _override(_load(config_path), "broker", **flags)
-    _logging(cfg.broker.log_level)
-    from .broker.journal import JournalError
-    from .broker.server import BindError, run_broker
+    _logging(conf.log_level)
+    from .broker.server import run_broker
 
-    try:
-        run_broker(cfg.broker)
-    except (BindError, JournalError) as exc:
-        _fail(str(exc), RET_USAGE)
-    except ConfigError as exc:
-        _fail(f"{cfg.source}: {exc}", RET_USAGE)
+    run_broker(conf)
 
 
 # ================================================================================= worker
 @cli.command()
 @click.argument("target")
-@_config_option
+@configured("worker", "broker", "processes", "queues", "log_level")
 @click.option("--broker", metavar="ENDPOINT", help="The broker's workers endpoint.")
 @click.option("-n", "--processes", type=int, help="Number of worker processes.")
 @click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
               help="Queue to serve (repeatable); overrides the class's `queues`.")
 @click.option("--log-level", help="debug, info, warning or error.")
-def worker(config_path: str | None, target: str, queues: tuple[str, ...], **flags: Any) -> None:
+def worker(conf: WorkerConfig, target: str) -> None:
     """Run a pool of worker processes for TARGET (module:Class, a respworkers.Worker)."""
-    cfg = _override(_load(config_path), "worker", queues=queues or None, **flags)
-    _logging(cfg.worker.log_level)
+    _logging(conf.log_level)
+    from .config import queue_list
     from .targets import import_target
     from .worker.pool import run_pool
 
+    cls = import_target(target)
+    _keys(conf, "worker")  # a bad key fails here, not once per child process
     try:
-        cls = import_target(target)
-    except TargetError as exc:
-        raise click.BadParameter(str(exc), param_hint="TARGET") from None
-    _keys(cfg, "worker")  # a bad key fails here, not once per child process
-    serve = cfg.worker.queues or tuple(cls.queues)
-    try:
-        serve = _override(cfg, "worker", queues=list(serve)).worker.queues
-    except click.UsageError:
-        raise click.BadParameter(f"{cls.__name__}.queues = {cls.queues!r} is not a list of queue "
-                                 "names", param_hint="TARGET") from None
+        serve = conf.queues or queue_list(cls.queues)
+    except ValueError as exc:
+        raise TargetError(f"{target!r}: {cls.__name__}.queues = {cls.queues!r}: {exc}") from None
     logging.getLogger(__name__).info(
-        "%d x %s serving %s, broker %s", cfg.worker.processes, target, ",".join(serve),
-        cfg.worker.broker,
+        "%d x %s serving %s, broker %s", conf.processes, target, ",".join(serve), conf.broker,
     )
-    sys.exit(run_pool(target, cfg.worker, serve))
+    sys.exit(run_pool(target, conf, serve))
 
 
 # ================================================================================= submit
 @cli.command()
 @click.argument("jobfile", required=False, metavar="JOBFILE")
-@_config_option
+@configured("client", "broker")
 @click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
 @click.option("-p", "--payload", "payloads", multiple=True, metavar="TEXT",
               help="Submit TEXT as a job (repeatable), instead of or besides a job file.")
 @click.option("--queue", help="Queue for jobs that name none.")
-@click.option("--timeout", type=float, help="Time limit for jobs that set none.")
-@click.option("--tries", type=int, help="Tries for jobs that set none.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Time limit (seconds) for jobs that set none.")
+@click.option("--tries", type=click.IntRange(min=1), help="Tries for jobs that set none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-wait", is_flag=True,
               help="Print the job ids once the broker has them; fetch results with rw result.")
+@click.option("--new-ids", is_flag=True,
+              help="Give the file's jobs without an \"id\" fresh random ids: run them again "
+                   "rather than attach to the jobs of an earlier run of the same file.")
 def submit(
-    config_path: str | None, jobfile: str | None, broker: str | None,
-    payloads: tuple[str, ...], queue: str | None, timeout: float | None, tries: int | None,
-    as_json: bool, no_progress: bool, no_wait: bool,
+    conf: ClientConfig, jobfile: str | None, payloads: tuple[str, ...], queue: str | None,
+    timeout: float | None, tries: int | None, as_json: bool, no_progress: bool, no_wait: bool,
+    new_ids: bool,
 ) -> None:
-    """Submit the jobs in JOBFILE ('-' for stdin), wait for and print their results.
+    """Submit the jobs in JOBFILE ('-' for stdin) and print each result as it arrives.
 
     JOBFILE holds one JSON object, an array of them, or JSON Lines. Each job has a
     "payload" and optionally "id", "queue", "timeout" (seconds) and "tries".
-    Exits 1 if any job failed.
+    Results are printed in the order the jobs end, one line per job with its id
+    (--json: one object per line). Exits 1 if any job did not succeed.
     """
     from . import jobfile as jf
     from . import protocol
-    from .client import new_job_id
+    from .client import Client, new_job_id
+    from .stream import Interrupted, Printer, Signals, follow, summary
 
-    cfg = _override(_load(config_path), "client", broker=broker)
-    if timeout is not None and not timeout > 0:
-        raise click.BadParameter("must be > 0", param_hint="--timeout")
-    if tries is not None and tries < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--tries")
     if queue is not None:
         try:
             protocol.check_queue(queue.encode())
         except RespWorkersError as exc:
             raise click.BadParameter(str(exc), param_hint="--queue") from None
-    specs: list[jf.JobSpec] = [jf.JobSpec(p.encode()) for p in payloads]
+    specs = [(jf.JobSpec(p.encode()), new_job_id()) for p in payloads]
+    random_ids = {job_id for _, job_id in specs}  # ids the same command would not give again
     if jobfile is not None:
-        try:
-            if jobfile == "-":
-                text, source = sys.stdin.read(), "<stdin>"
-            else:
-                with open(jobfile, encoding="utf-8") as fh:
-                    text, source = fh.read(), jobfile
-            specs.extend(jf.parse(text, source))
-        except OSError as exc:
-            _fail(f"cannot read {jobfile}: {exc.strerror or exc}", RET_USAGE)
-        except UnicodeDecodeError as exc:
-            _fail(f"{jobfile}: not UTF-8 text ({exc.reason})", RET_USAGE)
-        except JobFileError as exc:
-            _fail(f"{exc} (nothing was submitted)", RET_USAGE)
+        from_file = _read_jobs(jobfile, new_ids)
+        specs.extend(from_file)
+        if new_ids:
+            random_ids.update(job_id for spec, job_id in from_file if spec.id is None)
     if not specs:
         raise click.UsageError("give a JOBFILE ('-' for stdin) or --payload TEXT")
+    jobs = [{"payload": spec.payload, "id": job_id,
+             "queue": spec.queue or queue or protocol.DEFAULT_QUEUE,
+             "timeout": spec.timeout if spec.timeout is not None else timeout,
+             "tries": spec.tries if spec.tries is not None else tries} for spec, job_id in specs]
+    ids = [job["id"] for job in jobs]
 
-    client = _client(cfg)
-    ids: list[str] = []
-    try:
-        jobs = [dict(payload=s.payload, id=s.id or new_job_id(),
-                     queue=s.queue or queue or protocol.DEFAULT_QUEUE,
-                     timeout=s.timeout if s.timeout is not None else timeout,
-                     tries=s.tries if s.tries is not None else tries) for s in specs]
-        for spec, job in zip(specs, jobs):  # all of them first: nothing or everything is sent
-            try:
-                client.validate(**job)
-            except (ValueError, ProtocolError) as exc:
-                where = f"{jobfile}: line {spec.line}: " if spec.line else ""
-                _fail(f"{where}{exc} (nothing was submitted)", RET_USAGE)
-        ids = client.submit_many(jobs)
-        if no_wait:
-            client.wait_confirmed(ids)
-            for job_id in ids:
-                click.echo(json.dumps({"id": job_id, "status": "accepted"}) if as_json else job_id)
+    out = Printer(as_json)
+    phase = "checking"
+    with Signals() as signals, Client.from_config(conf) as client:
+        try:
+            with signals.waiting():
+                for (spec, _), job in zip(specs, jobs):  # all first: nothing or everything is sent
+                    try:
+                        client.validate(**job)
+                    except (ValueError, ProtocolError) as exc:
+                        where = f"{_source(jobfile)}: line {spec.line}: " if spec.line else ""
+                        raise JobFileError(f"{where}{exc} (nothing was submitted)") from None
+                phase = "sending"
+                client.submit_many(jobs)
+                phase = "sent"
+                if no_wait:
+                    client.wait_confirmed(ids)
+            if no_wait:
+                for job_id in ids:
+                    click.echo(json.dumps({"id": job_id, "status": "accepted"}) if as_json else job_id)
+                return
+            follow(client, ids, out, signals, progress=not no_progress)
+        except Interrupted:
+            if phase == "checking":
+                out.say("interrupted: nothing was submitted")
+            else:
+                _interrupted(client, ids, out, phase == "sent", random_ids)
             return
-        outcomes = _collect(client, ids, no_progress)
-    except BrokerUnavailable as exc:
-        _fail(str(exc), RET_UNAVAILABLE)
-    finally:
-        client.close()
-    if _print_outcomes(ids, outcomes, as_json):
+    summary(out, len(ids))
+    if out.failed:
         sys.exit(RET_JOBS_FAILED)
 
 
-def _collect(client: Any, ids: list[str], no_progress: bool) -> dict[str, Any]:
-    """Wait for every job's outcome, with a progress bar for batches on a terminal."""
-    console_err = _console(stderr=True)
-    show_bar = len(ids) > 1 and not no_progress and console_err.is_terminal
-    outcomes: dict[str, Any] = {}
-    failed = 0
+def _read_jobs(path: str, new_ids: bool) -> list[tuple[JobSpec, str]]:
+    """The jobs of a job file ('-': stdin), each with its id.
+
+    A job without an "id" gets one derived from the file's bytes and its place in the
+    file (random ones with ``new_ids``), so that re-running an interrupted submit of the
+    same file attaches to the jobs instead of running them again.
+    """
+    from . import jobfile as jf
+    from .client import new_job_id
+
     try:
-        if show_bar:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            with Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-                          console=console_err, transient=True) as bar:
-                task = bar.add_task("jobs", total=len(ids), failed=0)
-                client.on_event = lambda note: bar.console.print(f"[yellow]{note}")
-                for r in client.results(ids):
-                    outcomes[r.id] = r
-                    failed += not r.ok
-                    bar.update(task, advance=1, failed=failed)
+        if path == "-":
+            content = sys.stdin.buffer.read()
         else:
-            client.on_event = lambda note: console_err.print(f"[yellow]{note}")
-            for r in client.results(ids):
-                outcomes[r.id] = r
-    except KeyboardInterrupt:
-        console_err.print("interrupted; accepted jobs keep running on the broker. "
-                          "Fetch them later with: rw result JOB_ID...")
-        sys.exit(RET_OK)
-    return outcomes
+            with open(path, "rb") as fh:
+                content = fh.read()
+        specs = jf.parse(content.decode("utf-8"), _source(path))
+    except OSError as exc:
+        raise JobFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"{_source(path)}: not UTF-8 text ({exc.reason})") from None
+    except JobFileError as exc:
+        raise JobFileError(f"{exc} (nothing was submitted)") from None
+    # A derived id cannot clash with one written in the file: the file would have to hold
+    # (a prefix of) its own SHA-256.
+    derived = jf.content_ids(content)
+    return [(spec, spec.id or (new_job_id() if new_ids else derived(n)))
+            for n, spec in enumerate(specs, 1)]
 
 
-def _print_outcomes(ids: list[str], outcomes: dict[str, Any], as_json: bool) -> int:
-    """Print one line per job in input order; return how many did not succeed."""
-    from rich.text import Text
+def _source(path: str) -> str:
+    return "<stdin>" if path == "-" else path
 
-    out = _console()
-    failed = 0
-    for job_id in ids:
-        r = outcomes[job_id]
-        failed += not r.ok
-        if as_json:
-            click.echo(json.dumps(r.as_dict()))
-        elif r.ok:
-            body = b"".join(r.frames or []).decode("utf-8", "replace")
-            out.print(Text.assemble(("✓", "green"), f" {job_id}  {body}"), soft_wrap=True)
-        else:
-            last = (r.error or "").strip().splitlines()
-            out.print(Text.assemble(("✗", "red"), f" {job_id}  {r.status} ({r.reason})",
-                                    f": {last[-1]}" if last else ""), soft_wrap=True)
-    if failed and not as_json:
-        _console(stderr=True).print(f"[red]{failed} of {len(ids)} jobs did not succeed")
-    return failed
+
+def _interrupted(client: Client, ids: list[str], out: Printer, sent: bool, random_ids: set[str]) -> None:
+    """After SIGINT/SIGTERM: list the jobs still running, and say on stderr how to get them."""
+    from .stream import wind_down
+
+    pending, confirmed = wind_down(client, ids, out, sent)
+    if not pending:
+        out.say("interrupted; every job had ended")
+        return
+    again = not random_ids.intersection(pending)  # the same command names the same jobs
+    head = f"interrupted: {len(pending)} of {len(ids)} jobs had not ended (listed above as pending)"
+    if confirmed:
+        out.say(f"{head}; they keep running on the broker. Fetch their results later with: "
+                "rw result ID..." + ("; or run the same command again: it attaches to these jobs "
+                                     "instead of submitting them again." if again else ""))
+    else:
+        out.say(f"{head}, and the broker has not confirmed that it holds all of them. " + (
+            "Run the same command again: it submits any the broker lacks and attaches to the others."
+            if again else "Ask with rw inspect ID; one the broker does not know must be submitted again."
+        ), "yellow")
 
 
 @cli.command()
 @click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
-@_config_option
+@configured("client", "broker")
 @click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def result(config_path: str | None, job_ids: tuple[str, ...], broker: str | None, as_json: bool,
-           no_progress: bool) -> None:
-    """Wait for jobs submitted earlier (by anyone) and print their results."""
-    ids = list(dict.fromkeys(job_ids))
-    with _job_client(config_path, broker) as client:
+def result(conf: ClientConfig, job_ids: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
+    """Wait for jobs submitted earlier (by anyone) and print their results as they arrive.
+
+    One line per job, in the order the jobs end (--json: one object per line, with
+    its "id"). Exits 1 if any job did not succeed.
+    """
+    from .client import Client
+    from .stream import Interrupted, Printer, Signals, follow, summary
+
+    ids = _job_ids(job_ids)
+    out = Printer(as_json)
+    with Signals() as signals, Client.from_config(conf) as client:
         try:
-            outcomes = _collect(client, ids, no_progress)
-        except (BrokerUnavailable, RespWorkersError) as exc:
-            _fail(str(exc), RET_UNAVAILABLE)
-    if _print_outcomes(ids, outcomes, as_json):
+            follow(client, ids, out, signals, progress=not no_progress)
+        except Interrupted:
+            _interrupted(client, ids, out, True, set())
+            return
+    summary(out, len(ids))
+    if out.failed:
         sys.exit(RET_JOBS_FAILED)
 
 
@@ -313,102 +357,92 @@ def _console(stderr: bool = False) -> Any:
 
 # ================================================================================= status
 @cli.command()
-@_config_option
+@configured("client", "status")
 @click.option("--status", metavar="ENDPOINT", help="The broker's status endpoint.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON and exit.")
-@click.option("--interval", type=float, default=1.0, show_default=True,
-              help="Seconds between refreshes.")
-def status(config_path: str | None, status: str | None, once: bool, as_json: bool,
-           interval: float) -> None:
+@click.option("--interval", type=click.FloatRange(min=MIN_INTERVAL), default=1.0, show_default=True,
+              help=f"Seconds between refreshes (at least {MIN_INTERVAL}).")
+def status(conf: ClientConfig, once: bool, as_json: bool, interval: float) -> None:
     """Show the broker's state: a live table until Ctrl-C, or one snapshot."""
     from .client import fetch_status
     from .status import render, render_unreachable
 
-    cfg = _override(_load(config_path), "client", status=status)
-    endpoint, wait = cfg.client.status, cfg.client.request_timeout
-    keys = _keys(cfg, "client")
+    endpoint, wait = conf.status, conf.request_timeout
+    keys = _keys(conf, "client")
     if as_json or once:
-        try:
-            snap = fetch_status(endpoint, wait, keys=keys)
-        except BrokerUnavailable as exc:
-            _fail(str(exc), RET_UNAVAILABLE)
+        snap = fetch_status(endpoint, wait, keys=keys)
         if as_json:
             click.echo(json.dumps(snap, indent=2))
         else:
             _console().print(render(snap))
         return
+    from rich.console import Group
     from rich.live import Live
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(RET_OK))
-    try:
-        with Live(render_unreachable(f"asking {endpoint} ..."), console=_console(),
-                  auto_refresh=False) as live:
+    from .stream import Interrupted, Signals
+
+    def view(renderable: Any) -> Group:
+        # The empty last line keeps the cursor off the last column: a terminal echoes Ctrl-C
+        # as "^C" there, which would wrap onto a new line that the last redraw does not know
+        # of, leaving a stray copy of the first line above the final view.
+        return Group(renderable, "")
+
+    # Signals interrupt only the waiting (for the broker, for the next refresh), never a
+    # redraw halfway written; SIGTERM ends the view as cleanly as Ctrl-C.
+    with Signals() as signals, Live(view(render_unreachable(f"asking {endpoint} ...")),
+                                    console=_console(), auto_refresh=False) as live:
+        try:
             while True:
                 started = time.monotonic()
-                try:
-                    live.update(render(fetch_status(endpoint, wait, keys=keys)), refresh=True)
-                except BrokerUnavailable as exc:
-                    live.update(render_unreachable(f"{exc}; retrying"), refresh=True)
-                time.sleep(max(0.0, interval - (time.monotonic() - started)))
-    except KeyboardInterrupt:
-        pass
+                with signals.waiting():
+                    try:
+                        shown = render(fetch_status(endpoint, wait, keys=keys))
+                    except BrokerUnavailable as exc:
+                        shown = render_unreachable(f"{exc}; retrying")
+                live.update(view(shown), refresh=True)
+                with signals.waiting():
+                    time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except Interrupted:
+            pass
 
 
 # ================================================================================= jobs
-def _client(cfg: Config) -> Any:
-    from .client import Client
-
-    try:
-        return Client.from_config(cfg.client)
-    except ConfigError as exc:
-        raise click.UsageError(f"{cfg.source}: {exc}") from None
-
-
-def _job_client(config_path: str | None, broker: str | None) -> Any:
-    return _client(_override(_load(config_path), "client", broker=broker))
-
-
 @cli.command()
 @click.argument("job_id")
-@_config_option
+@configured("client", "broker")
 @click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def inspect(config_path: str | None, job_id: str, broker: str | None, as_json: bool) -> None:
+def inspect(conf: ClientConfig, job_id: str, as_json: bool) -> None:
     """Show one job: state, attempts, workers tried, timings, last error."""
-    with _job_client(config_path, broker) as client:
-        try:
-            info = client.query(job_id)
-        except (BrokerUnavailable, RespWorkersError) as exc:
-            _fail(str(exc), RET_UNAVAILABLE)
+    from .client import Client
+
+    _job_ids([job_id])
+    with Client.from_config(conf) as client:
+        info = client.query(job_id)
     if info is None:
-        _fail(f"the broker does not know job {job_id!r}", RET_JOBS_FAILED)
+        raise UnknownJob(f"the broker does not know job {job_id!r}")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    from rich.table import Table
+    from .status import render_job
 
-    table = Table(show_header=False, title=f"job {job_id}", title_justify="left")
-    for key, value in info.items():
-        if key in ("created", "started", "finished") and value:
-            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-        table.add_row(key, "" if value is None else str(value))
-    _console().print(table)
+    _console().print(render_job(info), soft_wrap=True)
 
 
 @cli.command()
 @click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
-@_config_option
+@configured("client", "broker")
 @click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
-def cancel(config_path: str | None, job_ids: tuple[str, ...], broker: str | None) -> None:
+def cancel(conf: ClientConfig, job_ids: tuple[str, ...]) -> None:
     """Cancel jobs: queued ones never run; a running one's result is dropped."""
+    from .client import Client
+
     missing = 0
-    with _job_client(config_path, broker) as client:
-        for job_id in job_ids:
-            try:
-                info = client.cancel(job_id)
-            except (BrokerUnavailable, RespWorkersError) as exc:
-                _fail(str(exc), RET_UNAVAILABLE)
+    ids = _job_ids(job_ids)
+    with Client.from_config(conf) as client:
+        for job_id in ids:
+            info = client.cancel(job_id)
             if info is None:
                 missing += 1
                 click.echo(f"{job_id}: unknown")
@@ -430,12 +464,24 @@ def keygen(name: str, folder: str) -> None:
     """
     from .security import keygen as make_keys
 
-    try:
-        public, secret = make_keys(name, folder)
-    except ConfigError as exc:
-        _fail(str(exc), RET_USAGE)
+    public, secret = make_keys(name, folder)
     click.echo(f"public key: {public}\nsecret key: {secret} (keep it private; mode 600)")
 
 
-def main() -> None:
-    cli()
+def main(argv: list[str] | None = None) -> None:
+    """Run ``rw``: every error respworkers raises on purpose ends here as one red line and
+    its exit code from :data:`EXIT_CODES`. Click's own usage errors (unknown option,
+    missing argument, bad option value) keep its "Usage: ..." message.
+    """
+    try:
+        rv = cli.main(args=argv, prog_name="rw", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:  # Ctrl-C where a command does not handle it: as click does
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except RespWorkersError as exc:
+        click.secho(f"rw: {exc}", fg="red", err=True)
+        sys.exit(exit_code(exc))
+    sys.exit(rv if isinstance(rv, int) else RET_OK)

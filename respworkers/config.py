@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .errors import ConfigError, FlagError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,7 +71,8 @@ def _int_at_least(minimum: int) -> Callable[[Any], int]:
     return check
 
 
-def _queue_list(value: Any) -> tuple[str, ...]:
+def queue_list(value: Any) -> tuple[str, ...]:
+    """Queue names from a list (or a comma-separated string); ValueError says what is wrong."""
     from .protocol import MAX_WORKER_QUEUES, check_queue
 
     if isinstance(value, str):
@@ -164,7 +165,7 @@ class BrokerConfig:
 class WorkerConfig:
     broker: str = field(default=DEFAULT_WORKERS, metadata=_check(_endpoint, "endpoint"))
     processes: int = field(default=1, metadata=_check(_int_at_least(1), "count"))
-    queues: tuple[str, ...] = field(default=(), metadata=_check(_queue_list, "queues"))
+    queues: tuple[str, ...] = field(default=(), metadata=_check(queue_list, "queues"))
     heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
     secret_key: str = field(default="", metadata=_path("this worker's secret key file"))
@@ -198,10 +199,12 @@ class Config:
             return self
         current = getattr(self, section)
         fields = _fields(type(current))
-        checked = {
-            key: _validate(fields[key], value, f"--{key.replace('_', '-')}")
-            for key, value in given.items()
-        }
+        checked = {}
+        for key, value in given.items():
+            try:
+                checked[key] = fields[key].metadata["check"](value)
+            except ValueError as exc:
+                raise FlagError(f"--{key.replace('_', '-')}", str(exc)) from None
         return dataclasses.replace(self, **{section: dataclasses.replace(current, **checked)})
 
 

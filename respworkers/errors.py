@@ -11,6 +11,15 @@ class ConfigError(RespWorkersError):
     """A config file, key, value or flag is wrong; the message names which."""
 
 
+class FlagError(ConfigError):
+    """A command-line flag's value is wrong: ``flag`` and ``detail`` apart, for usage messages."""
+
+    def __init__(self, flag: str, detail: str) -> None:
+        super().__init__(f"{flag}: {detail}")
+        self.flag = flag
+        self.detail = detail
+
+
 class ProtocolError(RespWorkersError):
     """A message on the wire does not follow docs/protocol.md.
 

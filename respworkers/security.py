@@ -63,7 +63,13 @@ def keygen(name: str, folder: str | os.PathLike[str] = ".") -> tuple[Path, Path]
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"bad key name {name!r}: use a plain file name such as 'broker'")
     d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
+    # Only the last level: a mistyped -d must not silently create a whole tree elsewhere.
+    try:
+        d.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot create {d}: its parent folder {d.parent} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {d}: {exc.strerror or exc}") from None
     public, secret = d / f"{name}.key", d / f"{name}.key_secret"
     for p in (public, secret):
         if p.exists():

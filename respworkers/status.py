@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Group
@@ -101,3 +102,67 @@ def render(snap: dict[str, Any]) -> Group:
 
 def render_unreachable(message: str) -> Panel:
     return Panel(Text(message, style="bold red"), title="respworkers", expand=False)
+
+
+def duration(seconds: float) -> str:
+    """``0.05 s``, ``10.4 s``, ``1 min 3 s``, ``2 h 5 min``, ``3 d 4 h``: readable at a glance."""
+    if seconds < 59.5:
+        return f"{seconds:.3g} s"
+    whole = round(seconds)
+    units = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+    i = next(i for i, (_, length) in enumerate(units) if whole >= length)  # at most "min"
+    (big, big_length), (small, small_length) = units[i], units[i + 1]
+    count, rest = divmod(whole, big_length)
+    return f"{count} {big}" + (f" {rest // small_length} {small}" if rest >= small_length else "")
+
+
+def size(n: int) -> str:
+    """Bytes as ``12 bytes``, ``1.5 KiB``, ``3.2 MiB``, ``1.1 GiB``."""
+    if n < 1024:
+        return f"{n} byte" + ("" if n == 1 else "s")
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def local_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
+
+
+_JOB_FIELDS = {  # how `rw inspect` shows a field of the broker's job info (docs/protocol.md)
+    "timeout": duration, "age": duration,
+    "created": local_time, "started": local_time, "finished": local_time,
+    "result_size": size, "payload_size": size,
+}
+
+
+def _field(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if key in _JOB_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _JOB_FIELDS[key](value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def render_job(info: dict[str, Any]) -> Group:
+    """One job's INFO as a table, its last error (often a traceback) as-is below it."""
+    table = Table(show_header=False, title=f"job {info.get('id')}", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in info.items():
+        if key in ("id", "error", "tries"):
+            continue
+        if key == "attempt":
+            text = f"{value} of {_field('tries', info.get('tries'))}"
+        else:
+            text = _field(key, value)
+        table.add_row(key.replace("_", " "), Text(text))
+    parts: list[Any] = [table]
+    error = info.get("error")
+    if error:
+        parts += [Text("last error:", style="bold red"), Text(str(error).rstrip("\n"))]
+    return Group(*parts)

@@ -5,9 +5,54 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from .errors import TargetError
 from .worker.base import Worker
+
+#: Frames of the import machinery (and of this module), left out of import error reports.
+_MACHINERY = (os.path.abspath(__file__), os.path.abspath(importlib.__file__))
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working directory when it is inside it: shorter, as typed."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith(os.pardir) else rel
+
+
+def _user_frames(exc: BaseException) -> list[traceback.FrameSummary]:
+    """The frames of the failed import that ran the user's code (not importlib's)."""
+    return [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith("<frozen ") and os.path.abspath(f.filename) not in _MACHINERY
+    ]
+
+
+def _import_failure(target: str, module_name: str, exc: Exception) -> str:
+    """Say which module failed to import, with the file and line where it went wrong.
+
+    A bare "no module named 'my'" hides that the target's module was found and that
+    one of its own imports failed; any exception at import time gets the same report.
+    """
+    frames = _user_frames(exc)
+    if isinstance(exc, ModuleNotFoundError) and not frames and exc.name and (
+        module_name == exc.name or module_name.startswith(exc.name + ".")
+    ):
+        return f"{target!r}: no module named {exc.name!r}"
+    head = f"{target!r}: importing {module_name!r} failed"
+    if isinstance(exc, SyntaxError):  # raised while compiling: the place is in the exception
+        if exc.filename:
+            exc.filename = _shown(exc.filename)
+        where = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+        return f"{head}:\n{where}"
+    lines = [
+        f'  File "{_shown(f.filename)}", line {f.lineno}, in {f.name}' + (f"\n    {f.line}" if f.line else "")
+        for f in frames
+    ]
+    return "\n".join([f"{head}: {type(exc).__name__}: {exc}", *lines])
 
 
 def import_target(target: str) -> type[Worker]:
@@ -20,14 +65,8 @@ def import_target(target: str) -> type[Worker]:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise TargetError(f"{target!r}: no module named {exc.name!r}") from None
-        raise TargetError(f"{target!r}: importing {module_name!r} failed: {exc}") from exc
     except Exception as exc:
-        raise TargetError(
-            f"{target!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise TargetError(_import_failure(target, module_name, exc)) from None
     obj: object = module
     for part in attr_path.split("."):
         try:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyte
 import pytest
 
 from respworkers.client import Client, fetch_status
@@ -106,6 +112,62 @@ class Proc:
             pass
 
 
+class TtyProc(Proc):
+    """A process whose stdin, stdout and stderr are a pseudo-terminal, as in a user's shell.
+
+    What it writes is kept in its log and drawn on a terminal emulator's screen, so a
+    test sees what a user would see (cursor movements and all); :meth:`press` types.
+    """
+
+    def __init__(self, popen: subprocess.Popen, log: Path, master: int, columns: int, lines: int) -> None:
+        super().__init__(popen, log)
+        self.master = master
+        self.screen = pyte.Screen(columns, lines)
+        self._stream = pyte.ByteStream(self.screen)
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with open(self.log, "ab") as log:
+            while True:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    return
+                if not data:
+                    return
+                log.write(data)
+                log.flush()
+                with self._lock:
+                    self._stream.feed(data)
+
+    def press(self, keys: bytes) -> None:
+        """Type on the terminal: b"\\x03" is Ctrl-C (echoed as ^C, SIGINT to the process)."""
+        os.write(self.master, keys)
+
+    def lines(self) -> list[str]:
+        """The screen now, one string per row, trailing blanks removed."""
+        with self._lock:
+            return [row.rstrip() for row in self.screen.display]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def wait(self, timeout: float = 15.0) -> int:
+        code = super().wait(timeout)
+        self._reader.join(5)  # everything it wrote is on the screen
+        return code
+
+    def kill_all(self) -> None:
+        super().kill_all()
+        self._reader.join(5)
+        try:
+            os.close(self.master)
+        except OSError:
+            pass
+
+
 class Cluster:
     """Endpoints in a private folder plus the processes a test starts on them."""
 
@@ -130,6 +192,27 @@ class Cluster:
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         proc = Proc(popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def rw_tty(self, *args: str, name: str = "rw", columns: int = 100, lines: int = 40) -> TtyProc:
+        """Start ``rw`` in a new session whose controlling terminal is a fresh pseudo-terminal."""
+        self._n += 1
+        log = self.root / f"{self._n:02d}-{name}.log"
+        log.touch()
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+        env = {k: v for k, v in self.env.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+        env["TERM"] = "xterm-256color"
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "respworkers", *args], cwd=self.root, env=env,
+                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # Ctrl-C reaches it
+            )
+        finally:
+            os.close(slave)
+        proc = TtyProc(popen, log, master, columns, lines)
         self.procs.append(proc)
         return proc
 

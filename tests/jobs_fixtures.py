@@ -10,8 +10,8 @@ from respworkers import Worker
 
 
 class Tester(Worker):
-    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``pad:N``, ``raise``, ``crash``,
-    ``crash-once:PATH``,
+    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``wait:PATH`` (until PATH exists),
+    ``pad:N`` (an answer N bytes longer), ``raise``, ``crash``, ``crash-once:PATH``,
     ``cpu:PATH:N`` (say so in a file, then N rounds of one C call that never looks at signals).
 
     Anything else is echoed.
@@ -28,6 +28,10 @@ class Tester(Worker):
             _, marker, seconds = text.split(":")
             open(marker, "w").close()
             time.sleep(float(seconds))
+        elif text.startswith("wait:"):  # wait:PATH - run until the test creates PATH (a minute at most)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(text[5:]) and time.monotonic() < deadline:
+                time.sleep(0.02)
         elif text.startswith("cpu:"):  # like a long numpy/torch call: the GIL is released,
             _, marker, rounds = text.split(":")  # but no signal handler runs until it returns
             open(marker, "w").close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import zmq
@@ -189,7 +188,10 @@ def test_second_signal_gives_the_job_back_without_counting_a_try(cluster: Cluste
         job = c.submit(f"started:{marker}:30", tries=1)
         wait_for(marker.exists, what="the job to start")
         pool.signal(signal.SIGTERM)
-        time.sleep(0.5)  # signals sent together are merged by the kernel and by Python
+        # Signals sent together are merged by the kernel and by Python: send the second
+        # once the pool has handled the first.
+        wait_for(lambda: "stopping: each worker finishes its job" in pool.output(), 10,
+                 what="the pool to take the first signal")
         pool.signal(signal.SIGTERM)
         assert pool.wait(10) == 0
         info = wait_for(lambda: (i := c.query(job)) and i["state"] == "queued" and i, 5,
@@ -209,7 +211,8 @@ def test_second_signal_gives_back_a_job_stuck_in_one_long_c_call(cluster: Cluste
         job = c.submit(f"cpu:{marker}:100000000", tries=1, timeout=300)  # about a minute
         wait_for(marker.exists, what="the job to start")
         pool.signal(signal.SIGTERM)
-        time.sleep(0.5)
+        wait_for(lambda: "stopping: each worker finishes its job" in pool.output(), 10,
+                 what="the pool to take the first signal")
         pool.signal(signal.SIGTERM)
         assert pool.wait(10) == 0
         info = wait_for(lambda: (i := c.query(job)) and i["state"] == "queued" and i, 5,

@@ -42,7 +42,8 @@ def test_idle_workers_come_back_by_themselves_after_a_broker_restart(cluster: Cl
     first_children = set(pool.children())
     broker.signal(signal.SIGKILL)
     broker.wait(5)
-    time.sleep(1.5)
+    wait_for(lambda: pool.output().count("no word from the broker") >= 2, 15,
+             what="both workers to notice the broker is gone")
     cluster.broker()
     started = time.monotonic()
     wait_for(lambda: len(cluster.workers_registered()) == 2, 15,
@@ -151,9 +152,33 @@ def test_client_keeps_waiting_while_the_broker_is_down(cluster: Cluster) -> None
         broker.signal(signal.SIGKILL)
         broker.wait(5)
         job2 = c.submit("while-down", id="sent-while-down")  # not confirmed yet
+        waiting = threading.Event()  # the client has found the broker silent and waits on
+        c.on_event = lambda note: "not answering" in note and waiting.set()
         t = threading.Thread(target=lambda: outcome.append(c.outcome(job2, timeout=40)))
         t.start()
-        time.sleep(3)
+        assert waiting.wait(20), "the client never noticed the broker was down"
         cluster.broker()
         t.join(45)
     assert outcome and outcome[0].ok and outcome[0].payload.endswith(b":while-down")
+
+
+def test_rw_submit_tells_of_a_broker_restart_once(cluster: Cluster) -> None:
+    broker = cluster.broker()
+    cluster.pool(n=1)
+    release = cluster.root / "release"
+    sub = cluster.rw("submit", "-p", f"wait:{release}", "--broker", cluster.clients, name="submit")
+    wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]), 20,
+             what="the job to start")
+    broker.signal(signal.SIGKILL)
+    broker.wait(5)
+    wait_for(lambda: "not answering" in sub.output(), 20, what="rw submit to notice")
+    cluster.broker()
+    wait_for(lambda: "reconnected" in sub.output(), 20, what="rw submit to reconnect")
+    wait_for(lambda: any(w["state"] == "busy" for w in cluster.snapshot()["workers"]), 20,
+             what="the worker to come back holding the job")
+    release.touch()
+    assert sub.wait(20) == 0
+    out = sub.output()
+    assert f":wait:{release}" in out
+    assert out.count("not answering") == 1, out
+    assert out.count("reconnected to the broker") == 1, out
