@@ -128,6 +128,7 @@ class Client:
         self.starting = False  # the last PONG said the broker is still loading its journal
         self._handshakes = 0
         self._closed = False
+        self._told_silent = False
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, JobResult] = {}
         # Answers to QUERY and CANCEL, kept only while a request for that id waits for one.
@@ -184,7 +185,7 @@ class Client:
                     pass
                 unconfirmed = [j for j in unconfirmed
                                if j in self._pending and not self._pending[j].confirmed]
-            waiting = [j for j, p in self._pending.items() if p.confirmed]
+            waiting = [j for j, p in self._pending.items() if p.confirmed] if self.limits else []
             try:
                 self._send_ids(protocol.encode_unwait, waiting, sockets.NOBLOCK)
             except zmq.Again:
@@ -248,6 +249,8 @@ class Client:
         """(payload bytes, frame bytes) one message may carry: the broker takes jobs whose
         payloads add up to max_message_size, and libzmq closes the connection of a peer
         sending any frame (a command line too) over max_message_size + 1024, unanswered."""
+        if not self.limits:
+            self._first_contact()  # learn the limits before the first batch
         limit = self.limits.get("max_message_size")
         payload = limit if isinstance(limit, int) else 64 << 20
         return payload, payload + 1024 - 64
@@ -273,6 +276,8 @@ class Client:
     def _send_ids(self, encode: Callable[[list[str]], list[bytes]], ids: list[str],
                   flags: int | None = None) -> None:
         """WAIT or UNWAIT for many ids, in as few messages as the limits allow."""
+        if not ids:
+            return
         line_budget = self._budgets()[1]
         chunk: list[str] = []
         line = 16
@@ -433,7 +438,8 @@ class Client:
             self._last_ping = now
             self._pings += 1
             self._send(protocol.encode_ping())
-            if now - self._last_heard > 3 * PING_INTERVAL + 1 and self.on_event:
+            if now - self._last_heard > 3 * PING_INTERVAL + 1 and self.on_event and not self._told_silent:
+                self._told_silent = True  # once per silence, not at every ping
                 self.on_event(f"broker at {self.broker} not answering; waiting for it")
 
     # ----------------------------------------------------------------- receiving
@@ -460,6 +466,7 @@ class Client:
         # dropped (or the broker restarted). Ask again once we hear from it.
         cut_off = bool(self._last_heard) and self._last_ping - self._last_heard > 2 * PING_INTERVAL
         self._last_heard = time.monotonic()
+        self._told_silent = False
         cmd = reply.command
         if cmd == protocol.ACCEPTED:
             pending = self._pending
@@ -515,8 +522,9 @@ class Client:
     def _finish(self, result: JobResult) -> None:
         # Only jobs we still wait for: a repeated outcome (after a resync) is dropped here,
         # so each result reaches the caller exactly once.
-        if self._pending.pop(result.id, None) is not None:
-            self._done[result.id] = result
+        if result.id in self._pending:  # stored before it leaves _pending: an interrupt
+            self._done[result.id] = result  # in between must not lose it
+            del self._pending[result.id]
 
     def _resync(self) -> None:
         """A new broker answered: re-send what it may not have, ask about the rest."""

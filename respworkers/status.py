@@ -93,9 +93,9 @@ def render(snap: dict[str, Any]) -> Group:
         for col in ("job", "queue", "reason", "tries", "last error"):
             ft.add_column(col)
         for f in list(failures)[-10:]:
-            err = (f.get("error") or "").strip().splitlines()
+            err = (f.get("error") or "").strip().splitlines()  # the first line is the summary
             ft.add_row(str(f.get("id")), str(f.get("queue")), str(f.get("reason")),
-                       str(f.get("attempts")), err[-1][:80] if err else "")
+                       str(f.get("attempts")), err[0][:80] if err else "")
         parts.append(ft)
     return Group(*parts)
 

@@ -117,8 +117,8 @@ class Printer:
             body = b"".join(r.frames or []).decode("utf-8", "replace")
             self._line(f"{r.id}  {body}", "✓", "green")
         else:
-            last = (r.error or "").strip().splitlines()
-            self._line(f"{r.id}  {r.status} ({r.reason})" + (f": {last[-1]}" if last else ""),
+            summary = (r.error or "").strip().splitlines()  # an error text's first line
+            self._line(f"{r.id}  {r.status} ({r.reason})" + (f": {summary[0]}" if summary else ""),
                        "✗", "red")
 
     def say(self, text: str, style: str = "") -> None:

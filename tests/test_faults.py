@@ -370,7 +370,8 @@ def test_a_resyncing_client_batches_its_messages() -> None:
         rid, *frames = fake.recv_multipart()
         return rid, frames
 
-    with Client(f"tcp://127.0.0.1:{port}", request_timeout=5) as c:
+    c = Client(f"tcp://127.0.0.1:{port}", request_timeout=5)
+    try:
         rid, ping = recv()
         fake.send_multipart([rid, *protocol.encode_pong("first", limits)])
         ids = c.submit_many([{"payload": b"p", "id": f"r{i}"} for i in range(2500)])
@@ -385,6 +386,8 @@ def test_a_resyncing_client_batches_its_messages() -> None:
         messages = []
         while fake.poll(500):
             messages.append(protocol.decode_client(fake.recv_multipart()[1:]))
+    finally:
+        c.close(timeout=0, check=False)  # a fake broker confirms nothing more
     waits = [m for m in messages if isinstance(m, protocol.Wait)]
     submits = [m for m in messages if isinstance(m, (protocol.SubmitMany, protocol.Submit))]
     assert sum(len(w.job_ids) for w in waits) == 2000 and len(waits) == 2

@@ -764,8 +764,9 @@ class BrokerCore:
 
     @staticmethod
     def _failure_record(job: Job) -> dict[str, Any]:
+        summary = (job.error or "").strip().split("\n", 1)[0]  # an error text's first line
         return {"id": job.id, "queue": job.queue, "reason": job.reason,
-                "error": (job.error or "")[-500:], "attempts": job.attempt, "at": job.finished}
+                "error": summary[:500], "attempts": job.attempt, "at": job.finished}
 
     # ================================================================== workers
     def on_worker(self, wid: bytes, frames: list[bytes]) -> None:
