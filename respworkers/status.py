@@ -32,15 +32,20 @@ def render(snap: dict[str, Any]) -> Group:
     head = Text()
     head.append(f"broker {b.get('id', '?')}", style="bold")
     head.append(f"  pid {b.get('pid')} on {b.get('host')}  up {_dur(b.get('uptime'))}")
-    if not b.get("accepting", True):
+    if b.get("state") == "starting":
+        head.append(f"  STARTING: loading its journal ({b.get('restored', 0):,} jobs so far)",
+                    style="bold yellow")
+    elif not b.get("accepting", True) or b.get("state") == "stopping":
         head.append("  STOPPING", style="bold red")
     head.append("\n")
     head.append(
-        f"queued {snap.get('queued', 0)}  in flight {snap.get('in_flight', 0)}  "
-        f"workers {len(snap.get('workers', []))}\n"
+        f"now: queued {snap.get('queued', 0)}  in flight {snap.get('in_flight', 0)}  "
+        f"workers {len(snap.get('workers', []))}  ended and kept {snap.get('retained', 0)}\n"
     )
+    # The counters count what this broker process did since it started; jobs restored from
+    # the journal (and finished after a restart) were submitted before it.
     head.append(
-        f"submitted {t.get('submitted', 0)}  done {t.get('done', 0)}  "
+        f"since start: submitted {t.get('submitted', 0)}  done {t.get('done', 0)}  "
         f"retried {t.get('retried', 0)}  failed {t.get('failed', 0)}  "
         f"cancelled {t.get('cancelled', 0)}\n"
     )
@@ -56,9 +61,21 @@ def render(snap: dict[str, Any]) -> Group:
         if refused:
             head.append("; refused " + ", ".join(f"{d} {n}" for d, n in sorted(refused.items())),
                         style="red")
+        revoked = sec.get("revoked") or {}
+        if revoked:
+            head.append("; revoked connections cut off " + ", ".join(
+                f"{d} {n}" for d, n in sorted(revoked.items())), style="yellow")
     journal = b.get("journal") or {}
-    if journal.get("kind") == "sqlite":
+    if journal.get("problem"):
+        head.append(f"\nJOURNAL UNAVAILABLE for {_dur(journal.get('problem_for'))}: "
+                    f"{journal['problem']}; refusing new jobs", style="bold red")
+    elif journal.get("kind") == "sqlite":
         head.append(f"\njournal {journal.get('path')}", style="dim")
+    slow = snap.get("clients") or {}
+    if slow.get("slow_clients") or slow.get("resync_pending"):
+        head.append(f"\nslow clients {slow.get('slow_clients', 0)}: {slow.get('backlog', 0)} "
+                    f"messages wait for them; told to resync {slow.get('overflows', 0)}",
+                    style="yellow")
     bad = snap.get("bad_messages") or {}
     if bad:
         head.append(f"\nbad messages {sum(bad.values())}: ", style="red")

@@ -51,3 +51,30 @@ def test_job_info_reads_as_text_not_python() -> None:
     assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) in shown
     assert "1.5 KiB" in shown and "None" not in shown
     assert shown.rstrip().endswith(error.rstrip())  # the whole traceback, as-is, at the end
+
+
+def test_the_status_view_names_faults_and_what_its_counters_count() -> None:
+    from respworkers.status import render
+
+    snap = {
+        "broker": {"id": "b1", "pid": 1, "host": "h", "uptime": 5.0, "accepting": True,
+                   "state": "running",
+                   "journal": {"kind": "sqlite", "path": "/j", "problem": "/j: disk full (0 bytes "
+                               "free in /)", "problem_for": 12.0}},
+        "queued": 3, "in_flight": 1, "retained": 40, "workers": [], "queues": {},
+        "totals": {"submitted": 28, "done": 1051}, "rates": {},
+        "clients": {"slow_clients": 1, "backlog": 77, "overflows": 2, "resync_pending": 0},
+        "security": {"curve": True, "allowed_keys": {"clients": 1}, "refused": {},
+                     "revoked": {"workers": 2}},
+        "recent_failures": [{"id": "j", "queue": "q", "reason": "error", "attempts": 3,
+                             "error": "ValueError: boom\nTraceback (most recent call last):"}],
+    }
+    shown = text_of(render(snap))
+    assert "since start: submitted 28  done 1051" in shown  # 1051 > 28 reads right after a restart
+    assert "ended and kept 40" in shown
+    assert "JOURNAL UNAVAILABLE for 12.0s: /j: disk full" in shown and "refusing new jobs" in shown
+    assert "slow clients 1: 77 messages wait" in shown
+    assert "revoked connections cut off workers 2" in shown
+    assert "ValueError: boom" in shown and "Traceback" not in shown  # an error's first line
+    snap["broker"] = {"id": "b1", "state": "starting", "restored": 120000, "journal": {}}
+    assert "STARTING: loading its journal (120,000 jobs so far)" in text_of(render(snap))
