@@ -342,3 +342,32 @@ def test_keygen_creates_only_the_last_folder_level(cluster: Cluster) -> None:
     assert ok.returncode == 0, ok.stderr
     assert (cluster.root / "keys" / "app1.key").is_file()
     assert (cluster.root / "keys" / "app1.key_secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_second_broker_that_cannot_bind_leaves_no_journal_behind(cluster: Cluster) -> None:
+    cluster.broker()
+    other = cluster.root / "other.sqlite3"
+    r = cluster.run("broker", "--clients", cluster.clients, "--workers", cluster.workers,
+                    "--status", cluster.status, "--journal", str(other), timeout=30)
+    assert r.returncode == 2 and "another process is listening there" in r.stderr
+    assert not list(cluster.root.glob("other.sqlite3*"))
+    sock = __import__("socket").socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:  # a port in use (tcp): the same, named by libzmq's error
+        r = cluster.run("broker", "--clients", f"tcp://127.0.0.1:{sock.getsockname()[1]}",
+                        "--workers", cluster.workers + "2", "--status", cluster.status + "2",
+                        "--journal", str(other), timeout=30)
+    finally:
+        sock.close()
+    assert r.returncode == 2 and "cannot bind the clients endpoint" in r.stderr
+    assert not list(cluster.root.glob("other.sqlite3*"))
+
+
+def test_no_wait_submit_leaves_no_waiting_client_behind(cluster: Cluster) -> None:
+    cluster.broker()
+    r = cluster.run("submit", "-p", "x", "--queue", "nobody", "--no-wait", "--broker", cluster.clients)
+    assert r.returncode == 0
+    job_id = r.stdout.strip()
+    info = cluster.run("inspect", job_id, "--json", "--broker", cluster.clients)
+    assert json.loads(info.stdout)["waiting_clients"] == 0

@@ -46,6 +46,23 @@ class _Stopped(Exception):
     """SIGTERM or SIGINT while the journal was still loading."""
 
 
+def _ipc_in_use(path: str) -> bool:
+    """Whether a process accepts connections on this Unix socket path."""
+    import socket as _socket
+
+    if not os.path.exists(path):
+        return False
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False  # a leftover file of a broker that is gone: taking it over is right
+    finally:
+        probe.close()
+
+
 class BrokerServer:
     """Owns the sockets. Clients and status are bound at once, so that a broker restoring a
     large journal already answers pings ("starting"); workers only once it is restored."""
@@ -125,6 +142,10 @@ class BrokerServer:
         return sock
 
     def _bind(self, sock: zmq.Socket, name: str, endpoint: str) -> None:
+        if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[6:]):
+            # libzmq would silently take the path over from the process listening there.
+            raise BindError(f"cannot bind the {name} endpoint {endpoint}: another process is "
+                            "listening there (is a broker already running?)")
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
