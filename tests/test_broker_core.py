@@ -860,7 +860,7 @@ def test_second_hello_on_the_same_socket_with_its_job_keeps_it_as_the_holder(h):
     h.job_to(W1)
     h.hello(W1, job_id="j1", attempt=1)
     assert h.snap()["totals"]["retried"] == 0
-    assert h.core.jobs["j1"].worker is h.core.workers[W1]
+    assert h.core.jobs["j1"].worker is h.core.workers.get(W1)
     h.hello(W2)
     h.error(W1, "j1", 1, "tb")  # an error from the holder is retried at once
     assert ids(h.jobs_to(W2)) == [("j1", 2)]
@@ -1017,7 +1017,7 @@ def test_cancelling_the_only_queued_job_forgets_the_empty_queue(h):
     assert h.snap()["queues"]["rare"]["queued"] == 1
     h.ref(C1, p.CANCEL, "j1")
     assert "rare" not in h.snap()["queues"]
-    assert "rare" not in h.core.depth and "rare" not in h.core.pending
+    assert h.core.queues.get("rare") is None
 
 
 def test_cancel_a_running_job_drops_the_late_result_and_frees_the_worker(h):
@@ -1374,15 +1374,17 @@ class Sim:
         for job in running:
             assert job.worker is not None and core.workers.get(job.worker.wid) is job.worker
             assert job.worker.job_id == job.id
-        assert sum(len(g) for g in core.inflight.values()) == len(running)
-        for w in core.workers.values():
+        assert len(core.deadlines) == len(running)
+        for w in core.workers.records.values():
             if w.ready:
                 assert w.job_id is None
-                assert all(w.wid in core.ready.get(q, {}) for q in w.queues)
-        for q, ready in core.ready.items():
-            assert not core.depth.get(q), f"queue {q} has jobs waiting and idle workers"
-            assert all(w.ready and core.workers.get(w.wid) is w for w in ready.values())
-        queued = sum(core.depth.values())
+                assert all(w.wid in core.queues.by_name[q].ready for q in w.queues)
+        for name, q in core.queues.by_name.items():
+            assert not (q.ready and q.depth), f"queue {name} has jobs waiting and idle workers"
+            assert all(w.ready and core.workers.get(w.wid) is w for w in q.ready.values())
+            assert q.depth or q.ready or q.serving, f"queue {name} is kept for nothing"
+            assert q.serving == sum(name in w.queues for w in core.workers.records.values())
+        queued = sum(q.depth for q in core.queues.by_name.values())
         assert queued == sum(1 for j in core.jobs.values() if j.state == "queued")
         deadlines = [j.deadline for j in running]
         if deadlines:  # the next wake-up is never later than a running attempt's time limit
@@ -1422,7 +1424,7 @@ class Sim:
                 self.holding.pop(wid)
                 self.holding[new] = held
                 h.hello(new, info=info, job_id=held[0], attempt=held[1])
-            elif wid not in h.core.workers:
+            elif wid not in h.core.workers.records:
                 self.holding[wid] = None  # a new process in the slot
                 h.hello(wid, info=info)
         elif kind == "answer":
@@ -1439,7 +1441,7 @@ class Sim:
                 h.give_back(wid, *held)
         elif kind == "bye":
             wid = self.wids[op[1]]
-            if wid in h.core.workers:
+            if wid in h.core.workers.records:
                 h.core.on_worker(wid, p.BYE_FRAMES)
                 self.holding.pop(wid, None)
         elif kind == "cancel":
@@ -1450,7 +1452,7 @@ class Sim:
             h.wall += dt
             h.core.set_time(h.mono, h.wall)
             for i, wid in enumerate(self.wids):  # all but the silent one keep beating
-                if i != silent and wid in h.core.workers:
+                if i != silent and wid in h.core.workers.records:
                     h.beat(wid)
             h.core.tick()
 
@@ -1476,7 +1478,7 @@ def run_sim(ops: list[tuple]) -> Sim:
             h.mono += 3.0
             h.wall += 3.0
             h.core.set_time(h.mono, h.wall)
-            for wid in list(h.core.workers):
+            for wid in list(h.core.workers.records):
                 h.beat(wid)
             h.core.tick()
         sim.pump()
@@ -1777,9 +1779,9 @@ def test_a_refused_limit_never_looks_equal_to_the_limit():
 
 def test_jobs_running_at_a_restart_are_held_back_exactly_heartbeat_times_liveness():
     h = Harness(heartbeat=1.0, liveness=3)
-    job = __import__("respworkers.broker.core", fromlist=["Job"]).Job(
+    job = __import__("respworkers.broker.model", fromlist=["Job"]).Job(
         "held", "default", [b"x"], 60.0, 3, 1, WALL0)
-    h.core.recovering[job.id] = job
+    h.core.queues.hold(job)
     h.core.start_recovery()
     h.hello(W1)
     assert h.core.next_wake() <= T0 + 3.0

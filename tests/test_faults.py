@@ -462,19 +462,12 @@ def test_a_client_too_far_behind_is_told_to_resync_and_memory_stays_bounded() ->
 
 
 def test_pings_are_answered_while_a_large_journal_loads(cluster: Cluster) -> None:
+    from respworkers.broker.model import Job
+
     journal = SqliteJournal(cluster.journal)
-
-    class Row:  # what the journal writes for a queued job
-        def __init__(self, i: int) -> None:
-            self.seq, self.id, self.queue, self.timeout, self.tries = i, f"old-{i}", "nobody", 60.0, 3
-            self.attempt, self.state, self.payload, self.result = 0, "queued", [b"x" * 32], None
-            self.reason = self.error = ""
-            self.tried: list[str] = []
-            self.created, self.started, self.finished, self.tokens = 1.0, 0.0, 0.0, None
-
     for first in range(0, 300_000, 50_000):
         for i in range(first + 1, first + 50_001):
-            journal.submitted(Row(i))  # type: ignore[arg-type]
+            journal.submitted(Job(f"old-{i}", "nobody", [b"x" * 32], 60.0, 3, i, 1.0))
         journal.commit()
     journal.close()
     broker = cluster.broker(wait=False)

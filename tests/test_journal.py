@@ -9,13 +9,8 @@ import pytest
 
 from respworkers import protocol as p
 from respworkers.broker.core import BrokerCore
-from respworkers.broker.journal import (
-    JournalError,
-    SqliteJournal,
-    open_journal,
-    pack_frames,
-    unpack_frames,
-)
+from respworkers.broker.journal import JournalError, SqliteJournal, open_journal
+from respworkers.broker.model import pack_frames, unpack_frames
 from respworkers.config import BrokerConfig
 
 pytestmark = pytest.mark.timeout(30)

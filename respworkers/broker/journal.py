@@ -25,15 +25,12 @@ import fcntl
 import logging
 import os
 import sqlite3
-import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, Protocol
 
 from ..errors import RespWorkersError
-
-if TYPE_CHECKING:
-    from .core import Job
+from .model import CHANGING, COLUMNS, Job, change_row, from_row, full_row
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +61,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-_COLUMNS_V2 = ("seq, id, queue, timeout, tries, attempt, state, payload, result, reason, error,"
-               " tried, created, started, finished")
-_COLUMNS = _COLUMNS_V2 + ", tokens"
-_INSERT = (f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 16)})")
-
-_LEN = struct.Struct(">I")
+_ALL = ", ".join(COLUMNS)
+_BEFORE_TOKENS = ", ".join(c for c in COLUMNS if c != "tokens")  # schemas 1 and 2
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_ALL}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_UPDATE = (f"UPDATE jobs SET {', '.join(f'{c}=?' for c in CHANGING)},"
+           " payload=CASE WHEN ? THEN NULL ELSE payload END WHERE seq=?")
 
 #: WAL pages that make sqlite checkpoint at a commit (its default, 1000, stalls the broker).
 WAL_CHECKPOINT_PAGES = 100
@@ -86,60 +82,6 @@ class JournalError(RespWorkersError):
 
 class JournalWriteError(JournalError):
     """A commit failed; what it held is still buffered and the next commit retries it."""
-
-
-def pack_frames(frames: list[bytes]) -> bytes:
-    """Frames as one blob: each frame prefixed with its 4-byte big-endian length."""
-    return b"".join(_LEN.pack(len(f)) + f for f in frames)
-
-
-def unpack_frames(blob: bytes) -> list[bytes]:
-    out, pos, end = [], 0, len(blob)
-    while pos < end:
-        (n,) = _LEN.unpack_from(blob, pos)
-        pos += 4
-        out.append(blob[pos:pos + n])
-        pos += n
-    return out
-
-
-def pack_tokens(tokens: dict[bytes, int] | None) -> str:
-    """Live attempt tokens as ``attempt:token`` words separated by commas."""
-    if not tokens:
-        return ""
-    return ",".join(f"{attempt}:{token.decode('ascii', 'replace')}" for token, attempt in tokens.items())
-
-
-def unpack_tokens(text: str) -> dict[bytes, int] | None:
-    if not text:
-        return None
-    out: dict[bytes, int] = {}
-    for word in text.split(","):
-        attempt, _, token = word.partition(":")
-        if attempt.isdigit() and token:
-            out[token.encode()] = int(attempt)
-    return out or None
-
-
-class Stored(NamedTuple):
-    """A job as read back from the journal at start-up."""
-
-    id: str
-    seq: int
-    queue: str
-    timeout: float
-    tries: int
-    attempt: int
-    state: str
-    payload: list[bytes] | None
-    result: list[bytes] | None
-    reason: str
-    error: str
-    tried: list[str]
-    created: float
-    started: float
-    finished: float
-    tokens: dict[bytes, int] | None = None
 
 
 def why_not_writable(path: Path, exc: BaseException | None = None) -> str:
@@ -186,8 +128,8 @@ def _file_flags(path: Path) -> int:
         os.close(fd)
 
 
-class Journal:
-    """The verbs the core uses. Writes may be buffered until :meth:`commit`."""
+class Journal(Protocol):
+    """What the core asks of a journal. Writes may be buffered until :meth:`commit`."""
 
     def bind(self, jobs: Mapping[str, Job]) -> None:
         """Every job the broker holds, should the journal have to be written again whole."""
@@ -200,26 +142,55 @@ class Journal:
 
     def forget(self, job: Job) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Write what changed; raise JournalWriteError (keeping it buffered) if that fails."""
 
     def dirty(self) -> bool:
         """Whether commit() has anything to write."""
-        return False
 
-    def load(self) -> Iterable[Stored]:
-        return []
+    def load(self) -> Iterator[Job]:
+        """Every stored job, in submission order."""
 
     def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class NullJournal:
+    """Keeps nothing on disk: jobs live only in the broker's memory (``journal = ":memory:"``)."""
+
+    def bind(self, jobs: Mapping[str, Job]) -> None:
+        pass
+
+    def submitted(self, job: Job) -> None:
+        pass
+
+    def attempted(self, job: Job) -> None:
+        pass
+
+    def finished(self, job: Job) -> None:
+        pass
+
+    def forget(self, job: Job) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def dirty(self) -> bool:
+        return False
+
+    def load(self) -> Iterator[Job]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "memory", "path": None}
 
 
-class NullJournal(Journal):
-    """Keeps nothing on disk: jobs live only in the broker's memory (``journal = ":memory:"``)."""
-
-
-class SqliteJournal(Journal):
+class SqliteJournal:
     def __init__(self, path: str | os.PathLike[str], sync: str = "normal") -> None:
         self.path = Path(path)
         self.sync = sync
@@ -304,22 +275,6 @@ class SqliteJournal(Journal):
         if self._new.pop(job.id, None) is None:
             self._gone.append((job.seq,))
 
-    @staticmethod
-    def _row(job: Job) -> tuple[Any, ...]:
-        return (
-            job.state, job.attempt, pack_frames(job.result) if job.result is not None else None,
-            job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
-            pack_tokens(job.tokens),
-        )
-
-    @staticmethod
-    def _full_row(j: Job) -> tuple[Any, ...]:
-        state, attempt, result, reason, error, tried, started, finished, tokens = (
-            SqliteJournal._row(j))
-        return (j.seq, j.id, j.queue, j.timeout, j.tries, attempt, state,
-                None if j.payload is None else pack_frames(j.payload), result, reason, error,
-                tried, j.created, started, finished, tokens)
-
     def dirty(self) -> bool:
         return bool(self._new or self._changed or self._gone)
 
@@ -341,13 +296,10 @@ class SqliteJournal(Journal):
         db = self.db
         db.execute("BEGIN")
         if self._new:
-            db.executemany(_INSERT, [self._full_row(j) for j in self._new.values()])
+            db.executemany(_INSERT, [full_row(j) for j in self._new.values()])
         if self._changed:
             db.executemany(
-                "UPDATE jobs SET state=?, attempt=?, result=?, reason=?, error=?, tried=?,"
-                " started=?, finished=?, tokens=?,"
-                " payload=CASE WHEN ? THEN NULL ELSE payload END WHERE seq=?",
-                [(*self._row(j), j.payload is None, j.seq) for j in self._changed.values()])
+                _UPDATE, [(*change_row(j), j.payload is None, j.seq) for j in self._changed.values()])
         if self._gone:
             db.executemany("DELETE FROM jobs WHERE seq=?", self._gone)
         db.execute("COMMIT")
@@ -387,7 +339,7 @@ class SqliteJournal(Journal):
             db = self.db
             db.execute("BEGIN")
             db.execute("DELETE FROM jobs")
-            db.executemany(_INSERT, [self._full_row(j) for j in self._jobs.values()])
+            db.executemany(_INSERT, [full_row(j) for j in self._jobs.values()])
             db.execute("COMMIT")
         except (sqlite3.Error, JournalError) as exc:
             if isinstance(exc, sqlite3.Error):
@@ -405,21 +357,15 @@ class SqliteJournal(Journal):
         self._gone.clear()
         log.warning("journal %s written again: %d jobs", self.path, len(self._jobs))
 
-    def load(self) -> Iterable[Stored]:
+    def load(self) -> Iterator[Job]:
         """Every stored job in submission order, streamed (a large journal is not read at once)."""
-        cursor = self.db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq")
+        cursor = self.db.execute(f"SELECT {_ALL} FROM jobs ORDER BY seq")
         while True:
             rows = cursor.fetchmany(10_000)
             if not rows:
                 return
-            for r in rows:
-                yield Stored(
-                    r[1], r[0], r[2], r[3], r[4], r[5], r[6],
-                    unpack_frames(r[7]) if r[7] is not None else None,
-                    unpack_frames(r[8]) if r[8] is not None else None,
-                    r[9], r[10], r[11].split("\n") if r[11] else [], r[12], r[13], r[14],
-                    unpack_tokens(r[15]),
-                )
+            for row in rows:
+                yield from_row(row)
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
         """Schema 1 keyed rows by job id, schema 2 had no attempt tokens: copy the rows into
@@ -428,7 +374,7 @@ class SqliteJournal(Journal):
         try:
             db.execute("ALTER TABLE jobs RENAME TO jobs_old")
             db.execute(_JOBS)
-            db.execute(f"INSERT INTO jobs ({_COLUMNS_V2}) SELECT {_COLUMNS_V2} FROM jobs_old")
+            db.execute(f"INSERT INTO jobs ({_BEFORE_TOKENS}) SELECT {_BEFORE_TOKENS} FROM jobs_old")
             db.execute("DROP TABLE jobs_old")
             db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")

@@ -1,0 +1,92 @@
+"""When the journal is written and submissions confirmed: group commit, and what happens
+when the disk refuses.
+
+After a quiet spell a change is committed (and confirmed) in the turn it arrives; under
+load at most once per ``commit_interval`` or every COMMIT_BATCH submissions, so one
+transaction and one ACCEPTED per client cover many jobs. A failed write leaves the
+changes buffered, refuses new submissions (the core asks :attr:`problem`) and is retried
+with a growing delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from .journal import Journal, JournalWriteError
+from .notify import Notifier
+
+log = logging.getLogger(__name__)
+
+#: Unconfirmed submissions that make a commit due before commit_interval has passed.
+COMMIT_BATCH = 2000
+#: After a failed journal write the commit is retried after this delay, doubling up to the max.
+RETRY = 0.1
+RETRY_MAX = 5.0
+
+
+class GroupCommit:
+    def __init__(self, journal: Journal, notifier: Notifier, interval: float) -> None:
+        self.journal = journal
+        self.notifier = notifier
+        self.interval = interval
+        self.due = math.inf  # when a commit left for later is due (a wake-up time)
+        self._committed = -math.inf  # when the journal last committed something
+        # Why the journal cannot be written (disk full, read-only, ...), or None.
+        self.problem: str | None = None
+        self.problem_since = 0.0
+        self._retry = RETRY
+        self._retry_at = 0.0
+
+    def pending(self) -> bool:
+        return bool(self.notifier.unconfirmed) or self.journal.dirty()
+
+    def maybe(self, now: float) -> None:
+        """Once per loop turn: commit now, or set :attr:`due` for when to."""
+        if not self.pending():
+            return
+        due = self._committed + self.interval
+        if self.problem is not None and self._retry_at > due:
+            due = self._retry_at
+        if now >= due or (len(self.notifier.unconfirmed) >= COMMIT_BATCH and self.problem is None):
+            self.now(now)
+        else:
+            self.due = due
+
+    def now(self, now: float) -> bool:
+        """Make everything durable now, then confirm submissions. False if the journal could
+        not be written: nothing is confirmed then; the commit is retried later."""
+        self.due = math.inf
+        if not self.pending():
+            return True
+        self._committed = now
+        try:
+            self.journal.commit()
+        except JournalWriteError as exc:
+            self._failed(str(exc), now)
+            return False
+        if self.problem is not None:
+            log.warning("journal writable again after %.1fs; new submissions are accepted again",
+                        now - self.problem_since)
+            self.problem = None
+            self._retry = RETRY
+        self.notifier.send_accepted()
+        return True
+
+    def _failed(self, why: str, now: float) -> None:
+        """Keep running on what is in memory; refuse new work until the journal takes writes."""
+        if self.problem is None:
+            self.problem_since = now
+            log.error("cannot write the journal: %s. Refusing new submissions; jobs already "
+                      "confirmed keep running and their outcomes are written once it recovers. "
+                      "Retrying.", why)
+        elif why != self.problem:
+            log.error("journal still failing: %s", why)
+        self.problem = why
+        self._retry_at = now + self._retry
+        self._retry = min(RETRY_MAX, self._retry * 2)
+        self.due = self._retry_at
+
+    def describe(self, now: float) -> dict[str, object]:
+        return {**self.journal.describe(), "problem": self.problem,
+                "problem_for": round(now - self.problem_since, 1) if self.problem else None}

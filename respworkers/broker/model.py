@@ -1,0 +1,203 @@
+"""The job: its states, who waits for it, its attempt tokens, and how it is stored as a row.
+
+Everything that knows a job's layout lives here, so the journal imports the model and
+never the core, and the row layout is written once (:data:`COLUMNS`, :func:`full_row`,
+:func:`change_row`, :func:`from_row`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from enum import Enum, IntEnum
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .workers import WorkerRec
+
+
+class JobState(str, Enum):
+    """What a job is doing; the values are what INFO, the snapshot and the journal say."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
+    JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+ENDED = frozenset((DONE, FAILED, CANCELLED))
+
+
+class Waiter(IntEnum):
+    """How a waiting client is told a job's outcome."""
+
+    PROTO = 0  #: a protocol client: one message per outcome
+    PLAIN = 1  #: a plain REQ: the result frames, or one empty frame
+    BATCH = 2  #: sent SUBMITS (or WAIT with several ids): results batched per loop turn
+
+
+class Job:
+    """One client job and its attempts. ``waiters`` are the clients to tell when it ends."""
+
+    __slots__ = (
+        "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
+        "waiters", "tried", "worker", "deadline", "created", "started", "finished",
+        "result", "reason", "error", "qtoken", "tokens",
+    )
+
+    def __init__(
+        self, job_id: str, queue: str, payload: list[bytes] | None, timeout: float, tries: int,
+        seq: int, created: float,
+    ) -> None:
+        self.id = job_id
+        self.bid = job_id.encode()
+        self.queue = queue
+        self.payload = payload  # freed when the job ends
+        self.timeout = timeout
+        self.tries = tries
+        self.attempt = 0  # attempts that count as tries so far
+        self.state = QUEUED
+        self.seq = seq
+        self.waiters: list[tuple[bytes, Waiter]] = []  # (routing id, how to tell it)
+        self.tried: list[str] = []  # worker names, in order
+        self.worker: Optional[WorkerRec] = None  # holder of the current attempt
+        self.deadline = 0.0
+        self.created = created
+        self.started = 0.0
+        self.finished = 0.0
+        self.result: list[bytes] | None = None
+        self.reason = ""
+        self.error = ""
+        self.qtoken = 0  # matches the token of its live queue entry, if it has one
+        # Attempts sent to workers that may still answer: token -> attempt. A worker proves
+        # it was sent an attempt by echoing its token; nobody else can end the attempt.
+        self.tokens: dict[bytes, int] | None = None
+
+    def info(self, now_wall: float) -> dict[str, Any]:
+        """INFO's JSON (docs/protocol.md section 4.2)."""
+        return {
+            "id": self.id,
+            "queue": self.queue,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "tries": self.tries,
+            "timeout": self.timeout,
+            "worker": self.worker.name if self.worker and self.state is RUNNING else None,
+            "workers_tried": list(self.tried),
+            "created": self.created,
+            "started": self.started or None,
+            "finished": self.finished or None,
+            "age": round(now_wall - self.created, 3),
+            "reason": self.reason or None,
+            "error": self.error or None,
+            "result_size": sum(map(len, self.result)) if self.result is not None else None,
+            "payload_size": sum(map(len, self.payload)) if self.payload is not None else None,
+            "waiting_clients": len(self.waiters),
+        }
+
+    def failure(self) -> dict[str, Any]:
+        """The snapshot's record of a failed job (its error's first line is the summary)."""
+        summary = (self.error or "").strip().split("\n", 1)[0]
+        return {"id": self.id, "queue": self.queue, "reason": self.reason,
+                "error": summary[:500], "attempts": self.attempt, "at": self.finished}
+
+
+class Tokens:
+    """Unguessable attempt tokens (32 hex digits), cut from one urandom read per 256 tokens."""
+
+    __slots__ = ("_hex", "_pos")
+
+    def __init__(self) -> None:
+        self._hex = b""
+        self._pos = 0
+
+    def next(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(4096).hex().encode()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos:pos + 32]
+
+
+# ------------------------------------------------------------------------------------ rows
+#: The journal's columns, in the order of :func:`full_row` and :func:`from_row`.
+COLUMNS = ("seq", "id", "queue", "timeout", "tries", "attempt", "state", "payload", "result",
+           "reason", "error", "tried", "created", "started", "finished", "tokens")
+#: The columns a change after submission rewrites, in the order of :func:`change_row`.
+CHANGING = ("state", "attempt", "result", "reason", "error", "tried", "started", "finished",
+            "tokens")
+
+_LEN = struct.Struct(">I")
+
+
+def pack_frames(frames: list[bytes]) -> bytes:
+    """Frames as one blob: each frame prefixed with its 4-byte big-endian length."""
+    return b"".join(_LEN.pack(len(f)) + f for f in frames)
+
+
+def unpack_frames(blob: bytes) -> list[bytes]:
+    out, pos, end = [], 0, len(blob)
+    while pos < end:
+        (n,) = _LEN.unpack_from(blob, pos)
+        pos += 4
+        out.append(blob[pos:pos + n])
+        pos += n
+    return out
+
+
+def pack_tokens(tokens: dict[bytes, int] | None) -> str:
+    """Live attempt tokens as ``attempt:token`` words separated by commas."""
+    if not tokens:
+        return ""
+    return ",".join(f"{attempt}:{token.decode('ascii', 'replace')}" for token, attempt in tokens.items())
+
+
+def unpack_tokens(text: str) -> dict[bytes, int] | None:
+    if not text:
+        return None
+    out: dict[bytes, int] = {}
+    for word in text.split(","):
+        attempt, _, token = word.partition(":")
+        if attempt.isdigit() and token:
+            out[token.encode()] = int(attempt)
+    return out or None
+
+
+def change_row(job: Job) -> tuple[Any, ...]:
+    """The :data:`CHANGING` columns of a job, as it is now."""
+    return (
+        job.state.value, job.attempt, pack_frames(job.result) if job.result is not None else None,
+        job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
+        pack_tokens(job.tokens),
+    )
+
+
+def full_row(job: Job) -> tuple[Any, ...]:
+    """Every :data:`COLUMNS` value of a job, as it is now."""
+    state, attempt, result, reason, error, tried, started, finished, tokens = change_row(job)
+    return (job.seq, job.id, job.queue, job.timeout, job.tries, attempt, state,
+            None if job.payload is None else pack_frames(job.payload), result, reason, error,
+            tried, job.created, started, finished, tokens)
+
+
+def from_row(row: tuple[Any, ...]) -> Job:
+    """A job as it was stored (:data:`COLUMNS` order); waiters are not stored."""
+    (seq, job_id, queue, timeout, tries, attempt, state, payload, result, reason, error, tried,
+     created, started, finished, tokens) = row
+    job = Job(job_id, queue, unpack_frames(payload) if payload is not None else None, timeout,
+              tries, seq, created)
+    job.state = JobState(state)
+    job.attempt = attempt
+    job.result = unpack_frames(result) if result is not None else None
+    job.reason, job.error = reason, error
+    job.tried = tried.split("\n") if tried else []
+    job.started, job.finished = started, finished
+    job.tokens = unpack_tokens(tokens)
+    return job

@@ -1,0 +1,126 @@
+"""What the broker counts and shows: counters, rates, bad input, recent failures, the snapshot."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..errors import ProtocolError
+from ..util import RateLimitedLog
+from .model import RUNNING, Job
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+
+log = logging.getLogger("respworkers.broker.core")
+
+#: How many recent failures the status snapshot lists.
+RECENT_FAILURES = 20
+#: Window of the rates shown in the status, in seconds.
+RATE_WINDOW = 10.0
+
+
+class Counters:
+    __slots__ = (
+        "submitted", "done", "failed", "cancelled", "retried", "duplicates", "late",
+        "lost_workers", "resubmitted", "refused",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.counters = Counters()
+        self.bad: dict[str, int] = {}  # malformed or unexpected input, by reason
+        self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
+        self._rates: deque[tuple[float, int, int, int]] = deque()
+        self._bad_log = RateLimitedLog(log)
+
+    def count_bad(self, where: str, exc: ProtocolError, now: float) -> None:
+        """Count a malformed or unexpected message; log at most one line per second."""
+        key = f"{where}: {exc.reason}"
+        self.bad[key] = self.bad.get(key, 0) + 1
+        self._bad_log.warning("dropped bad message on %s (%s); counting them in the status",
+                              where, exc, now=now)
+
+    def failed(self, job: Job) -> None:
+        self.recent_failures.append(job.failure())
+
+    def sample(self, now: float) -> None:
+        """At each heartbeat: remember the counters, for the rates."""
+        c = self.counters
+        self._rates.append((now, c.submitted, c.done, c.failed))
+        while len(self._rates) > 2 and now - self._rates[0][0] > RATE_WINDOW:
+            self._rates.popleft()
+
+    def rates(self) -> dict[str, float]:
+        if len(self._rates) >= 2:
+            t0, s0, d0, f0 = self._rates[0]
+            t1, s1, d1, f1 = self._rates[-1]
+            if t1 > t0:
+                dt = t1 - t0
+                return {"submitted": round((s1 - s0) / dt, 2), "done": round((d1 - d0) / dt, 2),
+                        "failed": round((f1 - f0) / dt, 2)}
+        return {"submitted": 0.0, "done": 0.0, "failed": 0.0}
+
+
+def snapshot(core: BrokerCore) -> dict[str, Any]:
+    """The status snapshot (docs/protocol.md section 5). Scans workers and queues: on request
+    only, never per message."""
+    now, wall = core.now, core.wall
+    queues: dict[str, dict[str, int]] = {}
+
+    def entry(name: str) -> dict[str, int]:
+        e = queues.get(name)
+        if e is None:
+            e = queues[name] = {"queued": 0, "running": 0, "workers": 0, "idle": 0}
+        return e
+
+    for name, q in core.queues.by_name.items():
+        if q.depth:
+            entry(name)["queued"] = q.depth
+    for job in core.queues.held.values():  # held back after a restart: queued too
+        entry(job.queue)["queued"] += 1
+    workers = []
+    for w in core.workers.records.values():
+        for name in w.queues:
+            e = entry(name)
+            e["workers"] += 1
+            e["idle"] += w.ready
+        if w.job is not None and w.job.state is RUNNING and w.job.worker is w:
+            entry(w.job.queue)["running"] += 1
+        workers.append(w.row(now))
+    return {
+        "broker": {
+            "id": core.broker_id,
+            "version": __version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": core.started_wall,
+            "uptime": round(wall - core.started_wall, 3),
+            "endpoints": core.endpoints,
+            "defaults": {"timeout": core.cfg.timeout, "tries": core.cfg.tries},
+            "accepting": core.accepting,
+            "journal": core.commits.describe(now),
+        },
+        "workers": workers,
+        "queues": queues,
+        "queued": core.queues.waiting(),
+        "in_flight": len(core.deadlines),
+        "retained": len(core.finished),
+        "totals": core.stats.counters.as_dict(),
+        "rates": core.stats.rates(),
+        "bad_messages": dict(core.stats.bad),
+        "recent_failures": list(core.stats.recent_failures),
+        "time": wall,
+    }
