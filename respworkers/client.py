@@ -1,10 +1,9 @@
 """The Python client: submit jobs, wait for results, ask about and cancel jobs.
 
-One DEALER socket with a fixed routing id, so a reconnect keeps the broker's
-replies flowing to us. The client keeps each unfinished job's payload until its
-outcome arrives: if the broker restarts, unconfirmed jobs are sent again and
-confirmed ones are asked for (WAIT), and the job id makes either safe to repeat.
-A Client is not thread-safe; use one per thread.
+One DEALER socket with a fixed routing id, so a reconnect keeps the broker's replies
+flowing to us. What to send and what the replies mean is :mod:`respworkers.session`'s
+business; this module moves frames and waits. A Client is not thread-safe; use one per
+thread.
 """
 
 from __future__ import annotations
@@ -12,14 +11,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 import zmq
 
 from . import protocol, sockets
 from .config import DEFAULT_CLIENTS, DEFAULT_STATUS
-from .errors import BrokerUnavailable, JobFailed, ProtocolError, Refused
+from .errors import BrokerUnavailable, Refused
 from .security import (
     ClientKeys,
     client_keys,
@@ -28,64 +26,14 @@ from .security import (
     secure_client,
     watch_handshakes,
 )
+from .session import PING_INTERVAL, WATCH_INTERVAL, JobResult, Session
 
 if TYPE_CHECKING:
     from .config import ClientConfig
 
+__all__ = ["Client", "JobResult", "fetch_status", "new_job_id"]
+
 Payload = Union[bytes, bytearray, memoryview, str, list, tuple]
-
-#: Seconds between liveness pings while waiting for results.
-PING_INTERVAL = 1.0
-#: How often a waiting client looks at its connection (handshakes, pings) between replies.
-WATCH_INTERVAL = 0.1
-
-
-@dataclass
-class JobResult:
-    """How one job ended.
-
-    ``status`` is ``done`` (``frames`` holds the result), ``failed`` (``reason`` is the last
-    attempt's: ``timeout``, ``error`` or ``worker-lost``; ``error`` the text), ``cancelled``,
-    ``refused`` (``reason`` is the broker's code: ``full``, ``limit``, ``journal``,
-    ``shutdown``; ``error`` its text) or ``unknown`` (the broker does not know the id: never
-    submitted, or forgotten after its retention).
-    """
-
-    id: str
-    status: str
-    frames: list[bytes] | None = None
-    reason: str = ""
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "done"
-
-    @property
-    def payload(self) -> bytes:
-        """The result as one bytes value (frames joined); raises if the job did not succeed."""
-        if self.frames is None:
-            raise JobFailed(self.id, self.status if not self.reason else self.reason, self.error)
-        return b"".join(self.frames)
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "status": self.status}
-        if self.frames is not None:
-            text = b"".join(self.frames)
-            try:
-                out["result"] = text.decode()
-            except UnicodeDecodeError:
-                out["result_hex"] = text.hex()
-        else:
-            out["reason"] = self.reason
-            out["error"] = self.error
-        return out
-
-
-@dataclass
-class _Pending:
-    frames: list[bytes]  # the SUBMIT message, for re-sending after a broker restart
-    confirmed: bool = False
 
 
 def new_job_id() -> str:
@@ -124,28 +72,27 @@ class Client:
         secure_client(self.sock, keys)
         self._monitor = watch_handshakes(self.sock)
         self.sock.connect(broker)
-        self.limits: dict[str, Any] = {}  # the broker's, from its PONG
-        self.starting = False  # the last PONG said the broker is still loading its journal
-        self._handshakes = 0
         self._closed = False
-        self._told_silent = False
-        self._pending: dict[str, _Pending] = {}
-        self._done: dict[str, JobResult] = {}
-        # Answers to QUERY and CANCEL, kept only while a request for that id waits for one.
-        self._replies: dict[tuple[bytes, str], protocol.Reply] = {}
-        self._asking: set[str] = set()
-        self._broker_id: str | None = None
-        self._last_heard = 0.0  # monotonic time of the broker's last message; 0 = never
-        self._last_ping = 0.0
-        self._last_watch = 0.0  # when _check_broker last looked at handshakes and pings
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
-        self.on_event: Callable[[str], None] | None = None  # progress notes, e.g. reconnects
-        # Learn the broker's id before any job is confirmed: a later PONG with another
-        # id means the broker restarted, and we ask again about every unfinished job.
-        self._last_ping = time.monotonic()
-        self._pings = 1
-        self.sock.send_multipart(protocol.encode_ping())
+        # Its first PING (queued at once) teaches us the broker's id and limits before any
+        # job is confirmed: a later PONG with another id means the broker restarted.
+        self.session = Session(broker, request_timeout, time.monotonic())
+        self._flush()
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The broker's limits, from its PONG (empty before first contact)."""
+        return self.session.link.limits
+
+    @property
+    def on_event(self) -> Callable[[str], None] | None:
+        """Called with progress notes (reconnects, a silent broker)."""
+        return self.session.on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[str], None] | None) -> None:
+        self.session.on_event = callback
 
     @classmethod
     def from_config(cls, cfg: ClientConfig, **kw: Any) -> Client:
@@ -174,22 +121,20 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        session = self.session
         unconfirmed: list[str] = []
         try:
             wait = self.request_timeout if timeout is None else timeout
-            unconfirmed = [j for j, p in self._pending.items() if not p.confirmed]
-            if unconfirmed and self._last_heard:
+            unconfirmed = session.unconfirmed()
+            if unconfirmed and session.link.last_heard:
                 try:
                     self.wait_confirmed(unconfirmed, timeout=wait)
                 except TimeoutError:
                     pass
-                unconfirmed = [j for j in unconfirmed
-                               if j in self._pending and not self._pending[j].confirmed]
-            waiting = [j for j, p in self._pending.items() if p.confirmed] if self.limits else []
-            try:
-                self._send_ids(protocol.encode_unwait, waiting, sockets.NOBLOCK)
-            except zmq.Again:
-                pass
+                unconfirmed = session.unconfirmed(unconfirmed)
+            session.outbox.clear()
+            session.closing()
+            self._flush(block=False)
         finally:
             self.sock.disable_monitor()
             self._monitor.close(0)
@@ -228,73 +173,14 @@ class Client:
         sent. Results of these jobs may arrive batched, which costs the broker (and
         this client) far less per job than one message each.
         """
-        ids: list[str] = []
-        todo: list[tuple[str, list[bytes]]] = []
-        fresh: set[str] = set()
+        checked: list[tuple[str, list[bytes]]] = []
         for job in jobs:
             spec = dict(job) if isinstance(job, Mapping) else {"payload": job}
             job_id = spec.pop("id", None) or new_job_id()
-            frames = self.validate(spec.pop("payload"), id=job_id, **spec)
-            ids.append(job_id)
-            if job_id not in self._pending and job_id not in fresh:
-                fresh.add(job_id)
-                todo.append((job_id, frames))
-        for job_id, frames in todo:
-            self._done.pop(job_id, None)
-            self._pending[job_id] = _Pending(frames)
-        self._send_submits([frames for _, frames in todo])
-        return ids
-
-    def _budgets(self) -> tuple[int, int]:
-        """(payload bytes, frame bytes) one message may carry: the broker takes jobs whose
-        payloads add up to max_message_size, and libzmq closes the connection of a peer
-        sending any frame (a command line too) over max_message_size + 1024, unanswered."""
-        if not self.limits:
-            self._first_contact()  # learn the limits before the first batch
-        limit = self.limits.get("max_message_size")
-        payload = limit if isinstance(limit, int) else 64 << 20
-        return payload, payload + 1024 - 64
-
-    def _send_submits(self, submits: list[list[bytes]]) -> None:
-        """SUBMIT frames of many jobs in as few messages as the broker's limits allow."""
-        budget, line_budget = self._budgets()
-        batch: list[list[bytes]] = []
-        size, line = 0, 16
-        for frames in submits:
-            job_size = sum(map(len, frames)) - len(frames[0])
-            job_line = len(frames[0]) - 4  # "<id> <queue> <ms> <tries> <frames>" and a space
-            if batch and (len(batch) == protocol.MAX_BATCH or size + job_size > budget
-                          or line + job_line > line_budget):
-                self._send_batch(batch)
-                batch, size, line = [], 0, 16
-            batch.append(frames)
-            size += job_size
-            line += job_line
-        if batch:
-            self._send_batch(batch)
-
-    def _send_ids(self, encode: Callable[[list[str]], list[bytes]], ids: list[str],
-                  flags: int | None = None) -> None:
-        """WAIT or UNWAIT for many ids, in as few messages as the limits allow."""
-        if not ids:
-            return
-        line_budget = self._budgets()[1]
-        chunk: list[str] = []
-        line = 16
-        for job_id in ids + [""]:
-            if chunk and (not job_id or len(chunk) == protocol.MAX_BATCH
-                          or line + len(job_id.encode()) + 1 > line_budget):
-                if flags is None:
-                    self._send(encode(chunk))
-                else:
-                    sockets.send(self.sock, encode(chunk), flags)
-                chunk, line = [], 16
-            if job_id:
-                chunk.append(job_id)
-                line += len(job_id.encode()) + 1
-
-    def _send_batch(self, batch: list[list[bytes]]) -> None:
-        self._send(batch[0] if len(batch) == 1 else protocol.encode_submits(batch))
+            checked.append((job_id, self.validate(spec.pop("payload"), id=job_id, **spec)))
+        self.session.submit(checked)
+        self._flush()
+        return [job_id for job_id, _ in checked]
 
     def validate(
         self,
@@ -306,57 +192,28 @@ class Client:
         tries: int | None = None,
     ) -> list[bytes]:
         """Check a job against the protocol and the broker's limits; return its SUBMIT frames."""
-        job_id = id
-        protocol.check_job_id(job_id.encode())
-        protocol.check_queue(queue.encode())
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
-            raise ValueError(f"tries must be a whole number >= 1, got {tries!r}")
-        if not self.limits:
+        if not self.session.link.last_heard:
             self._first_contact()
-        for value, key, unit in ((timeout, "max_timeout", "s"), (tries, "max_tries", "")):
-            limit = self.limits.get(key)
-            if value is not None and isinstance(limit, (int, float)) and value > limit:
-                raise ValueError(f"job {job_id!r}: {key[4:]} {value:g}{unit} is over the "
-                                 f"broker's {key} of {limit:g}{unit}")
-        frames = protocol.encode_submit(
-            job_id, queue, timeout, tries, protocol.as_frames(payload, "a payload"))
-        limit = self.limits.get("max_message_size")
-        size = sum(map(len, frames[1:]))
-        if isinstance(limit, int) and size > limit:
-            raise ValueError(f"job {job_id!r}: payload of {size} bytes is over the broker's "
-                             f"max_message_size of {limit} bytes")
-        return frames
+        return self.session.check(payload, id, queue, timeout, tries)
 
     def attach(self, job_id: str) -> None:
         """Follow a job submitted elsewhere (another process, an earlier run)."""
         self._attach_many([job_id])
 
     def _attach_many(self, job_ids: list[str]) -> None:
-        fresh = []
-        for job_id in job_ids:
-            protocol.check_job_id(job_id.encode())
-            if job_id not in self._pending and job_id not in self._done:
-                self._pending[job_id] = _Pending([], confirmed=True)
-                fresh.append(job_id)
-        self._send_ids(protocol.encode_wait, fresh)
+        if job_ids:
+            if not self.session.link.last_heard:
+                self._first_contact()  # the limits bound how many ids one WAIT may carry
+            self.session.attach(job_ids)
+            self._flush()
 
     def wait_confirmed(self, job_ids: Iterable[str], timeout: float | None = None) -> None:
         """Return once the broker has confirmed (journaled) these jobs, or they ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        pending = self.session.pending
         for job_id in job_ids:
-            while (p := self._pending.get(job_id)) is not None and not p.confirmed:
+            while (p := pending.get(job_id)) is not None and not p.confirmed:
                 self._wait_step(deadline)
-
-    def _send(self, frames: list[bytes]) -> None:
-        """Send without ever blocking forever: read replies while the pipe is full."""
-        while True:
-            try:
-                sockets.send(self.sock, frames, sockets.NOBLOCK)
-                return
-            except zmq.Again:
-                self._pump(0.05, want_out=True)
 
     # ----------------------------------------------------------------- waiting
     def result(self, job_id: str, timeout: float | None = None) -> bytes:
@@ -368,24 +225,27 @@ class Client:
 
     def outcome(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for one job and return how it ended (without raising on failure)."""
-        if job_id not in self._pending and job_id not in self._done:
+        session = self.session
+        if job_id not in session.pending and job_id not in session.done:
             self.attach(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while job_id not in self._done:
+        while job_id not in session.done:
             self._wait_step(deadline)
-        return self._done.pop(job_id)
+        return session.done.pop(job_id)
 
     def results(self, job_ids: Iterable[str] | None = None, timeout: float | None = None
                 ) -> Iterator[JobResult]:
         """Yield outcomes as they arrive (any order) until every named job has ended."""
-        wanted = set(self._pending) | set(self._done) if job_ids is None else set(job_ids)
-        self._attach_many([j for j in wanted if j not in self._pending and j not in self._done])
+        session = self.session
+        wanted = set(session.pending) | set(session.done) if job_ids is None else set(job_ids)
+        self._attach_many([j for j in wanted if j not in session.pending and j not in session.done])
         deadline = None if timeout is None else time.monotonic() + timeout
+        done = session.done
         while wanted:
-            ready = [j for j in self._done if j in wanted]  # O(arrived), not O(wanted)
+            ready = [j for j in done if j in wanted]  # O(arrived), not O(wanted)
             for job_id in ready:
                 wanted.discard(job_id)
-                yield self._done.pop(job_id)
+                yield done.pop(job_id)
             if wanted:
                 self._wait_step(deadline)
 
@@ -399,173 +259,7 @@ class Client:
         got = {r.id: r for r in self.results(ids)}
         return [got[i].payload for i in ids]
 
-    def _wait_step(self, deadline: float | None) -> None:
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            raise TimeoutError("timed out waiting for job results")
-        step = PING_INTERVAL if deadline is None else min(PING_INTERVAL, deadline - now)
-        self._pump(step)
-        self._check_broker()
-
-    def _first_contact(self) -> None:
-        """Wait for the answer to our first ping: the broker's id and limits."""
-        while self._last_heard == 0.0:
-            self._pump(0.05)
-            self._check_broker()
-
-    def _check_broker(self) -> None:
-        """Ping while waiting; before first contact, give up after ``request_timeout``."""
-        now = time.monotonic()
-        if self._last_heard and now - self._last_watch < WATCH_INTERVAL:
-            return  # called after every batch of replies: the checks below need not be
-        self._last_watch = now
-        succeeded, why = handshake_events(self._monitor, self.broker, self.keys)
-        if succeeded:
-            reconnected = self._handshakes > 0
-            self._handshakes += succeeded
-            if reconnected and self._pending:
-                self._resync()  # replies sent while we were away may be lost
-        if self._last_heard == 0.0:
-            if why:
-                raise BrokerUnavailable(why)
-            if now - self._last_ping > self.request_timeout:
-                raise BrokerUnavailable(
-                    f"no answer from the broker at {self.broker} within {self.request_timeout:g}s"
-                    " (is `rw broker` running there?)"
-                )
-            return
-        if now - self._last_ping >= PING_INTERVAL:
-            self._last_ping = now
-            self._pings += 1
-            self._send(protocol.encode_ping())
-            if now - self._last_heard > 3 * PING_INTERVAL + 1 and self.on_event and not self._told_silent:
-                self._told_silent = True  # once per silence, not at every ping
-                self.on_event(f"broker at {self.broker} not answering; waiting for it")
-
-    # ----------------------------------------------------------------- receiving
-    def _pump(self, timeout: float, want_out: bool = False) -> None:
-        ms = max(0, int(timeout * 1000))
-        if want_out:
-            if not self.sock.poll(ms, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
-                return
-        elif not self._poller.poll(ms):  # one Poller for the client's life: cheaper
-            return
-        while True:
-            try:
-                frames = sockets.recv(self.sock, sockets.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handle(frames)
-
-    def _handle(self, frames: list[bytes]) -> None:
-        try:
-            reply = protocol.decode_reply(frames)
-        except ProtocolError:
-            return  # a bad reply is ignored; the wait goes on
-        # Pings went unanswered for a while: outcomes sent meanwhile may have been
-        # dropped (or the broker restarted). Ask again once we hear from it.
-        cut_off = bool(self._last_heard) and self._last_ping - self._last_heard > 2 * PING_INTERVAL
-        self._last_heard = time.monotonic()
-        self._told_silent = False
-        cmd = reply.command
-        if cmd == protocol.ACCEPTED:
-            pending = self._pending
-            for job_id in (reply.job_id, *(f.decode("utf-8", "replace") for f in reply.frames)):
-                p = pending.get(job_id)
-                if p is not None:
-                    p.confirmed = True
-        elif cmd == protocol.RESULT:
-            self._finish(JobResult(reply.job_id, "done", reply.frames))
-        elif cmd == protocol.RESULTS:
-            for job_id, frames in reply.batch or ():
-                self._finish(JobResult(job_id, "done", frames))
-        elif cmd == protocol.FAILED:
-            reason, error = (f.decode("utf-8", "replace") for f in reply.frames)
-            self._finish(JobResult(reply.job_id, "failed", None, reason, error))
-        elif cmd == protocol.CANCELLED:
-            self._finish(JobResult(reply.job_id, "cancelled", None, "cancelled"))
-        elif cmd == protocol.REFUSED:
-            code, text = (f.decode("utf-8", "replace") for f in reply.frames)
-            self._finish(JobResult(reply.job_id, "refused", None, code, text))
-        elif cmd == protocol.PONG:
-            try:
-                broker_id, limits = protocol.decode_pong(reply)
-            except ProtocolError:
-                return
-            # A broker loading a large journal answers pings but nothing else yet: wait.
-            self.starting = bool(limits.pop("starting", False))
-            if self.starting and self.on_event:
-                self.on_event("the broker is starting (loading its journal); waiting")
-            self.limits = limits
-            if self._broker_id is not None and broker_id != self._broker_id:
-                cut_off = True  # the broker restarted
-            elif self._broker_id is None and self._pings > 1:
-                cut_off = True  # our first ping may have died with an earlier broker
-            self._broker_id = broker_id
-        elif cmd == protocol.RESYNC:
-            cut_off = True  # the broker dropped outcomes for us while we did not read
-        elif cmd == protocol.UNKNOWN:
-            p = self._pending.get(reply.job_id)
-            if p is not None and p.frames:
-                self._send(p.frames)  # the broker lost it (no journal): submit again
-            elif p is not None:
-                self._pending.pop(reply.job_id)
-                self._done[reply.job_id] = JobResult(
-                    reply.job_id, "unknown", None, "unknown", "the broker does not know this job")
-            if reply.job_id in self._asking:
-                self._replies[(cmd, reply.job_id)] = reply
-        elif reply.job_id in self._asking:  # INFO, for a QUERY or CANCEL still waiting
-            self._replies[(cmd, reply.job_id)] = reply
-        if cut_off and self._pending:
-            self._resync()
-
-    def _finish(self, result: JobResult) -> None:
-        # Only jobs we still wait for: a repeated outcome (after a resync) is dropped here,
-        # so each result reaches the caller exactly once.
-        if result.id in self._pending:  # stored before it leaves _pending: an interrupt
-            self._done[result.id] = result  # in between must not lose it
-            del self._pending[result.id]
-
-    def _resync(self) -> None:
-        """A new broker answered: re-send what it may not have, ask about the rest."""
-        if self.on_event:
-            self.on_event("reconnected to the broker; asking about unfinished jobs")
-        # Batched: after a long silence thousands of jobs may be unfinished, and one
-        # message each would add to whatever load made the broker slow to answer.
-        waits = [j for j, p in self._pending.items() if p.confirmed or not p.frames]
-        resubmits = [p.frames for p in self._pending.values() if not (p.confirmed or not p.frames)]
-        self._send_ids(protocol.encode_wait, waits)
-        self._send_submits(resubmits)
-
     # ----------------------------------------------------------------- inspect and cancel
-    def _request(self, command: bytes, job_id: str) -> dict[str, Any] | None:
-        protocol.check_job_id(job_id.encode())
-        self._asking.add(job_id)
-        try:
-            return self._await_reply(command, job_id)
-        finally:
-            self._asking.discard(job_id)
-            self._replies.pop((protocol.INFO, job_id), None)
-            self._replies.pop((protocol.UNKNOWN, job_id), None)
-
-    def _await_reply(self, command: bytes, job_id: str) -> dict[str, Any] | None:
-        self._send(protocol.encode_job_ref(command, job_id))
-        deadline = time.monotonic() + self.request_timeout
-        while True:
-            for cmd in (protocol.INFO, protocol.UNKNOWN):
-                reply = self._replies.pop((cmd, job_id), None)
-                if reply is not None:
-                    return reply.info if cmd == protocol.INFO else None
-            now = time.monotonic()
-            if now >= deadline:
-                if self.starting and now - self._last_heard < 3 * PING_INTERVAL:
-                    deadline = now + self.request_timeout  # it answers pings: loading its journal
-                else:
-                    raise BrokerUnavailable(
-                        f"no answer from the broker at {self.broker} within {self.request_timeout:g}s")
-            self._pump(min(deadline - now, PING_INTERVAL))
-            self._check_broker()
-
     def query(self, job_id: str) -> dict[str, Any] | None:
         """The job's state as the broker knows it, or None if it does not know the id."""
         return self._request(protocol.QUERY, job_id)
@@ -574,8 +268,84 @@ class Client:
         """Cancel a job; returns its state afterwards, or None if the id is unknown."""
         return self._request(protocol.CANCEL, job_id)
 
+    def _request(self, command: bytes, job_id: str) -> dict[str, Any] | None:
+        session = self.session
+        session.ask(command, job_id)
+        try:
+            self._flush()
+            deadline = time.monotonic() + self.request_timeout
+            while (answer := session.answered(job_id)) is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    if not session.link.waits_for_start(now):
+                        raise BrokerUnavailable(f"no answer from the broker at {self.broker} "
+                                                f"within {self.request_timeout:g}s")
+                    deadline = now + self.request_timeout  # it answers pings: loading its journal
+                self._pump(min(deadline - now, PING_INTERVAL))
+                self._watch()
+            return answer.info if isinstance(answer, protocol.Info) else None
+        finally:
+            session.stop_asking(job_id)
+
     def status(self) -> dict[str, Any]:
         return fetch_status(self.status_endpoint, self.request_timeout, self.ctx, self.keys)
+
+    # ----------------------------------------------------------------- I/O
+    def _wait_step(self, deadline: float | None) -> None:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError("timed out waiting for job results")
+        self._pump(PING_INTERVAL if deadline is None else min(PING_INTERVAL, deadline - now))
+        self._watch()
+
+    def _first_contact(self) -> None:
+        """Wait for the answer to our first ping: the broker's id and limits."""
+        while not self.session.link.last_heard:
+            self._pump(0.05)
+            self._watch()
+
+    def _watch(self) -> None:
+        """Handshakes, pings, and giving up before first contact: not after every reply."""
+        link = self.session.link
+        now = time.monotonic()
+        if link.last_heard and now - link.last_watch < WATCH_INTERVAL:
+            return
+        link.last_watch = now
+        succeeded, why = handshake_events(self._monitor, self.broker, self.keys)
+        self.session.watch(now, succeeded, why)
+        self._flush()
+
+    def _flush(self, block: bool = True) -> None:
+        """Send what the session has queued, in order (reading replies while the pipe is full)."""
+        outbox = self.session.outbox
+        while outbox:
+            frames = outbox.popleft()
+            while True:
+                try:
+                    sockets.send(self.sock, frames, sockets.NOBLOCK)
+                    break
+                except zmq.Again:
+                    if not block:
+                        outbox.clear()
+                        return
+                    self._pump(0.05, want_out=True)
+
+    def _pump(self, timeout: float, want_out: bool = False) -> None:
+        ms = max(0, int(timeout * 1000))
+        if want_out:
+            if not self.sock.poll(ms, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
+                return
+        elif not self._poller.poll(ms):  # one Poller for the client's life: cheaper
+            return
+        received = self.session.received
+        while True:
+            try:
+                frames = sockets.recv(self.sock, sockets.NOBLOCK)
+            except zmq.Again:
+                break
+            received(frames, time.monotonic())
+        if not want_out:
+            self._flush()
 
 
 def fetch_status(endpoint: str, timeout: float = 5.0, ctx: zmq.Context | None = None,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, FlagError
+from .options import check_timeout
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,11 +46,10 @@ def _endpoint(value: Any) -> str:
 
 
 def _positive_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    seconds = check_timeout(value, "")  # the rule job time limits follow
+    if seconds is None:
         raise ValueError("must be a number of seconds")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a number of seconds greater than 0")
-    return float(value)
+    return seconds
 
 
 def _commit_interval(value: Any) -> float:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import protocol
 from .errors import JobFileError, ProtocolError
+from .options import check_timeout, check_tries
 
 FIELDS = ("payload", "id", "queue", "timeout", "tries")
 
@@ -76,16 +76,12 @@ def _check(obj: Any, where: str, line: int) -> JobSpec:
     payload = value.encode() if isinstance(value, str) else json.dumps(value).encode()
     job_id = _name(obj, "id", protocol.check_job_id, where)
     queue = _name(obj, "queue", protocol.check_queue, where)
-    timeout = obj.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-        or not math.isfinite(timeout) or timeout <= 0
-    ):
-        raise JobFileError(f"{where}: field 'timeout' must be a number of seconds > 0")
-    tries = obj.get("tries")
-    if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
-        raise JobFileError(f"{where}: field 'tries' must be a whole number >= 1")
-    return JobSpec(payload, job_id, queue, None if timeout is None else float(timeout), tries, line)
+    try:
+        timeout = check_timeout(obj.get("timeout"), "field 'timeout'")
+        tries = check_tries(obj.get("tries"), "field 'tries'")
+    except ValueError as exc:
+        raise JobFileError(f"{where}: {exc}") from None
+    return JobSpec(payload, job_id, queue, timeout, tries, line)
 
 
 def content_ids(content: bytes) -> Callable[[int], str]:

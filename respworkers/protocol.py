@@ -24,9 +24,9 @@ from typing import Any, NamedTuple, Union
 from .errors import ProtocolError
 
 # --- version words: the first word of every command line ---------------------------------------
-CLIENT = b"RWC2"  #: client <-> broker, on the clients endpoint
-WORKER = b"RWW3"  #: worker <-> broker, on the workers endpoint
-STATUS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, multi-frame)
+RWC = b"RWC2"  #: client <-> broker, on the clients endpoint
+RWW = b"RWW3"  #: worker <-> broker, on the workers endpoint
+RWS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, multi-frame)
 
 # --- client commands (client -> broker) -------------------------------------------------------
 SUBMIT = b"SUBMIT"
@@ -67,7 +67,7 @@ ACK = b"ACK"  #: the broker has applied a worker's answer (sent when no JOB foll
 DISCONNECT = b"DISCONNECT"
 
 # --- status -------------------------------------------------------------------------------------
-STATUS_REQ = b"STATUS"
+STATUS = b"STATUS"  #: the one status request
 SNAPSHOT = b"SNAPSHOT"
 
 #: Reasons a job can fail with (third frame of FAILED).
@@ -214,8 +214,11 @@ class Plain(NamedTuple):
     payload: list[bytes]
 
 
-class JobRef(NamedTuple):
-    command: bytes  # QUERY or CANCEL
+class Query(NamedTuple):
+    job_id: str
+
+
+class Cancel(NamedTuple):
     job_id: str
 
 
@@ -242,7 +245,7 @@ class SubmitMany(NamedTuple):
     jobs: list[Submit]
 
 
-ClientRequest = Union[Submit, SubmitMany, Plain, JobRef, Wait, Unwait, Ping]
+ClientRequest = Union[Submit, SubmitMany, Plain, Query, Cancel, Wait, Unwait, Ping]
 
 
 def _line(frames: list[bytes], version: bytes) -> list[bytes]:
@@ -282,7 +285,7 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
             # An RWP/1 client (it sent a delimiter, then its header): never run it as a job.
             raise ProtocolError("unsupported version", f"{first[:4]!r}; this broker speaks RWC2")
         return Plain(frames[1:])
-    words = _line(frames, CLIENT)
+    words = _line(frames, RWC)
     cmd = words[1]
     if cmd == SUBMIT:
         if len(words) != 6 or len(frames) < 2:
@@ -303,7 +306,8 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
     if cmd in (QUERY, CANCEL):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
-        return JobRef(cmd, check_job_id(words[2]))
+        job_id = check_job_id(words[2])
+        return Query(job_id) if cmd == QUERY else Cancel(job_id)
     if cmd == PING:
         if len(words) != 2:
             raise ProtocolError("bad PING", "takes no fields")
@@ -442,13 +446,6 @@ def encode_pong(broker_id: str, limits: dict[str, Any]) -> list[bytes]:
     return [b"RWC2 PONG " + broker_id.encode(), json.dumps(limits).encode()]
 
 
-def decode_pong(reply: Reply) -> tuple[str, dict[str, Any]]:
-    if not reply.frames or not reply.frames[0]:
-        raise ProtocolError("bad PONG", "no broker id")
-    limits = _json_object(reply.frames[1], "limits") if len(reply.frames) > 1 else {}
-    return _text(reply.frames[0]), limits
-
-
 RESYNC_FRAMES = [b"RWC2 RESYNC"]  #: never mutate
 
 
@@ -461,69 +458,113 @@ def encode_plain_reply(payload: list[bytes] | None) -> list[bytes]:
     return [_EMPTY, *payload] if payload else [_EMPTY, _EMPTY]
 
 
-class Reply(NamedTuple):
-    """What a client receives: ``command`` plus the job id and the rest, decoded."""
+class Accepted(NamedTuple):
+    job_ids: list[str]  #: journaled: the broker will not lose them
 
-    command: bytes
+
+class Result(NamedTuple):
     job_id: str
-    # RESULT: result frames; FAILED: [reason, error]; REFUSED: [code, text];
-    # ACCEPTED: the further job ids it confirms (job_id is the first); PONG: [broker id,
-    # limits]; INVALID: [reason]
     frames: list[bytes]
-    info: dict[str, Any] | None = None  # INFO only
-    batch: list[tuple[str, list[bytes]]] | None = None  # RESULTS only: (job id, result)
 
 
-def _decode_results(words: list[bytes], frames: list[bytes]) -> Reply:
-    batch = [(check_job_id(job_id), result)
-             for (job_id,), result in _unbatch(words, frames, 2, "bad reply")]
-    return Reply(RESULTS, "", [], None, batch)
+class Results(NamedTuple):
+    """Several results in one message (jobs sent with SUBMITS, or a WAIT of several ids)."""
+
+    entries: list[tuple[str, list[bytes]]]
 
 
-def decode_reply(frames: list[bytes]) -> Reply:
-    """Decode what the broker sent a DEALER client."""
+class Failed(NamedTuple):
+    job_id: str
+    reason: str  #: timeout, error or worker-lost: the last attempt's
+    error: str  #: the error text; its first line is the summary
+
+
+class Cancelled(NamedTuple):
+    job_id: str
+
+
+class Refused(NamedTuple):
+    job_id: str
+    code: str  #: shutdown, journal, limit or full
+    text: str
+
+
+class Info(NamedTuple):
+    job_id: str
+    info: dict[str, Any]
+
+
+class Unknown(NamedTuple):
+    job_id: str
+
+
+class Pong(NamedTuple):
+    broker_id: str
+    limits: dict[str, Any]  #: max_message_size, max_queued, max_timeout, max_tries
+    starting: bool = False  #: the broker is still loading its journal
+
+
+class Invalid(NamedTuple):
+    reason: str
+
+
+class Resync(NamedTuple):
+    """Outcomes for this client were dropped while it did not read: ask again."""
+
+
+ClientReply = Union[Accepted, Result, Results, Failed, Cancelled, Refused, Info, Unknown, Pong,
+                    Invalid, Resync]
+
+_RESYNC = Resync()
+
+
+def decode_reply(frames: list[bytes]) -> ClientReply:
+    """Decode what the broker sent a DEALER client into the record of its command."""
     if not frames:
         raise ProtocolError("bad reply", "no frames")
-    words = _line(frames, CLIENT)
+    words = _line(frames, RWC)
     cmd = words[1]
     if cmd == PONG:
         if len(words) != 3 or not words[2]:
             raise ProtocolError("bad reply", "PONG needs a broker id")
-        return Reply(cmd, "", [words[2], _tail(frames, "PONG")])
+        limits = _json_object(_tail(frames, "PONG"), "limits")
+        starting = bool(limits.pop("starting", False))
+        return Pong(_text(words[2]), limits, starting)
     if cmd == INVALID:
         if len(words) != 2:
             raise ProtocolError("bad reply", "INVALID takes no fields")
-        return Reply(cmd, "", [_tail(frames, "INVALID")])
+        return Invalid(_text(_tail(frames, "INVALID")))
     if cmd == RESULTS:
-        return _decode_results(words, frames)
+        return Results([(check_job_id(job_id), result)
+                        for (job_id,), result in _unbatch(words, frames, 2, "bad reply")])
     if cmd == RESYNC:
         if len(words) != 2 or len(frames) != 1:
             raise ProtocolError("bad reply", "RESYNC takes no fields")
-        return Reply(cmd, "", [])
+        return _RESYNC
     if len(words) < 3:
         raise ProtocolError("bad reply", f"{cmd[:20]!r} without job id")
     job_id = check_job_id(words[2])
     if cmd == RESULT:
         if len(words) != 3 or len(frames) < 2:
             raise ProtocolError("bad reply", "RESULT needs a job id and >= 1 frame")
-        return Reply(cmd, job_id, frames[1:])
+        return Result(job_id, frames[1:])
     if cmd in (FAILED, REFUSED):
         if len(words) != 4 or not words[3]:
             raise ProtocolError("bad reply", f"{cmd.decode()} needs a job id and a word")
-        return Reply(cmd, job_id, [words[3], _tail(frames, cmd.decode())])
+        word, text = _text(words[3]), _text(_tail(frames, cmd.decode()))
+        return Failed(job_id, word, text) if cmd == FAILED else Refused(job_id, word, text)
     if cmd == INFO:
         if len(words) != 3:
             raise ProtocolError("bad reply", "INFO needs one job id")
-        raw = _tail(frames, "INFO")
-        return Reply(cmd, job_id, [raw], _json_object(raw, "info", MAX_REPLY_INFO_BYTES))
+        return Info(job_id, _json_object(_tail(frames, "INFO"), "info", MAX_REPLY_INFO_BYTES))
     if cmd == ACCEPTED:
         if len(frames) != 1 or b"" in words:
             raise ProtocolError("bad reply", "ACCEPTED is one line of job ids")
-        return Reply(cmd, job_id, words[3:])
+        return Accepted([job_id, *(check_job_id(w) for w in words[3:])])
     if cmd in (CANCELLED, UNKNOWN):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError("bad reply", f"{cmd.decode()} takes one job id")
-        return Reply(cmd, job_id, [])
+        return Cancelled(job_id) if cmd == CANCELLED else Unknown(job_id)
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
@@ -597,7 +638,7 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
     """Decode what a worker sent (frames after the ROUTER identity)."""
     if not frames:
         raise ProtocolError("empty message", "no frames")
-    words = _line(frames, WORKER)
+    words = _line(frames, RWW)
     cmd = words[1]
     if cmd == RESULT:
         if len(words) != 6 or len(frames) < 2:
@@ -692,7 +733,9 @@ class Welcome(NamedTuple):
     max_message_size: int | None = None  # the largest frame the broker takes
 
 
-class Job(NamedTuple):
+class Dispatch(NamedTuple):
+    """JOB: an attempt of a job, for this worker to run."""
+
     job_id: str
     attempt: int
     timeout: float
@@ -709,7 +752,7 @@ class Disconnect(NamedTuple):
     reason: str
 
 
-BrokerMessage = Union[Welcome, Job, Ack, Heartbeat, Disconnect]
+BrokerMessage = Union[Welcome, Dispatch, Ack, Heartbeat, Disconnect]
 
 
 def encode_welcome(
@@ -731,7 +774,7 @@ def encode_ack(job_id: bytes, attempt: int) -> list[bytes]:
     return [b"RWW3 ACK %s %d" % (job_id, attempt)]
 
 
-def encode_disconnect(reason: str, version: bytes = WORKER) -> list[bytes]:
+def encode_disconnect(reason: str, version: bytes = RWW) -> list[bytes]:
     """DISCONNECT in ``version``'s words (an old worker is told why in its own version)."""
     return [version + b" DISCONNECT", reason.encode()]
 
@@ -740,12 +783,12 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
     """Decode what the broker sent a worker's DEALER."""
     if not frames:
         raise ProtocolError("empty message", "no frames")
-    words = _line(frames, WORKER)
+    words = _line(frames, RWW)
     cmd = words[1]
     if cmd == JOB:
         if len(words) != 6 or len(frames) < 2:
             raise ProtocolError("bad JOB", "needs id, attempt, timeout, token and >= 1 payload frame")
-        return Job(
+        return Dispatch(
             check_job_id(words[2]), _uint(words[3], "attempt", 1),
             _uint(words[4], "timeout", 1) / 1000.0, check_token(words[5]), frames[1:],
         )
@@ -781,27 +824,27 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
 
 def decode_status_request(frames: list[bytes]) -> None:
     """Validate a status request (frames after the ROUTER identity)."""
-    if len(frames) != 3 or frames[0] or frames[1] != STATUS or frames[2] != STATUS_REQ:
+    if len(frames) != 3 or frames[0] or frames[1] != RWS or frames[2] != STATUS:
         raise ProtocolError("bad status request", "expected '' RWS1 STATUS")
 
 
 def encode_status_request() -> list[bytes]:
-    return [_EMPTY, STATUS, STATUS_REQ]
+    return [_EMPTY, RWS, STATUS]
 
 
 def encode_snapshot(snapshot: dict[str, Any]) -> list[bytes]:
-    return [_EMPTY, STATUS, SNAPSHOT, json.dumps(snapshot).encode()]
+    return [_EMPTY, RWS, SNAPSHOT, json.dumps(snapshot).encode()]
 
 
 def encode_status_invalid(reason: str) -> list[bytes]:
-    return [_EMPTY, STATUS, INVALID, reason.encode()]
+    return [_EMPTY, RWS, INVALID, reason.encode()]
 
 
 def decode_snapshot(frames: list[bytes]) -> dict[str, Any]:
     """Decode a status reply as received by a REQ socket (delimiter already stripped)."""
     if len(frames) == 4 and not frames[0]:
         frames = frames[1:]  # a DEALER sees the delimiter
-    if len(frames) != 3 or frames[0] != STATUS:
+    if len(frames) != 3 or frames[0] != RWS:
         raise ProtocolError("bad status reply", "expected RWS1 SNAPSHOT json")
     if frames[1] == INVALID:
         raise ProtocolError("status request refused", _text(frames[2]))

@@ -56,7 +56,7 @@ def test_answers_nobody_asked_for_are_not_kept(cluster: Cluster) -> None:
         outcomes = list(c.results([f"never-{i}" for i in range(500)], timeout=10))
         assert {r.status for r in outcomes} == {"unknown"}
         assert c.query("never-1") is None
-        assert c._replies == {}  # noqa: SLF001 - the bound is the point of this test
+        assert c.session.answers == {}  # the bound is the point of this test
 
 
 def test_no_message_the_client_sends_is_over_the_brokers_frame_limit(cluster: Cluster) -> None:

@@ -351,10 +351,13 @@ def test_a_burst_of_500k_jobs_never_silences_the_broker(cluster: Cluster) -> Non
     assert snap["queued"] == n
     gaps.sort()
     # The broker's own measure of its longest loop turn, and what a pinging client saw.
-    print(f"longest turn {snap['broker']['longest_turn'] * 1000:.0f} ms; PONG latency p50 "
+    print(f"longest turn {snap['broker']['longest_turn'] * 1000:.0f} ms "
+          f"({snap['broker']['longest_turn_cpu'] * 1000:.0f} ms of CPU); PONG latency p50 "
           f"{gaps[len(gaps) // 2] * 1000:.0f} ms, max {gaps[-1] * 1000:.0f} ms over {len(gaps)} pings")
-    assert snap["broker"]["longest_turn"] < 0.3
-    assert gaps[-1] < 0.5
+    # What a turn computes is the broker's doing (0.5 to 9 s before turns were bounded);
+    # wall-clock time also counts whatever else a shared test machine runs meanwhile.
+    assert snap["broker"]["longest_turn_cpu"] < 0.15
+    assert gaps[-1] < 1.0
 
 
 def test_a_resyncing_client_batches_its_messages() -> None:

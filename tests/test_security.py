@@ -158,7 +158,7 @@ def test_queue_limit_refuses_with_broker_full(cluster: Cluster) -> None:
         raw.send_multipart(protocol.encode_submit("over", "default", None, 5, [b"x"]))
         assert raw.poll(5000)
         reply = protocol.decode_reply(raw.recv_multipart())
-        assert reply.command == protocol.REFUSED and b"max_tries of 4" in reply.frames[1]
+        assert isinstance(reply, protocol.Refused) and "max_tries of 4" in reply.text
     finally:
         raw.close()
     r = cluster.run("submit", "-p", "one-more", "--broker", cluster.clients)

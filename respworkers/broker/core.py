@@ -171,8 +171,13 @@ class BrokerCore:
             job_id = "req-" + self.tokens.next().decode()
             self.submit(client, protocol.Submit(job_id, protocol.DEFAULT_QUEUE, None, None,
                                                 req.payload), PLAIN)  # type: ignore[union-attr]
-        elif kind is protocol.JobRef:
-            self._job_ref(client, req.command, req.job_id)  # type: ignore[union-attr]
+        elif kind is protocol.Query:
+            self._inform(client, req.job_id)  # type: ignore[union-attr]
+        elif kind is protocol.Cancel:
+            job = self.jobs.get(req.job_id)  # type: ignore[union-attr]
+            if job is not None:
+                self.cancel(job)
+            self._inform(client, req.job_id)  # type: ignore[union-attr]
         elif kind is protocol.Wait:
             # Many ids (a client catching up): outcomes batched like those of SUBMITS.
             how = PROTO if len(req.job_ids) == 1 else BATCH  # type: ignore[union-attr]
@@ -264,14 +269,12 @@ class BrokerCore:
                     f"broker full: {cfg.max_queued} jobs waiting or running (max_queued)")
         return None
 
-    def _job_ref(self, client: bytes, command: bytes, job_id: str) -> None:
+    def _inform(self, client: bytes, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             self.send_client(client, protocol.encode_unknown(job_id))
-            return
-        if command == protocol.CANCEL:
-            self.cancel(job)
-        self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
+        else:
+            self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
 
     def wait(self, client: bytes, job_id: str, how: Waiter) -> None:
         job = self.jobs.get(job_id)

@@ -100,7 +100,7 @@ class Runner:
         self.bad_messages = 0
         self._bad_logged = 0.0
         self.job: tuple[str, int, bytes] | None = None  # (id, attempt, token) in hand
-        self._next: protocol.Job | None = None  # received, about to run
+        self._next: protocol.Dispatch | None = None  # received, about to run
         # Hung-job detection counts the time the job has run, as the watchman sees it, so
         # that a process stopped (SIGSTOP) and continued does not count the pause.
         self.job_budget = 0.0  # seconds the job may run before it is hung
@@ -395,7 +395,7 @@ class Runner:
                                 self.bad_messages, exc)
                 continue
             kind = type(msg)
-            if kind is protocol.Job:
+            if kind is protocol.Dispatch:
                 if self.job is not None or self.signals or self._next is not None:
                     # Not ready for it (a stop crossed the dispatch): hand it straight back.
                     self._send(protocol.encode_return(msg.job_id, msg.attempt, msg.token))
