@@ -12,15 +12,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import time
+import threading
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from .errors import ConfigError
+from .util import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -161,28 +162,74 @@ def is_loopback(endpoint: str) -> bool:
         return False  # "*", an interface name or a host name: reachable from elsewhere
 
 
-class _CountingAuthenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler, counting refusals and logging them at a bounded rate."""
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  #: where libzmq asks (RFC 27, ZAP)
 
-    def __init__(self, context: zmq.Context) -> None:
-        super().__init__(context)
+
+class ZapHandler:
+    """ZeroMQ's authentication protocol (ZAP, RFC 27), answered in a thread of its own.
+
+    libzmq asks, for each CURVE handshake, whether the client key may use that socket's
+    domain; the answer names the key as the connection's User-Id, which the broker then
+    reads on every message. The allowed keys are replaced whole (one assignment) when the
+    folders are reloaded, so the thread never sees a half-made set.
+    """
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        self.ctx = ctx
+        self.allowed: dict[str, frozenset[bytes]] = {}  # domain -> binary public keys
         self.refused: dict[str, int] = {}
-        self._logged = 0.0
+        self._log = RateLimitedLog(log)
+        self._stop_endpoint = f"inproc://rw-zap-stop-{id(self)}"
+        stop = ctx.socket(zmq.PAIR)
+        stop.bind(self._stop_endpoint)
+        self._stop = stop
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="rw-zap",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait(5)  # bound before the broker binds: no handshake goes unanswered
 
-    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
-        allowed, reason = await super()._authenticate_curve(domain, client_key)
-        if not allowed:
-            self.refused[domain] = self.refused.get(domain, 0) + 1
-            now = time.monotonic()
-            if now - self._logged >= 1.0:
-                self._logged = now
-                log.warning(
-                    "refused a connection on the %s endpoint: key %s is not in the %s folder "
-                    "(%d refused there so far)",
-                    domain, zmq.utils.z85.encode(client_key).decode()[:12] + "...", domain,
-                    self.refused[domain],
-                )
-        return allowed, reason
+    def _serve(self, ready: threading.Event) -> None:
+        sock = self.ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(ZAP_ENDPOINT)
+        stop = self.ctx.socket(zmq.PAIR)
+        stop.setsockopt(zmq.LINGER, 0)
+        stop.connect(self._stop_endpoint)
+        ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(stop, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if stop in events:
+                    return
+                if sock in events:
+                    sock.send_multipart(self._answer(sock.recv_multipart()))
+        finally:
+            sock.close()
+            stop.close()
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        if len(request) < 6:
+            return [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"bad request", b"", b""]
+        version, request_id, domain, _address, _identity, mechanism, *credentials = request
+        name = domain.decode("utf-8", "replace")
+        key = credentials[0] if mechanism == b"CURVE" and len(credentials) == 1 else b""
+        if key and key in self.allowed.get(name, ()):
+            return [version, request_id, b"200", b"OK", z85.encode(key), b""]
+        self.refused[name] = self.refused.get(name, 0) + 1
+        self._log.warning("refused a connection on the %s endpoint: key %s is not in the %s "
+                          "folder (%d refused there so far)", name,
+                          (z85.encode(key).decode()[:12] + "...") if key else "(none)", name,
+                          self.refused[name])
+        return [version, request_id, b"400", b"key not allowed", b"", b""]
+
+    def stop(self) -> None:
+        self._stop.send(b"stop")
+        self._thread.join(5)
+        self._stop.close(0)
 
 
 class BrokerSecurity:
@@ -196,8 +243,7 @@ class BrokerSecurity:
             if not p.is_dir():
                 raise ConfigError(f"[broker] {domain}_keys: {p} is not a folder of public keys")
             self.folders[domain] = p
-        self.auth = _CountingAuthenticator(ctx)
-        self.auth.start()
+        self.auth = ZapHandler(ctx)
         self._stamps: dict[str, tuple[Any, ...]] = {}
         self._next_watch = 0.0
         self.reloads = 0
@@ -222,11 +268,19 @@ class BrokerSecurity:
     def reload(self) -> None:
         """Read every key folder again (SIGHUP, or a change seen by :meth:`watch`); cut off
         live connections whose key is no longer allowed."""
+        keys: dict[str, frozenset[bytes]] = {}
         for domain, folder in self.folders.items():
-            self.auth.configure_curve(domain=domain, location=str(folder))
             self._stamps[domain] = self._stamp(folder)
-            allowed = {k.decode("ascii", "replace") if isinstance(k, bytes) else str(k)
-                       for k in self.auth.certs.get(domain, {})}
+            try:
+                z85_keys = [k if isinstance(k, bytes) else str(k).encode()
+                            for k in zmq.auth.load_certificates(str(folder))]
+            except (OSError, ValueError) as exc:
+                log.error("cannot read the %s key folder %s: %s; keeping its keys as they were",
+                          domain, folder, exc)
+                keys[domain] = self.auth.allowed.get(domain, frozenset())
+                continue
+            keys[domain] = frozenset(z85.decode(k) for k in z85_keys if len(k) == 40)
+            allowed = {z85.encode(k).decode() for k in keys[domain]}
             self._allowed[domain] = allowed
             blocked = self._blocked[domain]
             for rid, key in self._peers[domain].items():
@@ -234,6 +288,7 @@ class BrokerSecurity:
                     self._block(domain, rid, key)
                 elif key in allowed and rid in blocked:
                     blocked.discard(rid)  # the key is back
+        self.auth.allowed = keys  # one assignment: the ZAP thread sees old or new, whole
         self.reloads += 1
         counts = {d: len(self._allowed[d]) for d in self.folders}
         log.info("allowed keys: %s", ", ".join(f"{d} {n}" for d, n in counts.items()))
@@ -256,7 +311,10 @@ class BrokerSecurity:
         peers = self._peers[domain]
         key = peers.get(rid)
         if key is None:
-            key = rid_frame.get("User-Id") or ""
+            try:
+                key = rid_frame.get("User-Id") or ""
+            except zmq.ZMQError:  # no ZAP answer named it (cannot happen with CURVE on)
+                key = ""
             if len(peers) >= 100_000:  # bounded; forgotten ids are learnt again from frames
                 peers.clear()
             peers[rid] = key
@@ -303,7 +361,7 @@ class BrokerSecurity:
     def describe(self) -> dict[str, Any]:
         return {
             "curve": True,
-            "allowed_keys": {d: len(self.auth.certs.get(d, {})) for d in self.folders},
+            "allowed_keys": {d: len(self.auth.allowed.get(d, ())) for d in self.folders},
             "refused": dict(self.auth.refused),
             "reloads": self.reloads,
             "revoked": dict(self.revoked),

@@ -22,6 +22,7 @@ from .. import protocol, sockets
 from ..config import BrokerConfig
 from ..errors import ConfigError, ProtocolError, RespWorkersError
 from ..security import CLIENTS, STATUS, WORKERS, BrokerSecurity, is_loopback
+from ..util import WakePipe
 from .channel import SEND_HWM, ClientChannel, router_sender
 from .core import BrokerCore
 from .journal import Journal, SqliteJournal, open_journal
@@ -108,9 +109,7 @@ class BrokerServer:
             cfg, self.channel.send, sockets.router_sender(self.workers), journal, self.endpoints)
         self._send_status = sockets.router_sender(self.status)
         self._stop = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.wake = WakePipe()
 
     def _warn_exposed(self) -> None:
         for name in (CLIENTS, WORKERS, STATUS):
@@ -191,7 +190,7 @@ class BrokerServer:
     # ----------------------------------------------------------------- signals
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop cleanly; the wakeup fd interrupts a long poll."""
-        signal.set_wakeup_fd(self._wake_w)
+        self.wake.catch_signals()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
@@ -204,10 +203,7 @@ class BrokerServer:
 
     def stop(self) -> None:
         self._stop = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self.wake.wake()
 
     # ----------------------------------------------------------------- receiving
     def _recv(self, sock: zmq.Socket, domain: str) -> tuple[Any, list[bytes]]:
@@ -243,7 +239,8 @@ class BrokerServer:
         poller.register(clients, zmq.POLLIN)
         poller.register(workers, zmq.POLLIN)
         poller.register(status, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        wake_fd = self.wake.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         monotonic, wall = time.monotonic, time.time
         again = zmq.Again
         security = self.security
@@ -303,11 +300,8 @@ class BrokerServer:
                 core.set_time(monotonic(), wall())
             if status in events:
                 self._serve_status()
-            if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 4096)
-                except OSError:
-                    pass
+            if wake_fd in events:
+                self.wake.drain()
             if security is not None:
                 if self._reload:  # SIGHUP: at once
                     self._reload = False
@@ -370,11 +364,7 @@ class BrokerServer:
             self.security.stop()
         if self._own_ctx:
             self.ctx.term()  # waits (up to each socket's LINGER) for replies still queued
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.wake.close()
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.core.snapshot()

@@ -36,6 +36,7 @@ from .. import protocol
 from ..config import WorkerConfig
 from ..security import client_keys, secure_client
 from ..targets import import_target
+from ..util import WakePipe
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ class Pool:
         self.keys = client_keys(cfg.secret_key, cfg.broker_key, "worker")
         self.start_failures: deque[float] = deque()
         self.failure: str | None = None  #: why the pool gave up, if it did
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.wake = WakePipe()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
@@ -231,7 +230,7 @@ class Pool:
             self._vacate(dead)
 
     def run(self) -> int:
-        signal.set_wakeup_fd(self._wake_w)
+        self.wake.catch_signals()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         for slot in self.slots:
@@ -260,17 +259,14 @@ class Pool:
                 return RET_START_FAILED if self.failure else 0
             waiting = [s.restart_at for s in self.slots if s.process is None and not self.signals]
             timeout = max(0.0, min(waiting) - now) if waiting else None
-            handles: list[object] = [self._wake_r]
+            handles: list[object] = [self.wake.fileno()]
             for s in alive:
                 assert s.process is not None
                 handles.append(s.process.sentinel)
                 if s.report is not None and not s.ready:
                     handles.append(s.report)
             multiprocessing.connection.wait(handles, timeout)  # type: ignore[arg-type]
-            try:
-                os.read(self._wake_r, 4096)
-            except (BlockingIOError, InterruptedError):
-                pass
+            self.wake.drain()
 
 
 def run_pool(target: str, cfg: WorkerConfig, queues: tuple[str, ...]) -> int:

@@ -1,0 +1,197 @@
+"""A worker process's connection to the broker, and everything its two threads share.
+
+The main thread runs jobs; while one runs, the watchman thread keeps the connection
+alive. Only the holder of :attr:`BrokerLink.baton` (a lock) may use the socket or change
+the fields here; the main thread puts the baton down for exactly the time it spends in
+the user's code. The stop counter is fed by a wake-up pipe, which Python's C-level signal
+handler writes at once, even while the job sits in one long C call in the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .. import protocol, sockets
+from ..config import WorkerConfig
+from ..errors import ProtocolError
+from ..security import ClientKeys, handshake_failure, secure_client, watch_handshakes
+from ..util import RateLimitedLog, WakePipe
+
+log = logging.getLogger("respworkers.worker.runner")
+
+#: A job still running at HUNG_FACTOR x its time limit + HUNG_GRACE seconds is hung.
+HUNG_FACTOR = 2.0
+HUNG_GRACE = 5.0
+
+#: What the wake-up pipe carries for a stop: the number of SIGTERM or SIGINT (written by
+#: Python's C-level handler, from any thread, at once) or request_stop()'s b"x".
+_STOP_BYTES = (bytes([signal.SIGTERM]), bytes([signal.SIGINT]), b"x")
+
+Answer = tuple[str, int, bytes, list[bytes]]  # job id, attempt, token, the RESULT/ERROR frames
+
+
+class BrokerLink:
+    """The DEALER to the broker, its liveness, and the job in hand (baton-guarded)."""
+
+    def __init__(self, cfg: WorkerConfig, queues: tuple[str, ...], info: dict[str, Any],
+                 keys: ClientKeys | None, ctx: zmq.Context) -> None:
+        self.cfg = cfg
+        self.queues = queues
+        self.info = info
+        self.keys = keys
+        self.ctx = ctx
+        self.baton = threading.Lock()  # whoever holds it may use everything below
+        self.wake = WakePipe()
+        self.poller = zmq.Poller()
+        self.poller.register(self.wake.fileno(), zmq.POLLIN)
+        self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.welcomed = False
+        self.broker_id: str | None = None
+        self.broker_interval = cfg.heartbeat  # the broker's, from WELCOME
+        self.broker_liveness = cfg.liveness
+        self.max_message_size: int | None = None
+        self.last_heard = 0.0
+        self.connected_at = 0.0
+        self.reconnect_due = False  # told to register again right after registering
+        self.next_beat = 0.0
+        self.stops = 0  # stop requests so far: 1 warm, 2 forced
+        self.job: tuple[str, int, bytes] | None = None  # (id, attempt, token) in hand
+        self.next: protocol.Dispatch | None = None  # received, about to run
+        # The last answer sent, until the broker confirms it (ACK, or the next JOB): if we
+        # must reconnect first it may be lost with the old socket, so it goes again.
+        self.unconfirmed: Answer | None = None
+        self.bad_messages = 0
+        self._bad_log = RateLimitedLog(log)
+
+    # ------------------------------------------------------------------ connection
+    def connect(self) -> None:
+        """A new socket (so the broker sees a new routing id) and HELLO with what we hold."""
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.close(0)  # nothing queued in the old socket may reach the broker later
+        d = self.ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 2000)
+        d.setsockopt(zmq.RECONNECT_IVL, 100)
+        d.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        secure_client(d, self.keys)
+        self.monitor = watch_handshakes(d)
+        self.welcomed = False
+        d.connect(self.cfg.broker)
+        self.dealer = d
+        self.poller.register(d, zmq.POLLIN)
+        if self.unconfirmed is not None:
+            job_id, attempt, token, answer = self.unconfirmed
+            self.send(protocol.encode_hello(self.queues, self.info, job_id, attempt, token))
+            self.send(answer)
+        elif self.job is not None:
+            self.send(protocol.encode_hello(self.queues, self.info, *self.job))
+        else:
+            self.send(protocol.encode_hello(self.queues, self.info))
+        self.last_heard = self.connected_at = time.monotonic()
+        self.reconnect_due = False
+        self.broker_interval = self.cfg.heartbeat
+        self.broker_liveness = self.cfg.liveness
+
+    def close(self, linger: int | None = None) -> None:
+        if self.dealer is None or self.monitor is None:
+            return
+        self.dealer.disable_monitor()
+        self.monitor.close(0)
+        self.dealer.close(linger)
+
+    def send(self, frames: list[bytes]) -> None:
+        """Never block: with no usable connection (broker gone, handshake refused) the
+        message is dropped. Heartbeats do not matter then, and an answer is kept in
+        ``unconfirmed`` and sent again after reconnecting."""
+        assert self.dealer is not None
+        try:
+            sockets.send(self.dealer, frames, sockets.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def answer(self, answer: Answer) -> None:
+        self.send(answer[3])
+        self.unconfirmed = answer
+
+    # ------------------------------------------------------------------ stops
+    def read_stops(self) -> int:
+        self.stops += sum(map(self.wake.drain().count, _STOP_BYTES))
+        return self.stops
+
+    # ------------------------------------------------------------------ beats
+    def beat(self, now: float, parent_pid: int | None) -> None:
+        """Heartbeat time (either thread, baton in hand): beat, and reconnect if silent."""
+        self.next_beat = now + self.cfg.heartbeat
+        if parent_pid is not None and os.getppid() != parent_pid:
+            self.stops = max(self.stops, 1)  # orphaned: stop warmly
+        self.send(protocol.HEARTBEAT_FRAMES)
+        if not self.welcomed and self.monitor is not None:
+            why = handshake_failure(self.monitor, self.cfg.broker, self.keys)
+            if why:
+                log.error("%s; retrying", why)
+        if self.reconnect_due:
+            log.info("broker asked us to register again: reconnecting to %s", self.cfg.broker)
+            self.connect()
+            return
+        silent = now - self.last_heard
+        if silent > self.broker_interval * self.broker_liveness:
+            log.warning("no word from the broker for %.1fs: reconnecting to %s",
+                        silent, self.cfg.broker)
+            self.connect()
+
+    # ------------------------------------------------------------------ reading
+    def read(self) -> None:
+        """Read what the broker sent; a JOB to run lands in :attr:`next` (read no further)."""
+        assert self.dealer is not None
+        while True:
+            try:
+                frames = sockets.recv(self.dealer, sockets.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = now = time.monotonic()
+            try:
+                msg = protocol.decode_broker(frames)
+            except ProtocolError as exc:
+                self.bad_messages += 1
+                self._bad_log.warning("ignored a bad message from the broker (%d so far): %s",
+                                      self.bad_messages, exc, now=now)
+                continue
+            if isinstance(msg, protocol.Dispatch):
+                if self.job is not None or self.stops or self.next is not None:
+                    # Not ready for it (a stop crossed the dispatch): hand it straight back.
+                    self.send(protocol.encode_return(msg.job_id, msg.attempt, msg.token))
+                    continue
+                # The broker sends JOB only after it applied our last answer.
+                self.unconfirmed = None
+                self.job = (msg.job_id, msg.attempt, msg.token)
+                self.next = msg
+                return  # run it now; whatever else waits is read on the next turn
+            if isinstance(msg, protocol.Ack):
+                u = self.unconfirmed
+                if u is not None and u[0] == msg.job_id and u[1] == msg.attempt:
+                    self.unconfirmed = None
+            elif isinstance(msg, protocol.Welcome):
+                if self.broker_id is not None and msg.broker_id != self.broker_id:
+                    log.info("registered with a new broker (%s)", msg.broker_id)
+                self.broker_id = msg.broker_id
+                self.broker_interval = msg.heartbeat
+                self.broker_liveness = msg.liveness
+                self.max_message_size = msg.max_message_size
+                self.welcomed = True
+            elif isinstance(msg, protocol.Disconnect):
+                if now - self.connected_at < 1.0:
+                    # Told again right after registering: do not spin; reconnect at the beat.
+                    self.reconnect_due = True
+                    continue
+                log.info("broker asked us to register again (%s)", msg.reason)
+                self.connect()
+                return
+            # Heartbeat: hearing anything is enough.
