@@ -19,9 +19,11 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check respworkers tests benchmarks
+	$(PY) -m mypy
 
 test: $(STAMP)
 	$(PY) -m ruff check respworkers tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

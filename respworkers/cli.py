@@ -228,11 +228,12 @@ def submit(
             random_ids.update(job_id for spec, job_id in from_file if spec.id is None)
     if not specs:
         raise click.UsageError("give a JOBFILE ('-' for stdin) or --payload TEXT")
-    jobs = [{"payload": spec.payload, "id": job_id,
-             "queue": spec.queue or queue or protocol.DEFAULT_QUEUE,
-             "timeout": spec.timeout if spec.timeout is not None else timeout,
-             "tries": spec.tries if spec.tries is not None else tries} for spec, job_id in specs]
-    ids = [job["id"] for job in jobs]
+    jobs: list[dict[str, Any]] = [
+        {"payload": spec.payload, "id": job_id,
+         "queue": spec.queue or queue or protocol.DEFAULT_QUEUE,
+         "timeout": spec.timeout if spec.timeout is not None else timeout,
+         "tries": spec.tries if spec.tries is not None else tries} for spec, job_id in specs]
+    ids: list[str] = [job["id"] for job in jobs]
 
     out = Printer(as_json)
     phase = "checking"
@@ -243,7 +244,7 @@ def submit(
                     try:
                         client.validate(**job)
                     except (ValueError, ProtocolError) as exc:
-                        where = f"{_source(jobfile)}: line {spec.line}: " if spec.line else ""
+                        where = f"{_source(jobfile or '-')}: line {spec.line}: " if spec.line else ""
                         raise JobFileError(f"{where}{exc} (nothing was submitted)") from None
                 phase = "sending"
                 client.submit_many(jobs)
@@ -377,7 +378,7 @@ def status(conf: ClientConfig, once: bool, as_json: bool, interval: float) -> No
         else:
             _console().print(render(snap))
         return
-    from rich.console import Group
+    from rich.console import Group, RenderableType
     from rich.live import Live
 
     from .stream import Interrupted, Signals
@@ -396,6 +397,7 @@ def status(conf: ClientConfig, once: bool, as_json: bool, interval: float) -> No
             while True:
                 started = time.monotonic()
                 with signals.waiting():
+                    shown: RenderableType
                     try:
                         shown = render(fetch_status(endpoint, wait, keys=keys))
                     except BrokerUnavailable as exc:

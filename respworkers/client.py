@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "JobResult", "fetch_status", "new_job_id"]
 
-Payload = Union[bytes, bytearray, memoryview, str, list, tuple]
+Payload = Union[bytes, bytearray, memoryview, str, "list[Any]", "tuple[Any, ...]"]
 
 
 def new_job_id() -> str:
@@ -58,7 +58,7 @@ class Client:
         status: str = DEFAULT_STATUS,
         request_timeout: float = 5.0,
         keys: ClientKeys | None = None,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.Context[Any] | None = None,
     ) -> None:
         self.broker = broker
         self.status_endpoint = status
@@ -175,8 +175,8 @@ class Client:
         """
         checked: list[tuple[str, list[bytes]]] = []
         for job in jobs:
-            spec = dict(job) if isinstance(job, Mapping) else {"payload": job}
-            job_id = spec.pop("id", None) or new_job_id()
+            spec: dict[str, Any] = dict(job) if isinstance(job, Mapping) else {"payload": job}
+            job_id = str(spec.pop("id", None) or new_job_id())
             checked.append((job_id, self.validate(spec.pop("payload"), id=job_id, **spec)))
         self.session.submit(checked)
         self._flush()
@@ -348,7 +348,7 @@ class Client:
             self._flush()
 
 
-def fetch_status(endpoint: str, timeout: float = 5.0, ctx: zmq.Context | None = None,
+def fetch_status(endpoint: str, timeout: float = 5.0, ctx: zmq.Context[Any] | None = None,
                  keys: ClientKeys | None = None) -> dict[str, Any]:
     """Ask a broker's status endpoint for one snapshot (a fresh REQ each time, never stuck)."""
     ctx = ctx or zmq.Context.instance()

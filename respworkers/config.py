@@ -101,7 +101,7 @@ def _journal(value: Any) -> str:
 def _sync(value: Any) -> str:
     if value not in ("normal", "full"):
         raise ValueError('must be "normal" (survives a broker crash) or "full" (also a power cut)')
-    return value
+    return str(value)
 
 
 def _opt_path(value: Any) -> str:
@@ -208,11 +208,11 @@ class Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(current, **checked)})
 
 
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
+def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _validate(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _validate(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     try:
         return f.metadata["check"](value)
     except ValueError as exc:

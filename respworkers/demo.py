@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 
@@ -29,14 +30,14 @@ def _show(args: list[str], background: bool = False) -> None:
     console.print(f"[bold cyan]$ rw {shlex.join(args)}{' &' if background else ''}", highlight=False)
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     _show(args, background=True)
     with open(log, "wb") as fh:
         return subprocess.Popen(RW + args, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -44,7 +45,7 @@ def _wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[n
         time.sleep(0.1)
 
 
-def _status() -> dict | None:
+def _status() -> dict[str, Any] | None:
     try:
         return fetch_status(DEFAULT_STATUS, 0.5)
     except BrokerUnavailable:
@@ -56,7 +57,7 @@ def main() -> int:
         console.print("[red]a broker already answers on the default endpoints; stop it first")
         return 1
     work = Path(tempfile.mkdtemp(prefix="rw-demo-"))
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     code = 0
     try:
         console.rule("respworkers demo: a broker, 4 workers and 40 jobs, on built-in defaults")
@@ -70,7 +71,8 @@ def main() -> int:
         # Ids are unique per run: the journal keeps finished jobs for an hour, and
         # submitting a known id attaches to that job instead of running it again.
         run = time.strftime("%H%M%S")
-        jobs = [{"payload": w} for w in "the quick brown fox jumps over the lazy dog".split()]
+        jobs: list[dict[str, Any]] = [
+            {"payload": w} for w in "the quick brown fox jumps over the lazy dog".split()]
         jobs += [{"payload": f"sleep:{0.1 * (i % 5):.1f}", "id": f"sleepy-{run}-{i}"}
                  for i in range(30)]
         failing = f"always-fails-{run}"

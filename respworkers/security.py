@@ -97,7 +97,7 @@ def client_keys(secret_key: str, broker_key: str, section: str) -> ClientKeys | 
                       load_public(broker_key, f"[{section}] broker_key"))
 
 
-def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+def secure_client(sock: zmq.Socket[Any], keys: ClientKeys | None) -> None:
     """Make ``sock`` a CURVE client of the broker (call before connect)."""
     if keys is None:
         return
@@ -112,18 +112,18 @@ _HANDSHAKE_FAILURES = (
 )
 
 
-def watch_handshakes(sock: zmq.Socket) -> zmq.Socket:
+def watch_handshakes(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
     """A monitor of ``sock``'s handshakes, for :func:`handshake_events`."""
     return sock.get_monitor_socket(_HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
-def handshake_failure(monitor: zmq.Socket, endpoint: str, keys: ClientKeys | None) -> str | None:
+def handshake_failure(monitor: zmq.Socket[Any], endpoint: str, keys: ClientKeys | None) -> str | None:
     """Why the broker would not talk to us, if a handshake failed since the last call."""
     return handshake_events(monitor, endpoint, keys)[1]
 
 
 def handshake_events(
-    monitor: zmq.Socket, endpoint: str, keys: ClientKeys | None
+    monitor: zmq.Socket[Any], endpoint: str, keys: ClientKeys | None
 ) -> tuple[int, str | None]:
     """Handshakes that succeeded since the last call, and why the last failure failed.
 
@@ -174,7 +174,7 @@ class ZapHandler:
     folders are reloaded, so the thread never sees a half-made set.
     """
 
-    def __init__(self, ctx: zmq.Context) -> None:
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
         self.ctx = ctx
         self.allowed: dict[str, frozenset[bytes]] = {}  # domain -> binary public keys
         self.refused: dict[str, int] = {}
@@ -235,7 +235,7 @@ class ZapHandler:
 class BrokerSecurity:
     """The broker's side: its key pair, the authenticator, and the watched key folders."""
 
-    def __init__(self, ctx: zmq.Context, secret_key: str, folders: dict[str, str]) -> None:
+    def __init__(self, ctx: zmq.Context[Any], secret_key: str, folders: dict[str, str]) -> None:
         self.keys = load_secret(secret_key, "[broker] secret_key")
         self.folders: dict[str, Path] = {}
         for domain, folder in folders.items():
@@ -300,7 +300,7 @@ class BrokerSecurity:
         log.warning("key %s... was revoked: ignoring its live connection on the %s endpoint",
                     key[:12], domain)
 
-    def recv(self, sock: zmq.Socket, domain: str) -> tuple[bytes | None, list[bytes]]:
+    def recv(self, sock: zmq.Socket[Any], domain: str) -> tuple[bytes | None, list[bytes]]:
         """One message from a CURVE ROUTER: (routing id, frames), or (None, frames) when the
         connection's key has been revoked. Raises zmq.Again when there is none."""
         rid_frame = sock.recv(zmq.NOBLOCK, copy=False)
@@ -312,7 +312,7 @@ class BrokerSecurity:
         key = peers.get(rid)
         if key is None:
             try:
-                key = rid_frame.get("User-Id") or ""
+                key = str(rid_frame.get("User-Id") or "")
             except zmq.ZMQError:  # no ZAP answer named it (cannot happen with CURVE on)
                 key = ""
             if len(peers) >= 100_000:  # bounded; forgotten ids are learnt again from frames
@@ -351,7 +351,7 @@ class BrokerSecurity:
         if any(self._stamp(f) != self._stamps.get(d) for d, f in self.folders.items()):
             self.reload()
 
-    def secure(self, sock: zmq.Socket, domain: str) -> None:
+    def secure(self, sock: zmq.Socket[Any], domain: str) -> None:
         """Make ``sock`` a CURVE server whose peers must hold a key of ``domain`` (before bind)."""
         sock.zap_domain = domain.encode()
         sock.curve_server = True

@@ -7,7 +7,7 @@ path (the broker loop, the worker, the client) sends and receives through here.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -20,7 +20,7 @@ RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 
 
-def send(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
+def send(sock: zmq.Socket[Any], frames: list[bytes], flags: int = 0) -> None:
     """Send ``frames`` as one message; with NOBLOCK, raises zmq.Again before sending any."""
     last = len(frames) - 1
     more = SNDMORE | flags
@@ -28,7 +28,7 @@ def send(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
         _send(sock, frame, more if i < last else flags)
 
 
-def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+def recv(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     """Receive one whole message (raises zmq.Again with NOBLOCK when there is none)."""
     parts = [_recv(sock, flags)]
     while _get(sock, RCVMORE):
@@ -36,7 +36,7 @@ def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     return parts
 
 
-def router_sender(sock: zmq.Socket) -> Callable[[bytes, list[bytes]], None]:
+def router_sender(sock: zmq.Socket[Any]) -> Callable[[bytes, list[bytes]], None]:
     """``send(routing_id, frames)`` for a ROUTER socket; ``frames`` is not modified."""
 
     def send_to(rid: bytes, frames: list[bytes]) -> None:
@@ -48,7 +48,7 @@ def router_sender(sock: zmq.Socket) -> Callable[[bytes, list[bytes]], None]:
     return send_to
 
 
-def router_recv(sock: zmq.Socket) -> tuple[bytes, list[bytes]]:
+def router_recv(sock: zmq.Socket[Any]) -> tuple[bytes, list[bytes]]:
     """(routing id, frames) of one message waiting on a ROUTER; raises zmq.Again if none."""
     rid = _recv(sock, NOBLOCK)
     frames = []

@@ -133,15 +133,16 @@ def duration(seconds: float) -> str:
     return f"{count} {big}" + (f" {rest // small_length} {small}" if rest >= small_length else "")
 
 
-def size(n: int) -> str:
+def size(n: float) -> str:
     """Bytes as ``12 bytes``, ``1.5 KiB``, ``3.2 MiB``, ``1.1 GiB``."""
     if n < 1024:
         return f"{n} byte" + ("" if n == 1 else "s")
+    value = float(n)
     for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
+        value /= 1024
+        if value < 1024 or unit == "GiB":
             break
-    return f"{n:.1f} {unit}"
+    return f"{value:.1f} {unit}"
 
 
 def local_time(t: float) -> str:

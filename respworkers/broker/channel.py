@@ -12,7 +12,7 @@ the outcomes it still waits for, which the broker retains.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -28,7 +28,7 @@ MAX_BACKLOG_BYTES = 64 << 20
 RawSend = Callable[[bytes, list[bytes]], bool]
 
 
-def router_sender(sock: zmq.Socket) -> RawSend:
+def router_sender(sock: zmq.Socket[Any]) -> RawSend:
     """``send(routing id, frames) -> sent``: False if the peer's queue is full (nothing
     was sent); a peer that is not connected is dropped silently (True), as ROUTER does."""
     send = sockets.raw_send

@@ -161,30 +161,29 @@ class BrokerCore:
             elif frames:
                 self.send_client(client, protocol.encode_invalid(str(exc)))
             return
-        kind = type(req)
-        if kind is protocol.Submit:
-            self.submit(client, req, PROTO)  # type: ignore[arg-type]
-        elif kind is protocol.SubmitMany:
-            self._take_in(client, req.jobs, 0)  # type: ignore[union-attr]
-        elif kind is protocol.Plain:
+        if isinstance(req, protocol.Submit):
+            self.submit(client, req, PROTO)
+        elif isinstance(req, protocol.SubmitMany):
+            self._take_in(client, req.jobs, 0)
+        elif isinstance(req, protocol.Plain):
             # Unguessable, so no other client can WAIT for, QUERY or CANCEL it by guessing.
             job_id = "req-" + self.tokens.next().decode()
             self.submit(client, protocol.Submit(job_id, protocol.DEFAULT_QUEUE, None, None,
-                                                req.payload), PLAIN)  # type: ignore[union-attr]
-        elif kind is protocol.Query:
-            self._inform(client, req.job_id)  # type: ignore[union-attr]
-        elif kind is protocol.Cancel:
-            job = self.jobs.get(req.job_id)  # type: ignore[union-attr]
+                                                req.payload), PLAIN)
+        elif isinstance(req, protocol.Query):
+            self._inform(client, req.job_id)
+        elif isinstance(req, protocol.Cancel):
+            job = self.jobs.get(req.job_id)
             if job is not None:
                 self.cancel(job)
-            self._inform(client, req.job_id)  # type: ignore[union-attr]
-        elif kind is protocol.Wait:
+            self._inform(client, req.job_id)
+        elif isinstance(req, protocol.Wait):
             # Many ids (a client catching up): outcomes batched like those of SUBMITS.
-            how = PROTO if len(req.job_ids) == 1 else BATCH  # type: ignore[union-attr]
-            for job_id in req.job_ids:  # type: ignore[union-attr]
+            how = PROTO if len(req.job_ids) == 1 else BATCH
+            for job_id in req.job_ids:
                 self.wait(client, job_id, how)
-        elif kind is protocol.Unwait:
-            for job_id in req.job_ids:  # type: ignore[union-attr]
+        elif isinstance(req, protocol.Unwait):
+            for job_id in req.job_ids:
                 job = self.jobs.get(job_id)
                 if job is not None:
                     Notifier.unwait(job, client)
@@ -313,36 +312,33 @@ class BrokerCore:
                 self.send_worker(wid, protocol.encode_disconnect(f"HELLO refused: {exc}"))
             return
         w = self.workers.get(wid)
-        kind = type(msg)
         if w is not None:
             w.last_seen = self.now
-            if kind is protocol.WorkerResult:
-                self._answered(w, msg)  # type: ignore[arg-type]
-            elif kind is protocol.Heartbeat:
+            if isinstance(msg, (protocol.WorkerResult, protocol.WorkerError)):
+                self._answered(w, msg)
+            elif isinstance(msg, protocol.Heartbeat):
                 pass
-            elif kind is protocol.WorkerError:
-                self._answered(w, msg)  # type: ignore[arg-type]
-            elif kind is protocol.Hello:
-                self._supersede(w, msg, "re-registered")  # type: ignore[arg-type]
-                self.hello(wid, msg)  # type: ignore[arg-type]
-            elif kind is protocol.Return:
-                if self._holds(w, msg, "RETURN"):  # type: ignore[arg-type]
+            elif isinstance(msg, protocol.Hello):
+                self._supersede(w, msg, "re-registered")
+                self.hello(wid, msg)
+            elif isinstance(msg, protocol.Return):
+                if self._holds(w, msg, "RETURN"):
                     self.give_back(w)
                     w.stopping = True
-            elif kind is protocol.Vacate:
-                self.vacate(msg.slot)  # type: ignore[union-attr]
+            elif isinstance(msg, protocol.Vacate):
+                self.vacate(msg.slot)
             else:  # Bye: a job it holds crossed its goodbye and was never started
                 self.give_back(w)
                 self.drop_worker(w, "said goodbye")
-        elif kind is protocol.Hello:
-            self.hello(wid, msg)  # type: ignore[arg-type]
-        elif kind is protocol.Vacate:
-            self.vacate(msg.slot)  # type: ignore[union-attr]  # a pool, which never registers
-        elif kind is not protocol.Bye:
+        elif isinstance(msg, protocol.Hello):
+            self.hello(wid, msg)
+        elif isinstance(msg, protocol.Vacate):
+            self.vacate(msg.slot)  # a pool, which never registers
+        elif not isinstance(msg, protocol.Bye):
             # Not registered (typically: this broker restarted, or ZeroMQ reconnected the
             # worker's socket under a new routing id). Nothing it says counts until it has
             # registered; a worker keeps its answer and sends it again after its HELLO.
-            if kind is not protocol.Heartbeat:
+            if not isinstance(msg, protocol.Heartbeat):
                 self.count_bad("workers", ProtocolError(
                     f"{frames[0].split(b' ', 2)[1].decode()} from an unregistered worker"))
             self.send_worker(wid, protocol.encode_disconnect("unknown worker, say HELLO"))
@@ -424,22 +420,22 @@ class BrokerCore:
     def _answered(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError) -> None:
         """RESULT or ERROR from the worker holding that attempt: apply it, then the worker
         is ready (JOB, or ACK when nothing waits) or leaving (ACK)."""
-        ok = type(msg) is protocol.WorkerResult
+        ok = isinstance(msg, protocol.WorkerResult)
         if not self._holds(w, msg, "RESULT" if ok else "ERROR"):
             return
         holder = w.job is not None and w.job.worker is w
         job = self._close_attempt(w)
-        if ok:
+        if isinstance(msg, protocol.WorkerResult):
             w.done += 1
             if job is not None:
-                self._result(job, w, msg.payload)  # type: ignore[union-attr]
+                self._result(job, w, msg.payload)
         else:
             w.failed += 1
             if job is not None and job.state not in ENDED:
                 if holder and job.state is RUNNING:
-                    self.attempt_failed(job, protocol.FAIL_ERROR, msg.error)  # type: ignore[union-attr]
+                    self.attempt_failed(job, protocol.FAIL_ERROR, msg.error)
                 else:  # an older attempt of a job already retried: keep its error for inspect
-                    job.error = msg.error  # type: ignore[union-attr]
+                    job.error = msg.error
         w.stopping = not msg.ready
         # The JOB, or else an ACK, tells the worker its answer was applied: it keeps the
         # answer (to send again after a reconnect) until then.

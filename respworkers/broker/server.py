@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from math import ceil
 from types import FrameType
 from typing import Any, Callable
 
@@ -69,7 +70,7 @@ class BrokerServer:
     large journal already answers pings ("starting"); workers only once it is restored."""
 
     def __init__(
-        self, cfg: BrokerConfig, journal: Journal | None = None, ctx: zmq.Context | None = None
+        self, cfg: BrokerConfig, journal: Journal | None = None, ctx: zmq.Context[Any] | None = None
     ) -> None:
         self.cfg = cfg
         self._own_ctx = ctx is None
@@ -124,7 +125,7 @@ class BrokerServer:
                      STATUS: "read the broker's state"}[name],
                 )
 
-    def _socket(self, name: str, client: bool = False) -> zmq.Socket:
+    def _socket(self, name: str, client: bool = False) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
         # libzmq disconnects a peer that sends a larger frame: garbage never reaches Python.
@@ -141,7 +142,7 @@ class BrokerServer:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         return sock
 
-    def _bind(self, sock: zmq.Socket, name: str, endpoint: str) -> None:
+    def _bind(self, sock: zmq.Socket[Any], name: str, endpoint: str) -> None:
         if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[6:]):
             # libzmq would silently take the path over from the process listening there.
             raise BindError(f"cannot bind the {name} endpoint {endpoint}: another process is "
@@ -206,7 +207,7 @@ class BrokerServer:
         self.wake.wake()
 
     # ----------------------------------------------------------------- receiving
-    def _recv(self, sock: zmq.Socket, domain: str) -> tuple[Any, list[bytes]]:
+    def _recv(self, sock: zmq.Socket[Any], domain: str) -> tuple[Any, list[bytes]]:
         """(routing id, frames), or (None, frames) for a peer whose key was revoked."""
         if self.security is None:
             return sockets.router_recv(sock)
@@ -247,14 +248,14 @@ class BrokerServer:
         if security is None:
             recv_clients = recv_workers = sockets.router_recv
         else:
-            def recv_clients(sock: zmq.Socket) -> tuple[Any, list[bytes]]:
+            def recv_clients(sock: zmq.Socket[Any]) -> tuple[Any, list[bytes]]:
                 return security.recv(sock, CLIENTS)
 
-            def recv_workers(sock: zmq.Socket) -> tuple[Any, list[bytes]]:
+            def recv_workers(sock: zmq.Socket[Any]) -> tuple[Any, list[bytes]]:
                 return security.recv(sock, WORKERS)
 
-        def drain(sock: zmq.Socket, handle: Handler,
-                  recv: Callable[[zmq.Socket], tuple[Any, list[bytes]]]) -> None:
+        def drain(sock: zmq.Socket[Any], handle: Handler,
+                  recv: Callable[[zmq.Socket[Any]], tuple[Any, list[bytes]]]) -> None:
             """Up to BATCH messages or TURN_BUDGET seconds from one socket, then the rest."""
             until = core.turn_ends = monotonic() + TURN_BUDGET
             for _ in range(BATCH):
@@ -288,7 +289,7 @@ class BrokerServer:
         longest = longest_cpu = 0.0
         cpu = time.thread_time
         while not self._stop:
-            events = dict(poller.poll(max(0.0, (wake - monotonic()) * 1000.0)))
+            events = dict(poller.poll(ceil(max(0.0, (wake - monotonic()) * 1000.0))))
             began = monotonic()
             began_cpu = cpu()
             core.set_time(began, wall())

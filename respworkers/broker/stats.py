@@ -25,14 +25,16 @@ RATE_WINDOW = 10.0
 
 
 class Counters:
+    """Since this broker started (docs/protocol.md section 5, ``totals``)."""
+
     __slots__ = (
         "submitted", "done", "failed", "cancelled", "retried", "duplicates", "late",
         "lost_workers", "resubmitted", "refused",
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.submitted = self.done = self.failed = self.cancelled = self.retried = 0
+        self.duplicates = self.late = self.lost_workers = self.resubmitted = self.refused = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

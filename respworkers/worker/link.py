@@ -41,7 +41,7 @@ class BrokerLink:
     """The DEALER to the broker, its liveness, and the job in hand (baton-guarded)."""
 
     def __init__(self, cfg: WorkerConfig, queues: tuple[str, ...], info: dict[str, Any],
-                 keys: ClientKeys | None, ctx: zmq.Context) -> None:
+                 keys: ClientKeys | None, ctx: zmq.Context[Any]) -> None:
         self.cfg = cfg
         self.queues = queues
         self.info = info
@@ -51,8 +51,8 @@ class BrokerLink:
         self.wake = WakePipe()
         self.poller = zmq.Poller()
         self.poller.register(self.wake.fileno(), zmq.POLLIN)
-        self.dealer: zmq.Socket | None = None
-        self.monitor: zmq.Socket | None = None
+        self.dealer: zmq.Socket[Any] | None = None
+        self.monitor: zmq.Socket[Any] | None = None
         self.welcomed = False
         self.broker_id: str | None = None
         self.broker_interval = cfg.heartbeat  # the broker's, from WELCOME

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import FrameType
+from typing import Any
 
 import zmq
 
@@ -116,7 +117,7 @@ class Pool:
         prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.slots = [Slot(i, f"{prefix}:{i}:{secrets.token_hex(8)}") for i in range(cfg.processes)]
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self.mp = multiprocessing.get_context(method)
+        self.mp: Any = multiprocessing.get_context(method)  # fork where there is one
         self.keys = client_keys(cfg.secret_key, cfg.broker_key, "worker")
         self.start_failures: deque[float] = deque()
         self.failure: str | None = None  #: why the pool gave up, if it did

@@ -13,6 +13,7 @@ time it spends in the user's code.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import time
 import traceback
 import uuid
 from types import FrameType
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -68,7 +69,7 @@ class Runner:
         queues: tuple[str, ...],
         slot: str | None = None,
         parent_pid: int | None = None,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.Context[Any] | None = None,
     ) -> None:
         self.worker_cls = worker_cls
         self.cfg = cfg
@@ -218,7 +219,7 @@ class Runner:
         try:
             while True:
                 now = time.monotonic()
-                events = dict(link.poller.poll(max(0.0, link.next_beat - now) * 1000.0))
+                events = dict(link.poller.poll(math.ceil(max(0.0, link.next_beat - now) * 1000)))
                 now = time.monotonic()
                 if wake in events:
                     link.read_stops()
@@ -264,7 +265,8 @@ class Runner:
                                 "(after %.0fs); if it was lost the job runs again",
                                 link.unconfirmed[0], patience)
                     break
-                events = dict(link.poller.poll(max(0.0, min(link.next_beat, give_up) - now) * 1000))
+                events = dict(link.poller.poll(
+                    math.ceil(max(0.0, min(link.next_beat, give_up) - now) * 1000)))
                 if wake in events:
                     link.read_stops()
                 if link.dealer in events:
