@@ -32,6 +32,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from respworkers.client import fetch_status
+
 from brokers import start_broker
 from harness import Fleet, Machine, cpu_seconds, event, loadavg, queue_, sigterm_as_interrupt
 from peers import WORKERS, Measured, Plan, raw_client, real_client, sleep_payload
@@ -205,12 +207,15 @@ def measure(s: Setup, sizes: Sizes) -> dict[str, Any]:
         go.set()
         _, m = fleet.get(ctl, max(120.0, plan.jobs / 200), "measurement")
         cpu = cpu_seconds(broker.pid) - cpu0
+        status = broker_status(broker.status) if broker.status else None
     assert isinstance(m, Measured)
     seconds = m.ended - m.started
     out: dict[str, Any] = {
         "jobs": m.jobs, "seconds": round(seconds, 4), "jobs_per_s": m.jobs / seconds,
         "broker_cpu_us_per_job": cpu / m.jobs * 1e6, "client_cpu_us_per_job": m.cpu / m.jobs * 1e6,
     }
+    if status is not None:
+        out["broker_status"] = status
     if s.mode == "latency":
         out["latencies_ns"] = m.latencies_ns
         out["offsets_ns"] = m.offsets_ns
@@ -218,6 +223,14 @@ def measure(s: Setup, sizes: Sizes) -> dict[str, Any]:
         ideal = sizes.ideal_makespan(s.workers)
         out.update(makespan_s=seconds, ideal_s=ideal, makespan_ratio=seconds / ideal)
     return out
+
+
+def broker_status(endpoint: str) -> dict[str, Any]:
+    """What the respworkers broker says about the run: whether messages to the client had
+    to wait (its socket queue was full), its longest loop turn, and anything malformed."""
+    snap = fetch_status(endpoint, timeout=10)
+    return {"clients": snap["clients"], "longest_turn_ms": round(snap["broker"]["longest_turn"] * 1e3, 1),
+            "bad_messages": snap["bad_messages"], "totals": snap["totals"]}
 
 
 # ================================================================================ statistics
