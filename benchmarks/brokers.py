@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -74,12 +75,97 @@ def c_proxy(front: str, back: str) -> None:
 
 
 # ------------------------------------------------------------------------------ respworkers
-def rw_broker(settings: dict[str, Any]) -> None:
-    """The respworkers broker as ``rw broker`` runs it (signals: SIGTERM stops it warmly)."""
+def rw_broker(settings: dict[str, Any], trace: str | None = None) -> None:
+    """The respworkers broker as ``rw broker`` runs it (signals: SIGTERM stops it warmly).
+
+    With ``trace`` (a file path), its slow steps are timed (see :func:`_trace_stalls`) and
+    written there as JSON when it stops.
+    """
     from respworkers.broker.server import run_broker
     from respworkers.config import BrokerConfig
 
-    run_broker(BrokerConfig(**settings))
+    stalls = _trace_stalls() if trace else None
+    try:
+        run_broker(BrokerConfig(**settings))
+    finally:
+        if trace and stalls is not None:
+            with open(trace, "w") as fh:
+                json.dump(stalls, fh)
+
+
+#: Broker steps timed by --trace: (module, class, method, label). Each runs at most once
+#: or a few times per loop turn, so timing them costs microseconds per turn.
+TRACED = (
+    ("respworkers.broker.core", "BrokerCore", "tick", "tick (heartbeats, expiry)"),
+    ("respworkers.broker.core", "BrokerCore", "flush", "journal commit + ACCEPTED"),
+    ("respworkers.broker.core", "BrokerCore", "send_results", "send_results"),
+    ("respworkers.broker.server", "BrokerServer", "_serve_status", "status snapshot"),
+    ("respworkers.broker.journal", "SqliteJournal", "commit", "sqlite commit"),
+)
+TRACE_MIN_NS = 250_000  # steps shorter than this are not recorded
+
+
+def _trace_stalls() -> list[tuple[str, int, int, int]]:
+    """Time, inside this broker process, every loop turn and the steps in TRACED, the
+    cyclic GC's collections and gc.freeze; keep those over TRACE_MIN_NS as (what, start,
+    duration, CPU time of the thread meanwhile), in perf_counter nanoseconds (CLOCK_MONOTONIC:
+    comparable with the client's). A step whose CPU time is well under its duration was
+    waiting: for the disk (fsync), or for a core (preempted by another process).
+
+    This patches respworkers classes in this process only, so that the suite can say
+    where a latency tail comes from without a hook in the broker.
+    """
+    import functools
+    import gc
+    import importlib
+    import time
+
+    stalls: list[tuple[str, int, int, int]] = []
+    perf, cpu = time.perf_counter_ns, time.thread_time_ns
+
+    def timed(fn: Any, label: str) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            t, c = perf(), cpu()
+            try:
+                return fn(*args, **kw)
+            finally:
+                d = perf() - t
+                if d >= TRACE_MIN_NS:
+                    stalls.append((label, t, d, cpu() - c))
+        return wrapper
+
+    for module, cls_name, method, label in TRACED:
+        cls = getattr(importlib.import_module(module), cls_name)
+        setattr(cls, method, timed(getattr(cls, method), label))
+    gc.freeze = timed(gc.freeze, "gc.freeze")  # type: ignore[assignment]
+
+    collecting = [0, 0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[:] = perf(), cpu()
+        elif collecting[0]:
+            d = perf() - collecting[0]
+            if d >= TRACE_MIN_NS:
+                stalls.append((f"gc gen {info.get('generation')}", collecting[0], d, cpu() - collecting[1]))
+
+    gc.callbacks.append(on_gc)
+    # A loop turn is the time between one poll's return and the next poll.
+    poll = zmq.Poller.poll
+    returned = [0, 0]
+
+    def timed_poll(self: zmq.Poller, timeout: float | None = None) -> Any:
+        t = perf()
+        if returned[0] and t - returned[0] >= TRACE_MIN_NS:
+            stalls.append(("loop turn", returned[0], t - returned[0], cpu() - returned[1]))
+        try:
+            return poll(self, timeout)
+        finally:
+            returned[:] = perf(), cpu()
+
+    zmq.Poller.poll = timed_poll  # type: ignore[method-assign]
+    return stalls
 
 
 BROKERS = ("baseline", "c-proxy", "rw-memory", "rw-sqlite")
@@ -95,6 +181,7 @@ class Running:
     workers: str
     status: str | None
     journal: str | None
+    trace: str | None = None  #: where the broker writes its timed steps when it stops
 
     @property
     def pid(self) -> int:
@@ -108,9 +195,10 @@ def rw_settings(fleet: Fleet, journal: str | None, **extra: Any) -> dict[str, An
             "status": fleet.ipc("status"), "journal": journal or ":memory:", **extra}
 
 
-def start_broker(fleet: Fleet, kind: str, **extra: Any) -> Running:
+def start_broker(fleet: Fleet, kind: str, trace: bool = False, **extra: Any) -> Running:
     """Start one broker of ``kind`` and return once every endpoint is bound (for respworkers,
-    the workers endpoint is bound only once its journal is loaded)."""
+    the workers endpoint is bound only once its journal is loaded). ``trace``: respworkers
+    brokers time their slow steps (see :func:`rw_broker`)."""
     front, back = fleet.ipc("clients"), fleet.ipc("workers")
     if kind == "baseline":
         return _started(fleet, Running(kind, fleet.start(baseline_broker, front, back), front, back,
@@ -122,8 +210,9 @@ def start_broker(fleet: Fleet, kind: str, **extra: Any) -> Running:
         raise ValueError(f"unknown broker {kind!r}")
     journal = os.path.join(fleet.tmp, "journal.sqlite3") if kind == "rw-sqlite" else None
     settings = rw_settings(fleet, journal, **extra)
-    proc = fleet.start(rw_broker, settings, name=kind)
-    return _started(fleet, Running(kind, proc, front, back, settings["status"], journal))
+    path = os.path.join(fleet.tmp, "trace.json") if trace else None
+    proc = fleet.start(rw_broker, settings, path, name=kind)
+    return _started(fleet, Running(kind, proc, front, back, settings["status"], journal, path))
 
 
 def _started(fleet: Fleet, b: Running) -> Running:

@@ -164,6 +164,7 @@ class Measured:
     cpu: float  #: this client process's own CPU seconds during the measurement
     latencies_ns: list[int] = field(default_factory=list)
     offsets_ns: list[int] = field(default_factory=list)  #: when each timed job was sent, from start
+    t0_ns: int = 0  #: perf_counter_ns() at the start (CLOCK_MONOTONIC, the same in every process)
 
 
 class JobError(RuntimeError):
@@ -246,7 +247,7 @@ def _windowed(sock: zmq.Socket, wire: Wire, plan: Plan, first: int = 0) -> Measu
                 now = perf()
                 lat.append(now - ts)
                 offsets.append(ts - t0)
-    return Measured(started, time.monotonic(), n, time.process_time() - cpu0, lat, offsets)
+    return Measured(started, time.monotonic(), n, time.process_time() - cpu0, lat, offsets, t0)
 
 
 def _windowed_many(socks: list[zmq.Socket], wires: list[Wire], plan: Plan) -> Measured:
@@ -373,9 +374,9 @@ def _real_measure(c: Any, plan: Plan) -> Measured:
     started = time.monotonic()
     lat: list[int] = []
     offsets: list[int] = []
+    perf = time.perf_counter_ns
+    t0 = perf()
     if plan.mode == "latency":
-        perf = time.perf_counter_ns
-        t0 = perf()
         for i in range(n):
             ts = perf()
             c.run(payloads[i % m])
@@ -404,4 +405,4 @@ def _real_measure(c: Any, plan: Plan) -> Measured:
             for r in c.results(chunks.popleft()):
                 _ok(r)
                 done += 1
-    return Measured(started, time.monotonic(), n, time.process_time() - cpu0, lat, offsets)
+    return Measured(started, time.monotonic(), n, time.process_time() - cpu0, lat, offsets, t0)

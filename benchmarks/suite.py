@@ -179,8 +179,12 @@ class Sizes:
         return max(total / workers, self.mixed_long)
 
 
-def measure(s: Setup, sizes: Sizes) -> dict[str, Any]:
-    """Start the broker, its workers and the client; return the figures of one run."""
+def measure(s: Setup, sizes: Sizes, trace: bool = False) -> dict[str, Any]:
+    """Start the broker, its workers and the client; return the figures of one run.
+
+    ``trace``: a respworkers broker times its slow steps (brokers.rw_broker), kept with the
+    client's timings so that slow jobs can be matched with what the broker was doing.
+    """
     if s.mode == "throughput":
         plan = Plan("throughput", sizes.jobs, s.window, s.per_message, expect_workers=s.workers)
     elif s.mode == "latency":
@@ -190,7 +194,7 @@ def measure(s: Setup, sizes: Sizes) -> dict[str, Any]:
         plan = Plan("makespan", len(payloads), len(payloads), payloads=payloads,
                     expect_workers=s.workers)
     with Fleet() as fleet:
-        broker = start_broker(fleet, s.broker)
+        broker = start_broker(fleet, s.broker, trace=trace and s.broker.startswith("rw-"))
         plan.status = broker.status
         for _ in range(s.workers):
             if s.worker == "runner":
@@ -208,6 +212,11 @@ def measure(s: Setup, sizes: Sizes) -> dict[str, Any]:
         _, m = fleet.get(ctl, max(120.0, plan.jobs / 200), "measurement")
         cpu = cpu_seconds(broker.pid) - cpu0
         status = broker_status(broker.status) if broker.status else None
+        stalls = None
+        if broker.trace:
+            fleet.stop(broker.proc, timeout=30)  # it writes the trace as it stops
+            with open(broker.trace) as fh:
+                stalls = json.load(fh)
     assert isinstance(m, Measured)
     seconds = m.ended - m.started
     out: dict[str, Any] = {
@@ -219,6 +228,8 @@ def measure(s: Setup, sizes: Sizes) -> dict[str, Any]:
     if s.mode == "latency":
         out["latencies_ns"] = m.latencies_ns
         out["offsets_ns"] = m.offsets_ns
+        if stalls is not None:
+            out["tail"] = attribute_tail(m, stalls)
     if s.mode == "makespan":
         ideal = sizes.ideal_makespan(s.workers)
         out.update(makespan_s=seconds, ideal_s=ideal, makespan_ratio=seconds / ideal)
@@ -287,6 +298,45 @@ def slowest(runs: list[dict[str, Any]], k: int = 10) -> list[dict[str, float]]:
     return sorted(out, key=lambda d: -d["latency_us"])[:k]
 
 
+def attribute_tail(m: Measured, stalls: list[list[Any]], top: float = 0.01) -> dict[str, Any]:
+    """For the slowest ``top`` of the timed jobs, what the broker was doing meanwhile.
+
+    Each slow job is put down to the longest broker step (journal commit, tick, GC, ...)
+    that overlaps its round trip, else to a long loop turn with no slower step named, else
+    to nothing the broker did ("outside the broker": the scheduler, the peers, the machine).
+    A step that used under half its duration in CPU is marked "waiting" (disk or a core).
+    """
+    lat = m.latencies_ns
+    if not lat:
+        return {}
+    cut = sorted(lat)[max(0, int(len(lat) * (1 - top)) - 1)]
+    steps = sorted((t, t + d, what, d, c) for what, t, d, c in stalls)
+    causes: dict[str, int] = {}
+    slow = 0
+    for off, d in zip(m.offsets_ns, lat):
+        if d < cut:
+            continue
+        slow += 1
+        a, b = m.t0_ns + off, m.t0_ns + off + d
+        over = [(dur, what, c) for s0, s1, what, dur, c in steps if s0 < b and s1 > a]
+        named = [x for x in over if x[1] != "loop turn"] or over
+        if named:
+            dur, what, c = max(named)
+            cause = what + (" (waiting)" if c < dur / 2 else "")
+        else:
+            cause = "outside the broker"
+        causes[cause] = causes.get(cause, 0) + 1
+    kinds: dict[str, list[tuple[int, int]]] = {}
+    for what, _, d, c in stalls:
+        kinds.setdefault(what, []).append((d, c))
+    return {"slow_jobs": slow, "slower_than_us": round(cut / 1e3, 1), "causes": causes,
+            "broker_steps_over_250us": {
+                k: {"count": len(v), "max_us": round(max(d for d, _ in v) / 1e3, 1),
+                    "total_ms": round(sum(d for d, _ in v) / 1e6, 1),
+                    "cpu_share": round(sum(c for _, c in v) / max(1, sum(d for d, _ in v)), 2)}
+                for k, v in kinds.items()}}
+
+
 def median(values: Iterable[float]) -> float:
     v = list(values)
     return statistics.median(v) if v else math.nan
@@ -298,6 +348,7 @@ class Report:
     machine: Machine
     sizes: Sizes
     rounds: int
+    trace: bool = False
     runs: dict[Setup, list[dict[str, Any]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -321,8 +372,9 @@ def selected(only: str | None) -> list[Load]:
     return [ld for ld in LOADS if ld.key in keys]
 
 
-def run_suite(loads: list[Load], sizes: Sizes, rounds: int, verbose: bool = True) -> Report:
-    report = Report(Machine.now(), sizes, rounds)
+def run_suite(loads: list[Load], sizes: Sizes, rounds: int, trace: bool = False,
+              verbose: bool = True) -> Report:
+    report = Report(Machine.now(), sizes, rounds, trace)
     setups: list[Setup] = []
     for ld in loads:
         why = missing_feature(ld)
@@ -341,7 +393,7 @@ def run_suite(loads: list[Load], sizes: Sizes, rounds: int, verbose: bool = True
         order = setups if r % 2 == 0 else setups[::-1]
         for i, s in enumerate(order):
             started = time.monotonic()
-            got = measure(s, sizes)
+            got = measure(s, sizes, trace=trace and s.mode == "latency")
             report.runs.setdefault(s, []).append(got)
             if verbose:
                 extra = (f"  makespan x{got['makespan_ratio']:.2f}" if "makespan_ratio" in got else "")
@@ -384,6 +436,13 @@ def summarise(loads: list[Load], report: Report) -> dict[str, Any]:
             row["latency"]["per_round_us"] = [latency_summary(run["latencies_ns"])["quantiles_us"]
                                               for run in runs]
             row["latency"]["slowest"] = slowest(runs)
+            tails = [run["tail"] for run in runs if run.get("tail")]
+            if tails:
+                causes: dict[str, int] = {}
+                for t in tails:
+                    for k, v in t["causes"].items():
+                        causes[k] = causes.get(k, 0) + v
+                row["latency"]["tail_causes"] = dict(sorted(causes.items(), key=lambda kv: -kv[1]))
             if ref is not None and ref.key not in report.skipped:
                 ref_q = latency_summary([v for run in report.runs[ref.setup]
                                          for v in run["latencies_ns"]])["quantiles_us"]
@@ -396,6 +455,7 @@ def summarise(loads: list[Load], report: Report) -> dict[str, Any]:
         "machine": asdict(report.machine) | {"loadavg_end": loadavg()},
         "sizes": asdict(report.sizes),
         "rounds": report.rounds,
+        "traced": report.trace,
         "groups": {g: t for g, t in GROUPS.items() if any(r["group"] == g for r in rows)},
         "loads": rows,
     }
@@ -448,6 +508,11 @@ def print_report(data: dict[str, Any]) -> None:
         for row in lat:
             for line in text_histogram(f"{row['group']}/{row['load']}", row["latency"]):
                 print(line)
+            causes = row["latency"].get("tail_causes")
+            if causes:
+                total = sum(causes.values())
+                print(f"    slowest 1% ({total} jobs) overlapped: " + ", ".join(
+                    f"{k} {v}" for k, v in causes.items()))
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
@@ -469,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed-jobs", type=int, default=Sizes.mixed_jobs)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated groups or group/load (references are added)")
+    ap.add_argument("--trace", action="store_true",
+                    help="latency runs: time the respworkers broker's slow steps and match them "
+                    "with the slowest 1%% of jobs (costs the broker a few us per loop turn)")
     ap.add_argument("--json", default=None, help=f"where to write the JSON (default {DEFAULT_JSON}; "
                     "with --scale, results/scale-latest.json)")
     ap.add_argument("--scale", type=int, metavar="N", default=0,
@@ -485,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.json or os.path.join(HERE, "results", "scale-latest.json"))
             loads = selected(args.only)
             sizes = Sizes(jobs=args.jobs, samples=args.samples, mixed_jobs=args.mixed_jobs)
-            report = run_suite(loads, sizes, args.rounds)
+            report = run_suite(loads, sizes, args.rounds, args.trace)
             data = summarise(loads, report)
             path = args.json or DEFAULT_JSON
             write_json(data, path)
