@@ -528,7 +528,7 @@ def write_json(data: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="groups: " + "; ".join(f"{g}: {t}" for g, t in GROUPS.items()))
+                                 epilog="groups:\n" + "\n".join(f"  {g:9s} {t}" for g, t in GROUPS.items()))
     ap.add_argument("--jobs", type=int, default=Sizes.jobs, help="jobs per throughput run")
     ap.add_argument("--samples", type=int, default=Sizes.samples, help="timed jobs per latency run")
     ap.add_argument("--mixed-jobs", type=int, default=Sizes.mixed_jobs)
@@ -557,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
             data = summarise(loads, report)
             path = args.json or DEFAULT_JSON
             write_json(data, path)
+            if not args.json:  # and a dated copy, so that earlier runs stay at hand
+                stamp = data["machine"]["date"][:19].replace(":", "").replace("-", "")
+                write_json(data, os.path.join(os.path.dirname(path), f"suite-{stamp}.json"))
             print_report(data)
             print(f"\nJSON: {os.path.relpath(path)}")
             return 0
