@@ -159,10 +159,14 @@ def _trace_stalls() -> list[tuple[str, int, int, int]]:
         t = perf()
         if returned[0] and t - returned[0] >= TRACE_MIN_NS:
             stalls.append(("loop turn", returned[0], t - returned[0], cpu() - returned[1]))
+        events = []
         try:
-            return poll(self, timeout)
+            events = poll(self, timeout)
+            return events
         finally:
             returned[:] = perf(), cpu()
+            if not events:  # woken by its own timer (a due commit, a tick), not by a message
+                stalls.append(("timer wake-up", returned[0], 0, 0))
 
     zmq.Poller.poll = timed_poll  # type: ignore[method-assign]
     return stalls

@@ -22,6 +22,7 @@ are shown in every group that uses them. Groups (see RESULTS.md for what each an
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -305,20 +306,35 @@ def attribute_tail(m: Measured, stalls: list[list[Any]], top: float = 0.01) -> d
     that overlaps its round trip, else to a long loop turn with no slower step named, else
     to nothing the broker did ("outside the broker": the scheduler, the peers, the machine).
     A step that used under half its duration in CPU is marked "waiting" (disk or a core).
+    Since overlaps happen by chance too, ``overlap`` gives for each kind of step the share
+    of slow jobs and the share of all jobs that overlapped one: only a kind much more
+    frequent among slow jobs is a cause.
     """
     lat = m.latencies_ns
     if not lat:
         return {}
     cut = sorted(lat)[max(0, int(len(lat) * (1 - top)) - 1)]
     steps = sorted((t, t + d, what, d, c) for what, t, d, c in stalls)
+    starts = [st[0] for st in steps]
+    longest = max((st[1] - st[0] for st in steps), default=0)
     causes: dict[str, int] = {}
+    seen_all: dict[str, int] = {}
+    seen_slow: dict[str, int] = {}
     slow = 0
     for off, d in zip(m.offsets_ns, lat):
+        a, b = m.t0_ns + off, m.t0_ns + off + d
+        lo = bisect.bisect_left(starts, a - longest)
+        hi = bisect.bisect_right(starts, b)
+        over = [(dur, what, c) for s0, s1, what, dur, c in steps[lo:hi] if s0 <= b and s1 >= a]
+        kinds = {what for _, what, _ in over}
+        for k in kinds:
+            seen_all[k] = seen_all.get(k, 0) + 1
         if d < cut:
             continue
         slow += 1
-        a, b = m.t0_ns + off, m.t0_ns + off + d
-        over = [(dur, what, c) for s0, s1, what, dur, c in steps if s0 < b and s1 > a]
+        for k in kinds:
+            seen_slow[k] = seen_slow.get(k, 0) + 1
+        over = [x for x in over if x[1] != "timer wake-up"]
         named = [x for x in over if x[1] != "loop turn"] or over
         if named:
             dur, what, c = max(named)
@@ -326,15 +342,17 @@ def attribute_tail(m: Measured, stalls: list[list[Any]], top: float = 0.01) -> d
         else:
             cause = "outside the broker"
         causes[cause] = causes.get(cause, 0) + 1
-    kinds: dict[str, list[tuple[int, int]]] = {}
+    summary: dict[str, list[tuple[int, int]]] = {}
     for what, _, d, c in stalls:
-        kinds.setdefault(what, []).append((d, c))
+        summary.setdefault(what, []).append((d, c))
     return {"slow_jobs": slow, "slower_than_us": round(cut / 1e3, 1), "causes": causes,
-            "broker_steps_over_250us": {
+            "overlap": {k: {"slow": round(seen_slow.get(k, 0) / max(1, slow), 3),
+                            "all": round(v / len(lat), 3)} for k, v in seen_all.items()},
+            "broker_steps": {
                 k: {"count": len(v), "max_us": round(max(d for d, _ in v) / 1e3, 1),
                     "total_ms": round(sum(d for d, _ in v) / 1e6, 1),
                     "cpu_share": round(sum(c for _, c in v) / max(1, sum(d for d, _ in v)), 2)}
-                for k, v in kinds.items()}}
+                for k, v in summary.items()}}
 
 
 def median(values: Iterable[float]) -> float:
@@ -443,6 +461,10 @@ def summarise(loads: list[Load], report: Report) -> dict[str, Any]:
                     for k, v in t["causes"].items():
                         causes[k] = causes.get(k, 0) + v
                 row["latency"]["tail_causes"] = dict(sorted(causes.items(), key=lambda kv: -kv[1]))
+                kinds = {k for t in tails for k in t["overlap"]}
+                row["latency"]["tail_overlap"] = {
+                    k: {w: round(median(t["overlap"].get(k, {}).get(w, 0.0) for t in tails), 3)
+                        for w in ("slow", "all")} for k in sorted(kinds)}
             if ref is not None and ref.key not in report.skipped:
                 ref_q = latency_summary([v for run in report.runs[ref.setup]
                                          for v in run["latencies_ns"]])["quantiles_us"]
@@ -511,8 +533,11 @@ def print_report(data: dict[str, Any]) -> None:
             causes = row["latency"].get("tail_causes")
             if causes:
                 total = sum(causes.values())
-                print(f"    slowest 1% ({total} jobs) overlapped: " + ", ".join(
-                    f"{k} {v}" for k, v in causes.items()))
+                print(f"    slowest 1% ({total} jobs), each put down to the longest broker step it "
+                      "overlapped: " + ", ".join(f"{k} {v}" for k, v in causes.items()))
+                print("    share of the slowest 1% / of all jobs overlapping: " + ", ".join(
+                    f"{k} {v['slow']:.0%} / {v['all']:.0%}"
+                    for k, v in row["latency"]["tail_overlap"].items()))
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
