@@ -523,6 +523,13 @@ def print_report(data: dict[str, Any]) -> None:
     print()
     for line in table(data):
         print(line)
+    for row in data["loads"]:  # a load that misbehaved would make its figures meaningless
+        for r, run in enumerate(row.get("rounds", []), 1):
+            st = run.get("broker_status") or {}
+            odd = {**st.get("bad_messages", {}), **{k: v for k, v in st.get("totals", {}).items()
+                                                    if k in ("failed", "retried", "lost_workers") and v}}
+            if odd:
+                print(f"WARNING {row['group']}/{row['load']} round {r}: the broker counted {odd}")
     lat = [r for r in data["loads"] if "latency" in r]
     if lat:
         print()
