@@ -92,7 +92,10 @@ def _wait_running(fleet: Fleet, proc: Any, status: str, started: float) -> dict[
         elapsed = time.monotonic() - started
         progress.append([round(elapsed, 3), b.get("restored")])
         if b["state"] == "running":
+            starting = [p for p in progress if p[1] is not None]
             return {"seconds": round(elapsed, 3), "queued": snap["queued"], "retained": snap["retained"],
+                    # the last snapshot while loading: [seconds, rows restored by then]
+                    "last_seen_loading": starting[-1] if starting else None,
                     "progress": progress[-20:]}
         time.sleep(0.05)
 
@@ -305,6 +308,8 @@ def print_report(d: dict[str, Any]) -> None:
           f"{s['first_broker_cpu_us_per_job']} us/job), last tenth {s['last_jobs_per_s']:,} jobs/s "
           f"({s['last_broker_cpu_us_per_job']} us/job): last/first x{s['last_over_first']:.2f}; "
           f"longest loop turn {s['longest_turn_s'] * 1e3:.0f} ms")
+    print("   per tenth: " + "  ".join(f"{g['jobs_per_s']:,}/s {g['broker_cpu_us_per_job']}us"
+                                      for g in s["segments"]))
     mem = q["memory"]
     print(f"   broker RSS {_mb(mem['rss_empty_bytes'])} empty, {_mb(mem['rss_queued_bytes'])} with "
           f"{s['queued']:,} queued: {mem['bytes_per_job_beyond_payload']:,.0f} bytes per job "
@@ -318,12 +323,17 @@ def print_report(d: dict[str, Any]) -> None:
           f"{z['jobs_per_s']:,} jobs/s ({z['broker_cpu_us_per_job']} us/job): "
           f"last/first x{dr['last_over_first']:.2f}")
     ru, rf = q["restart_unfinished"], q["restart_finished"]
-    print(f"b. restart with {ru['queued']:,} unfinished jobs: running after {ru['seconds']:.2f} s "
-          f"(the warm stop before it took {ru['previous_stop_seconds']:.2f} s); RSS "
+    def loading(r: dict[str, Any]) -> str:
+        seen = r.get("last_seen_loading")
+        return f", still loading at {seen[0]:.2f} s ({seen[1]:,} rows)" if seen else ""
+
+    print(f"b. restart with {ru['queued']:,} unfinished jobs: running after {ru['seconds']:.2f} s"
+          f"{loading(ru)}; the warm stop before it took {ru['previous_stop_seconds']:.2f} s; RSS "
           f"{ru['rss_bytes_per_job_beyond_payload']:,.0f} bytes per job beyond the payload")
-    print(f"   restart with {rf['retained']:,} finished jobs retained: running after {rf['seconds']:.2f} s "
-          f"(warm stop {rf['previous_stop_seconds']:.2f} s); RSS {rf['rss_bytes_per_retained_job']:,.0f} "
-          f"bytes per retained job; empty broker: {q['start_empty']['seconds']:.2f} s")
+    print(f"   restart with {rf['retained']:,} finished jobs retained: running after {rf['seconds']:.2f} s"
+          f"{loading(rf)}; warm stop {rf['previous_stop_seconds']:.2f} s; RSS "
+          f"{rf['rss_bytes_per_retained_job']:,.0f} bytes per retained job; empty broker: "
+          f"{q['start_empty']['seconds']:.2f} s")
     p = d["peers"]
     sm, bg = p["small"], p["big"]
     print(f"c. {bg['workers']} workers + {bg['clients']} clients: {bg['jobs_per_s']:,} jobs/s, broker "
