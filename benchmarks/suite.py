@@ -461,6 +461,9 @@ def summarise(loads: list[Load], report: Report) -> dict[str, Any]:
                     for k, v in t["causes"].items():
                         causes[k] = causes.get(k, 0) + v
                 row["latency"]["tail_causes"] = dict(sorted(causes.items(), key=lambda kv: -kv[1]))
+                row["latency"]["timer_wakeups_per_job"] = round(median(
+                    t["broker_steps"].get("timer wake-up", {}).get("count", 0) / run["jobs"]
+                    for t, run in zip(tails, runs)), 2)
                 kinds = {k for t in tails for k in t["overlap"]}
                 row["latency"]["tail_overlap"] = {
                     k: {w: round(median(t["overlap"].get(k, {}).get(w, 0.0) for t in tails), 3)
@@ -545,6 +548,8 @@ def print_report(data: dict[str, Any]) -> None:
                 print("    share of the slowest 1% / of all jobs overlapping: " + ", ".join(
                     f"{k} {v['slow']:.0%} / {v['all']:.0%}"
                     for k, v in row["latency"]["tail_overlap"].items()))
+                print(f"    the broker woke on its own timer {row['latency']['timer_wakeups_per_job']} "
+                      "times per job")
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
