@@ -202,11 +202,14 @@ def _loadavg() -> list[float]:
         return []
 
 
-def _git_commit() -> str | None:
+def _git_commit(folder: str) -> str | None:
+    """The commit checked out where ``folder`` is, with "+" if its files differ from it."""
     try:
-        return subprocess.run(
-            ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return head + ("+" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -222,7 +225,9 @@ class Machine:
     pyzmq: str
     libzmq: str
     respworkers: str
-    commit: str | None
+    commit: str | None  #: of the respworkers package measured ("+": with uncommitted changes)
+    respworkers_path: str
+    bench_commit: str | None  #: of these benchmark scripts
     loadavg_start: list[float]
 
     @classmethod
@@ -233,13 +238,11 @@ class Machine:
             date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             cores=len(os.sched_getaffinity(0)), cpu=_cpu_model(),
             python=sys.version.split()[0], pyzmq=zmq.__version__, libzmq=zmq.zmq_version(),
-            respworkers=respworkers.__version__, commit=_git_commit(), loadavg_start=_loadavg())
-
-    def describe(self) -> str:
-        return (f"{self.date}  {self.cores} cores ({self.cpu})  Python {self.python}  "
-                f"pyzmq {self.pyzmq}  libzmq {self.libzmq}  respworkers {self.respworkers}"
-                + (f" @ {self.commit}" if self.commit else "")
-                + f"  load avg at start {' '.join(map(str, self.loadavg_start))}")
+            respworkers=respworkers.__version__,
+            commit=_git_commit(os.path.dirname(os.path.abspath(respworkers.__file__))),
+            respworkers_path=os.path.dirname(os.path.abspath(respworkers.__file__)),
+            bench_commit=_git_commit(os.path.dirname(os.path.abspath(__file__))),
+            loadavg_start=_loadavg())
 
 
 def loadavg() -> list[float]:

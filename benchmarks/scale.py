@@ -301,7 +301,7 @@ def print_report(d: dict[str, Any]) -> None:
     m = d["machine"]
     print(f"respworkers scale tests, {m['date']}: {m['cores']} cores ({m['cpu']}), Python {m['python']}, "
           f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}"
-          + (f", respworkers @ {m['commit']}" if m["commit"] else ""))
+          + (f", respworkers @ {m['commit']}" if m["commit"] else "") + f" ({m['respworkers_path']})")
     s = q["submit"]
     print(f"a. {n:,} jobs of {q['payload_bytes']} bytes, submit_many into the sqlite journal, no workers")
     print(f"   submit until confirmed: first tenth {s['first_jobs_per_s']:,} jobs/s (broker "

@@ -516,7 +516,7 @@ def print_report(data: dict[str, Any]) -> None:
     m = data["machine"]
     print(f"respworkers benchmark suite, {m['date']}: {m['cores']} cores ({m['cpu']}), Python "
           f"{m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, respworkers {m['respworkers']}"
-          + (f" @ {m['commit']}" if m["commit"] else ""))
+          + (f" @ {m['commit']}" if m["commit"] else "") + f" ({m['respworkers_path']})")
     s = data["sizes"]
     print(f"{s['jobs']:,} jobs per throughput run, {s['samples']:,} timed jobs per latency run, "
           f"{s['mixed_jobs']} mixed jobs; median of {data['rounds']} round(s); load average "
