@@ -525,7 +525,7 @@ def print_report(data: dict[str, Any]) -> None:
           "us/job: CPU of the broker process (all threads) per job")
     print()
     for line in table(data):
-        print(line)
+        print(line.rstrip())
     for row in data["loads"]:  # a load that misbehaved would make its figures meaningless
         for r, run in enumerate(row.get("rounds", []), 1):
             st = run.get("broker_status") or {}
