@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from harness import Fleet, wait_for_ipc
+from harness import Fleet, pid_of, wait_for_ipc
 
 
 # ------------------------------------------------------------------------------ baseline broker
@@ -167,7 +167,7 @@ def _trace_stalls() -> list[tuple[str, int, int, int]]:
     poll = zmq.Poller.poll
     returned = [0, 0]
 
-    def timed_poll(self: zmq.Poller, timeout: float | None = None) -> Any:
+    def timed_poll(self: zmq.Poller, timeout: Any = None) -> Any:
         t = perf()
         if returned[0] and t - returned[0] >= TRACE_MIN_NS:
             stalls.append(("loop turn", returned[0], t - returned[0], cpu() - returned[1]))
@@ -201,8 +201,7 @@ class Running:
 
     @property
     def pid(self) -> int:
-        assert self.proc.pid is not None
-        return int(self.proc.pid)
+        return pid_of(self.proc)
 
 
 def rw_settings(fleet: Fleet, journal: str | None, **extra: Any) -> dict[str, Any]:

@@ -141,6 +141,13 @@ def event() -> Any:
 
 
 # ------------------------------------------------------------------------------ /proc readers
+def pid_of(p: mp.process.BaseProcess) -> int:
+    """The pid of a started process."""
+    if p.pid is None:
+        raise ChildFailed(f"{p.name} was never started")
+    return p.pid
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of all threads of a live process (the ZeroMQ I/O thread too), in seconds.
 

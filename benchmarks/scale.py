@@ -33,7 +33,18 @@ from respworkers.client import fetch_status
 from respworkers.errors import BrokerUnavailable
 
 from brokers import rw_broker, rw_settings, start_broker
-from harness import ChildFailed, Fleet, Machine, cpu_seconds, event, loadavg, queue_, report_errors, rss_bytes
+from harness import (
+    ChildFailed,
+    Fleet,
+    Machine,
+    cpu_seconds,
+    event,
+    loadavg,
+    pid_of,
+    queue_,
+    report_errors,
+    rss_bytes,
+)
 from peers import Plan, raw_client, rww3_worker
 
 PAYLOAD_BYTES = 100
@@ -108,7 +119,7 @@ def _restart(fleet: Fleet, old: Any, settings: dict[str, Any]) -> tuple[Any, dic
     proc = fleet.start(rw_broker, settings, name="rw-sqlite")
     got = _wait_running(fleet, proc, settings["status"], started)
     got["previous_stop_seconds"] = round(stop, 3)
-    got["rss_bytes"] = rss_bytes(proc.pid)
+    got["rss_bytes"] = rss_bytes(pid_of(proc))
     return proc, got
 
 
@@ -135,14 +146,14 @@ def queue_restart_drain(n: int) -> dict[str, Any]:
         started = time.monotonic()
         broker = fleet.start(rw_broker, settings, name="rw-sqlite")
         out["start_empty"] = _wait_running(fleet, broker, settings["status"], started)
-        rss0 = rss_bytes(broker.pid)
+        rss0 = rss_bytes(pid_of(broker))
 
         # a. submit
         ctl, close = queue_(), event()
-        fleet.start(_submitter, settings["clients"], n, broker.pid, ctl, close)
+        fleet.start(_submitter, settings["clients"], n, pid_of(broker), ctl, close)
         print(f"scale: submitting {n:,} jobs ...", file=sys.stderr)
         _, segments = fleet.get(ctl, 3600, "submissions")
-        rss1 = rss_bytes(broker.pid)
+        rss1 = rss_bytes(pid_of(broker))
         snap = fetch_status(settings["status"], timeout=30)
         close.set()
         fleet.get(ctl, 600, "the client's close")
@@ -178,7 +189,7 @@ def queue_restart_drain(n: int) -> dict[str, Any]:
             t = time.monotonic()
             snap = fetch_status(settings["status"], timeout=30)
             fetches.append(time.monotonic() - t)
-            series.append((t - t0, snap["totals"]["done"], cpu_seconds(broker.pid)))
+            series.append((t - t0, snap["totals"]["done"], cpu_seconds(pid_of(broker))))
             if snap["totals"]["done"] >= n:
                 break
             if any(w.exitcode is not None for w in workers) or broker.exitcode is not None:

@@ -120,27 +120,30 @@ def _loads() -> list[Load]:
         Load("batch", "rw-full-batch", Setup("rw-sqlite", "runner", "client", window=1000,
                                              per_message=100), "batch/baseline"),
     ]
-    lat = {"mode": "latency", "window": 1}
+    def lat(broker: str, worker: str, client: str) -> Setup:
+        return Setup(broker, worker, client, mode="latency", window=1)
+
+    def mix(broker: str, worker: str, client: str, prefetch: int | None = None) -> Setup:
+        return Setup(broker, worker, client, mode="makespan", window=0, prefetch=prefetch)  # 0: all at once
+
     loads += [
-        Load("latency", "baseline", Setup("baseline", "dealer", "envelope", **lat)),
-        Load("latency", "rw-memory", Setup("rw-memory", "rww3", "rwc", **lat), "latency/baseline"),
-        Load("latency", "rw-sqlite", Setup("rw-sqlite", "rww3", "rwc", **lat), "latency/baseline"),
-        Load("latency", "rw-full", Setup("rw-sqlite", "runner", "client", **lat), "latency/baseline"),
+        Load("latency", "baseline", lat("baseline", "dealer", "envelope")),
+        Load("latency", "rw-memory", lat("rw-memory", "rww3", "rwc"), "latency/baseline"),
+        Load("latency", "rw-sqlite", lat("rw-sqlite", "rww3", "rwc"), "latency/baseline"),
+        Load("latency", "rw-full", lat("rw-sqlite", "runner", "client"), "latency/baseline"),
     ]
-    mix = {"mode": "makespan", "window": 0}  # window 0: all jobs at once
     loads += [
-        Load("mixed", "baseline", Setup("baseline", "dealer", "envelope", **mix)),
-        Load("mixed", "c-proxy", Setup("c-proxy", "rep", "envelope", **mix), "mixed/baseline"),
-        Load("mixed", "rw-memory", Setup("rw-memory", "rww3", "rwc", **mix), "mixed/baseline"),
-        Load("mixed", "rw-full", Setup("rw-sqlite", "runner", "client", **mix), "mixed/baseline"),
+        Load("mixed", "baseline", mix("baseline", "dealer", "envelope")),
+        Load("mixed", "c-proxy", mix("c-proxy", "rep", "envelope"), "mixed/baseline"),
+        Load("mixed", "rw-memory", mix("rw-memory", "rww3", "rwc"), "mixed/baseline"),
+        Load("mixed", "rw-full", mix("rw-sqlite", "runner", "client"), "mixed/baseline"),
     ]
     # PREFETCH: the future feature. Real worker processes whose Worker class sets
     # `prefetch`; measured against the C proxy (throughput) and on the mixed workload.
     loads += [
         Load("prefetch", "rw-prefetch", Setup("rw-memory", "runner", "envelope", prefetch=PREFETCH),
              "req/c-proxy", needs="prefetch"),
-        Load("prefetch", "rw-prefetch-mixed", Setup("rw-memory", "runner", "envelope",
-                                                    prefetch=PREFETCH, **mix),
+        Load("prefetch", "rw-prefetch-mixed", mix("rw-memory", "runner", "envelope", PREFETCH),
              "mixed/c-proxy", needs="prefetch"),
     ]
     return loads
@@ -402,7 +405,7 @@ def run_suite(loads: list[Load], sizes: Sizes, rounds: int, trace: bool = False,
             setups.append(ld.setup)
     for key, why in report.skipped.items():
         print(f"{key}: skipped ({why})", file=sys.stderr)
-    names = {}
+    names: dict[Setup, str] = {}
     for ld in loads:
         names.setdefault(ld.setup, ld.key)
     for r in range(rounds):
