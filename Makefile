@@ -26,8 +26,11 @@ test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
+# The suite (every load and its references in one run, a few minutes on 2 cores; JSON in
+# benchmarks/results/latest.json), then the broker core alone and the job-file parser.
+# Options for the suite: make bench BENCH_ARGS="--rounds 1". Scale tests: see benchmarks/RESULTS.md.
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/suite.py $(BENCH_ARGS)
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/core.py --journal sqlite
 	$(PY) benchmarks/jobfile.py
