@@ -42,7 +42,7 @@ def run_once(jobs: int, journal: Journal) -> float:
     for first in range(0, jobs, BATCH):
         core.set_time(time.monotonic(), time.time())
         core.on_client(b"client", protocol.encode_submits([
-            protocol.encode_submit(f"j{i}", "default", None, None, payload)
+            protocol.encode_submit(f"j{i}", "default", None, payload)
             for i in range(first, min(first + BATCH, jobs))]))
         core.send_results()
         core.maybe_flush()

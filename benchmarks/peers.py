@@ -149,7 +149,7 @@ class Plan:
     per_message: int = 1  #: jobs per SUBMITS (1: one SUBMIT per job)
     payloads: Sequence[bytes] = (PAYLOAD,)
     expect_workers: int = 0  #: warm up until this many distinct workers answered (0: no check)
-    sockets: int = 1  #: client connections in this process (raw RWC2 only)
+    sockets: int = 1  #: client connections in this process (raw RWC3 only)
     status: str | None = None  #: the broker's status endpoint (real clients)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -185,7 +185,7 @@ class Envelope:
 
 
 class Rwc:
-    """RWC2: one SUBMIT per job, or ``per_message`` jobs per SUBMITS. Job ids are unique
+    """RWC3: one SUBMIT per job, or ``per_message`` jobs per SUBMITS. Job ids are unique
     per client (``prefix``), so a journal never takes a job for a resubmission."""
 
     def __init__(self, prefix: str) -> None:
@@ -194,24 +194,24 @@ class Rwc:
     def request(self, first: int, payloads: list[bytes]) -> list[bytes]:
         p = self.prefix
         if len(payloads) == 1:
-            return protocol.encode_submit(f"{p}{first}", "default", None, None, [payloads[0]])
+            return protocol.encode_submit(f"{p}{first}", "default", None, [payloads[0]])
         return protocol.encode_submits([
-            protocol.encode_submit(f"{p}{first + k}", "default", None, None, [payload])
+            protocol.encode_submit(f"{p}{first + k}", "default", None, [payload])
             for k, payload in enumerate(payloads)])
 
     @staticmethod
     def results(reply: list[bytes]) -> list[bytes]:
         line = reply[0]
-        if line.startswith(b"RWC2 RESULT "):
+        if line.startswith(b"RWC3 RESULT "):
             return reply[1:2]
-        if line.startswith(b"RWC2 RESULTS "):
-            counts = line.split(b" ")[3::2]  # "RWC2 RESULTS", then id and frame count per job
+        if line.startswith(b"RWC3 RESULTS "):
+            counts = line.split(b" ")[3::2]  # "RWC3 RESULTS", then id and frame count per job
             out, i = [], 1
             for c in counts:
                 out.append(reply[i])
                 i += int(c)
             return out
-        if line.startswith((b"RWC2 ACCEPTED", b"RWC2 PONG")):
+        if line.startswith((b"RWC3 ACCEPTED", b"RWC3 PONG")):
             return []
         raise JobError(f"broker answered {reply[:2]!r}")
 

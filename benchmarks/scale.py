@@ -245,7 +245,7 @@ def _fetch_times(status: str, stop: threading.Event, out: list[float]) -> None:
 
 def peers_run(workers: int, clients: int, jobs: int, in_flight: int) -> dict[str, Any]:
     """Throughput with ``workers`` raw workers (sockets over 4 processes) and ``clients``
-    raw RWC2 clients (sockets over 1 or 2 processes) keeping ``in_flight`` jobs in all."""
+    raw RWC3 clients (sockets over 1 or 2 processes) keeping ``in_flight`` jobs in all."""
     with Fleet() as fleet:
         b = start_broker(fleet, "rw-memory", log_level="warning")
         assert b.status is not None

@@ -48,7 +48,7 @@ DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 class Setup:
     """One measurement: a broker, its workers, one client process and what it does.
 
-    ``client``: ``envelope`` (plain REQ envelope, raw DEALER), ``rwc`` (raw RWC2 DEALER) or
+    ``client``: ``envelope`` (plain REQ envelope, raw DEALER), ``rwc`` (raw RWC3 DEALER) or
     ``client`` (``respworkers.Client``); ``worker`` as in peers.WORKERS.
     """
 

@@ -11,23 +11,33 @@ __version__ = "0.1.0"
 from .client import Client, JobResult
 from .errors import (
     BrokerUnavailable,
+    Cancelled,
     ConfigError,
+    Fail,
+    Interrupt,
     JobFailed,
     ProtocolError,
     Refused,
     RespWorkersError,
+    Retry,
+    TimeLimit,
 )
 from .worker.base import Worker
 
 __all__ = [
     "BrokerUnavailable",
+    "Cancelled",
     "Client",
     "ConfigError",
+    "Fail",
+    "Interrupt",
     "JobFailed",
     "JobResult",
     "ProtocolError",
     "Refused",
     "RespWorkersError",
+    "Retry",
+    "TimeLimit",
     "Worker",
     "__version__",
 ]

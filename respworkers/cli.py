@@ -135,12 +135,15 @@ def cli() -> None:
 
 # ================================================================================= broker
 @cli.command()
-@configured("broker", "clients", "workers", "status", "timeout", "tries", "journal", "log_level")
+@configured("broker", "clients", "workers", "status", "timeout", "tries", "backoff", "journal",
+            "log_level")
 @click.option("--clients", metavar="ENDPOINT", help="Endpoint clients submit to.")
 @click.option("--workers", metavar="ENDPOINT", help="Endpoint workers connect to.")
 @click.option("--status", metavar="ENDPOINT", help="Endpoint status queries go to.")
 @click.option("--timeout", type=float, help="Default seconds one attempt may take.")
 @click.option("--tries", type=int, help="Default attempts before a job fails.")
+@click.option("--backoff", type=float, metavar="SECONDS",
+              help="Default delay before a first retry, doubling after (0: retry at once).")
 @click.option("--journal", metavar="PATH", help='sqlite journal file, or ":memory:".')
 @click.option("--log-level", help="debug, info, warning or error.")
 def broker(conf: BrokerConfig) -> None:

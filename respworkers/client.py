@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 import zmq
@@ -156,20 +157,36 @@ class Client:
         queue: str = protocol.DEFAULT_QUEUE,
         timeout: float | None = None,
         tries: int | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        eta: datetime | float | None = None,
+        expires: float | timedelta | datetime | None = None,
+        tenant: str | None = None,
+        backoff: float | None = None,
+        backoff_max: float | None = None,
     ) -> str:
         """Send one job and return its id at once; collect it with :meth:`result`.
 
-        Raises ValueError, before sending anything, for an id, queue, time limit, number
-        of tries or size the broker would refuse (its limits are learnt on first contact).
+        Options (each None: the broker's default): ``timeout`` seconds one attempt may take;
+        ``tries``; ``priority`` 0..9 (9 first; 5 by default); ``delay`` seconds or ``eta`` a
+        time before which it does not run; ``expires`` seconds from now or a time by which it
+        must have started, else it ends ``expired``; ``tenant``, whose job it is (tenants
+        take turns within a queue); ``backoff``/``backoff_max`` seconds before a retry
+        (doubling per attempt, with jitter).
+
+        Raises ValueError, before sending anything, for an id, queue, option or size the
+        broker would refuse (its limits are learnt on first contact).
         """
-        job = {"payload": payload, "id": id, "queue": queue, "timeout": timeout, "tries": tries}
+        job = {"payload": payload, "id": id, "queue": queue, "timeout": timeout, "tries": tries,
+               "priority": priority, "delay": delay, "eta": eta, "expires": expires,
+               "tenant": tenant, "backoff": backoff, "backoff_max": backoff_max}
         return self.submit_many([job])[0]  # one job goes as a plain SUBMIT
 
     def submit_many(self, jobs: Iterable[Payload | Mapping[str, Any]]) -> list[str]:
         """Send many jobs in few messages (SUBMITS); return their ids in order.
 
         Each job is a payload, or a mapping of :meth:`submit`'s arguments (``payload``,
-        ``id``, ``queue``, ``timeout``, ``tries``). Every job is checked before any is
+        ``id``, ``queue`` and the options). Every job is checked before any is
         sent. Results of these jobs may arrive batched, which costs the broker (and
         this client) far less per job than one message each.
         """
@@ -183,18 +200,12 @@ class Client:
         return [job_id for job_id, _ in checked]
 
     def validate(
-        self,
-        payload: Payload,
-        *,
-        id: str,
-        queue: str = protocol.DEFAULT_QUEUE,
-        timeout: float | None = None,
-        tries: int | None = None,
+        self, payload: Payload, *, id: str, queue: str = protocol.DEFAULT_QUEUE, **options: Any,
     ) -> list[bytes]:
         """Check a job against the protocol and the broker's limits; return its SUBMIT frames."""
         if not self.session.link.last_heard:
             self._first_contact()
-        return self.session.check(payload, id, queue, timeout, tries)
+        return self.session.check(payload, id, queue, **options)
 
     def attach(self, job_id: str) -> None:
         """Follow a job submitted elsewhere (another process, an earlier run)."""
@@ -259,6 +270,92 @@ class Client:
         got = {r.id: r for r in self.results(ids)}
         return [got[i].payload for i in ids]
 
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the job's progress reports as its worker sends them, until it ends (then
+        collect the outcome with :meth:`outcome`). Also see :attr:`on_progress`."""
+        session = self.session
+        session.watch(job_id)
+        self._flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        news = session.progress_news
+        while True:
+            while news:
+                watched, report = news.popleft()
+                if watched == job_id:
+                    yield report
+                # reports of other watched jobs went to on_progress already
+            if job_id in session.done:
+                return
+            self._wait_step(deadline)
+
+    @property
+    def on_progress(self) -> Callable[[str, dict[str, Any]], None] | None:
+        """Called with (job id, report) for every progress report of a watched job."""
+        return self.session.on_progress
+
+    @on_progress.setter
+    def on_progress(self, callback: Callable[[str, dict[str, Any]], None] | None) -> None:
+        self.session.on_progress = callback
+
+    # ----------------------------------------------------------------- operators' requests
+    def jobs(self, state: str | None = None, queue: str | None = None, limit: int = 100
+             ) -> list[dict[str, Any]]:
+        """Jobs the broker holds, newest first: id, queue, state, attempt, tries, priority,
+        tenant, age and the error's first line (pages are fetched as needed)."""
+        found: list[dict[str, Any]] = []
+        cursor: int | None = 0
+        while cursor is not None and len(found) < limit:
+            page = self._admin(protocol.JobsPage, protocol.encode_list_jobs(
+                {"state": state, "queue": queue, "limit": min(1000, limit - len(found)),
+                 "cursor": cursor})).page
+            if page.get("error"):
+                raise ValueError(page["error"])
+            found.extend(page.get("jobs", []))
+            cursor = page.get("cursor")
+        return found[:limit]
+
+    def requeue(self, job_ids: Iterable[str]) -> dict[str, Any]:
+        """Run failed, cancelled or expired jobs again under the same ids (fresh tries).
+        Returns {"requeued": [...], "unknown": [...], "skipped": {id: why}}."""
+        ids = list(dict.fromkeys(job_ids))
+        report: dict[str, Any] = {"requeued": [], "unknown": [], "skipped": {}}
+        for i in range(0, len(ids), protocol.MAX_BATCH):
+            for j in ids[i:i + protocol.MAX_BATCH]:
+                protocol.check_job_id(j.encode())
+            got = self._admin(protocol.Requeued,
+                              protocol.encode_requeue(ids[i:i + protocol.MAX_BATCH])).report
+            report["requeued"] += got.get("requeued", [])
+            report["unknown"] += got.get("unknown", [])
+            report["skipped"].update(got.get("skipped", {}))
+        return report
+
+    def purge(self, queue: str) -> int:
+        """Cancel every job waiting in ``queue`` (queued or scheduled); how many were."""
+        protocol.check_queue(queue.encode())
+        total = 0
+        while True:
+            purged = self._admin(protocol.Purged, protocol.encode_purge(queue))
+            total += int(purged.cancelled)
+            if not purged.left or not purged.cancelled:
+                return total
+
+    def _admin(self, reply_type: type, frames: list[bytes]) -> Any:
+        if not self.session.link.last_heard:
+            self._first_contact()
+        slot = self.session.request(reply_type, frames)
+        self._flush()
+        deadline = time.monotonic() + self.request_timeout
+        while not slot:
+            now = time.monotonic()
+            if now >= deadline:
+                if not self.session.link.waits_for_start(now):
+                    raise BrokerUnavailable(f"no answer from the broker at {self.broker} "
+                                            f"within {self.request_timeout:g}s")
+                deadline = now + self.request_timeout
+            self._pump(min(deadline - now, PING_INTERVAL))
+            self._keep_alive()
+        return slot[0]
+
     # ----------------------------------------------------------------- inspect and cancel
     def query(self, job_id: str) -> dict[str, Any] | None:
         """The job's state as the broker knows it, or None if it does not know the id."""
@@ -282,7 +379,7 @@ class Client:
                                                 f"within {self.request_timeout:g}s")
                     deadline = now + self.request_timeout  # it answers pings: loading its journal
                 self._pump(min(deadline - now, PING_INTERVAL))
-                self._watch()
+                self._keep_alive()
             return answer.info if isinstance(answer, protocol.Info) else None
         finally:
             session.stop_asking(job_id)
@@ -296,15 +393,15 @@ class Client:
         if deadline is not None and now >= deadline:
             raise TimeoutError("timed out waiting for job results")
         self._pump(PING_INTERVAL if deadline is None else min(PING_INTERVAL, deadline - now))
-        self._watch()
+        self._keep_alive()
 
     def _first_contact(self) -> None:
         """Wait for the answer to our first ping: the broker's id and limits."""
         while not self.session.link.last_heard:
             self._pump(0.05)
-            self._watch()
+            self._keep_alive()
 
-    def _watch(self) -> None:
+    def _keep_alive(self) -> None:
         """Handshakes, pings, and giving up before first contact: not after every reply."""
         link = self.session.link
         now = time.monotonic()
@@ -312,7 +409,7 @@ class Client:
             return
         link.last_watch = now
         succeeded, why = handshake_events(self._monitor, self.broker, self.keys)
-        self.session.watch(now, succeeded, why)
+        self.session.keep_alive(now, succeeded, why)
         self._flush()
 
     def _flush(self, block: bool = True) -> None:

@@ -52,6 +52,31 @@ def _positive_float(value: Any) -> float:
     return seconds
 
 
+def _seconds_or_zero(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number of seconds")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return float(value)
+
+
+def _weights(value: Any) -> dict[str, int]:
+    from .protocol import check_name
+
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of tenant = weight, e.g. { acme = 3, batch = 1 }')
+    out: dict[str, int] = {}
+    for name, weight in value.items():
+        try:
+            check_name(str(name).encode(), "tenant")
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
+            raise ValueError(f"{name}: a weight is a whole number from 1 to 1000")
+        out[str(name)] = weight
+    return out
+
+
 def _commit_interval(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number of seconds")
@@ -158,6 +183,12 @@ class BrokerConfig:
     max_queued: int = field(default=1_000_000, metadata=_check(_int_at_least(1), "count"))
     max_timeout: float = field(default=86400.0, metadata=_check(_positive_float, "seconds"))
     max_tries: int = field(default=100, metadata=_check(_int_at_least(1), "count"))
+    # --- retries and fair shares (README: Retries, Fair share) ---
+    backoff: float = field(default=1.0, metadata=_check(_seconds_or_zero, "seconds"))
+    backoff_max: float = field(default=600.0, metadata=_check(_seconds_or_zero, "seconds"))
+    retry_elsewhere_wait: float = field(default=5.0, metadata=_check(_seconds_or_zero, "seconds"))
+    tenant_weights: dict[str, int] = field(default_factory=dict,
+                                           metadata=_check(_weights, "weights"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
 
 
@@ -168,6 +199,7 @@ class WorkerConfig:
     queues: tuple[str, ...] = field(default=(), metadata=_check(queue_list, "queues"))
     heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
+    cancel_grace: float = field(default=10.0, metadata=_check(_seconds_or_zero, "seconds"))
     secret_key: str = field(default="", metadata=_path("this worker's secret key file"))
     broker_key: str = field(default="", metadata=_path("the broker's public key file"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))

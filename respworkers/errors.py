@@ -63,3 +63,45 @@ class Refused(RespWorkersError):
         self.job_id = job_id
         self.code = code
         self.text = text
+
+
+# --- raised by a worker's ``process`` -------------------------------------------------------
+
+
+class Retry(RespWorkersError):
+    """Raise in ``process`` to end this attempt as a retry: after ``after`` seconds if given,
+    else after the job's backoff. It uses one of the job's tries."""
+
+    def __init__(self, reason: str = "", *, after: float | None = None) -> None:
+        if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))
+                                  or not 0 <= after < 10 ** 9):
+            raise ValueError(f"Retry(after=...) takes seconds from 0, got {after!r}")
+        super().__init__(reason or "retry asked for by the worker")
+        self.reason = reason
+        self.after = None if after is None else float(after)
+
+
+class Fail(RespWorkersError):
+    """Raise in ``process`` to fail the job at once, without its further tries: for errors no
+    retry can fix (a malformed payload, a missing file)."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or "failed by the worker")
+        self.reason = reason
+
+
+class Interrupt(BaseException):
+    """Raised inside ``process`` by the library. A BaseException, like KeyboardInterrupt, so
+    that a broad ``except Exception`` in job code does not swallow it; catch it by name to
+    clean up."""
+
+
+class Cancelled(Interrupt):
+    """The job is over (cancelled, done by another attempt, failed or expired): stop now.
+    If ``process`` has not returned within ``[worker] cancel_grace`` seconds the worker
+    process exits and its pool starts a fresh one."""
+
+
+class TimeLimit(Interrupt):
+    """The job reached its time limit (the soft limit). The broker already gives the job to
+    another worker; at twice the limit plus 5 s the worker process exits (the hard limit)."""

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Union
 from .errors import ProtocolError
 
 # --- version words: the first word of every command line ---------------------------------------
-RWC = b"RWC2"  #: client <-> broker, on the clients endpoint
+RWC = b"RWC3"  #: client <-> broker, on the clients endpoint
 RWW = b"RWW3"  #: worker <-> broker, on the workers endpoint
 RWS = b"RWS1"  #: anyone <-> broker, on the status endpoint (a REQ exchange, multi-frame)
 
@@ -33,6 +33,10 @@ SUBMIT = b"SUBMIT"
 SUBMITS = b"SUBMITS"  #: several jobs in one message
 WAIT = b"WAIT"
 UNWAIT = b"UNWAIT"  #: the client no longer waits for these jobs (it is closing)
+WATCH = b"WATCH"  #: send this client the job's progress as it changes
+JOBS = b"JOBS"  #: list the jobs the broker holds (a page)
+REQUEUE = b"REQUEUE"  #: run ended jobs again under the same id
+PURGE = b"PURGE"  #: cancel the queued jobs of a queue
 QUERY = b"QUERY"
 CANCEL = b"CANCEL"
 PING = b"PING"
@@ -43,6 +47,10 @@ RESULT = b"RESULT"
 RESULTS = b"RESULTS"  #: several results in one message (only for jobs sent with SUBMITS)
 FAILED = b"FAILED"
 CANCELLED = b"CANCELLED"
+EXPIRED = b"EXPIRED"
+PROGRESS = b"PROGRESS"
+REQUEUED = b"REQUEUED"
+PURGED = b"PURGED"
 REFUSED = b"REFUSED"
 INFO = b"INFO"
 UNKNOWN = b"UNKNOWN"
@@ -62,6 +70,7 @@ VACATE = b"VACATE"  #: a pool says the process in one of its slots has died
 # --- broker -> worker ---------------------------------------------------------------------------
 WELCOME = b"WELCOME"
 JOB = b"JOB"
+ABANDON = b"ABANDON"  #: the job has ended: stop working on this attempt
 ACK = b"ACK"  #: the broker has applied a worker's answer (sent when no JOB follows at once)
 # HEARTBEAT
 DISCONNECT = b"DISCONNECT"
@@ -75,6 +84,7 @@ FAIL_TIMEOUT = "timeout"
 FAIL_ERROR = "error"
 FAIL_LOST = "worker-lost"
 FAIL_CANCELLED = "cancelled"
+FAIL_EXPIRED = "expired"
 
 #: Codes of REFUSED.
 REFUSE_FULL = "full"
@@ -118,6 +128,17 @@ def check_job_id(raw: bytes) -> str:
 _known_queues: dict[bytes, str] = {}
 
 
+def check_name(raw: bytes, what: str) -> str:
+    """A tenant (or another short name): 1..64 characters of ``[A-Za-z0-9._-]``."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"bad {what}", f"{what} names are ASCII") from None
+    if not text or len(text) > MAX_QUEUE_BYTES or not set(text) <= _QUEUE_CHARS:
+        raise ProtocolError(f"bad {what}", f"{text!r} is not 1..64 of [A-Za-z0-9._-]")
+    return text
+
+
 def check_queue(raw: bytes) -> str:
     """A queue name is 1..64 characters of ``[A-Za-z0-9._-]``; valid names are memoised."""
     name = _known_queues.get(raw)
@@ -138,10 +159,10 @@ def check_queue(raw: bytes) -> str:
 _SMALL = {str(i).encode(): i for i in range(1000)}
 
 
-def _uint(raw: bytes, what: str, minimum: int = 0) -> int:
+def _uint(raw: bytes, what: str, minimum: int = 0, digits: int = 12) -> int:
     value = _SMALL.get(raw)
     if value is None:
-        if not raw.isdigit() or len(raw) > 12:
+        if not raw.isdigit() or len(raw) > digits:
             raise ProtocolError(f"bad {what}", f"{raw[:20]!r} is not a decimal number")
         value = int(raw)
     if value < minimum:
@@ -155,6 +176,10 @@ def _flag(raw: bytes, what: str) -> bool:
     if raw == b"0":
         return False
     raise ProtocolError(f"bad {what}", "must be '0' or '1'")
+
+
+#: Largest PROGRESS report (JSON bytes): progress is a summary, not a data channel.
+MAX_PROGRESS_BYTES = 4096
 
 
 def _json_object(raw: bytes, what: str, limit: int = MAX_INFO_BYTES) -> dict[str, Any]:
@@ -200,11 +225,78 @@ def as_frames(value: Any, what: str) -> list[bytes]:
 # ================================================================================================
 
 
+class Options(NamedTuple):
+    """A job's options as SUBMIT carries them; None means the broker's default.
+
+    Durations are seconds here and milliseconds on the wire; ``delay`` and ``expires``
+    count from when the broker takes the job in (relative, so no clocks need to agree).
+    """
+
+    timeout: float | None = None  #: one attempt's time limit
+    tries: int | None = None  #: attempts that count
+    priority: int | None = None  #: 0..9, higher first (default 5)
+    delay: float | None = None  #: wait this long before the job may run
+    expires: float | None = None  #: not started by then: it ends ``expired``
+    tenant: str | None = None  #: whose job it is, for fair shares within a queue
+    backoff: float | None = None  #: delay before the first retry (then doubling, with jitter)
+    backoff_max: float | None = None  #: the longest delay before a retry
+
+
+NO_OPTIONS = Options()
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+#: Option names on the wire, and whether each value is milliseconds (else a count or a name).
+_OPTION_MS = {"timeout": True, "tries": False, "priority": False, "delay": True, "expires": True,
+              "tenant": False, "backoff": True, "backoff_max": True}
+
+
+def encode_options(opts: Options | None) -> bytes:
+    """``-``, or ``key=value`` pairs joined by commas; durations in milliseconds."""
+    if not opts or opts == NO_OPTIONS:
+        return b"-"
+    words = []
+    for key, value in zip(Options._fields, opts):
+        if value is None:
+            continue
+        if _OPTION_MS[key]:
+            words.append(f"{key}={max(1 if key == 'timeout' else 0, round(float(value) * 1000))}")
+        else:
+            words.append(f"{key}={value}")
+    return ",".join(words).encode() or b"-"
+
+
+def decode_options(raw: bytes) -> Options:
+    if raw == b"-":
+        return NO_OPTIONS
+    values: dict[str, Any] = {}
+    for pair in raw.split(b","):
+        key_b, eq, value = pair.partition(b"=")
+        key = key_b.decode("ascii", "replace")
+        if not eq or key not in _OPTION_MS:
+            raise ProtocolError("bad options", f"{pair[:40]!r} is not one of "
+                                f"{', '.join(_OPTION_MS)}=value")
+        if key in values:
+            raise ProtocolError("bad options", f"{key} given twice")
+        if key == "tenant":
+            values[key] = check_name(value, "tenant")
+        elif key == "priority":
+            n = _uint(value, "priority")
+            if n > MAX_PRIORITY:
+                raise ProtocolError("bad priority", f"must be 0..{MAX_PRIORITY}")
+            values[key] = n
+        elif key == "tries":
+            values[key] = _uint(value, "tries", 1)
+        elif key == "timeout":
+            values[key] = _uint(value, "timeout", 1) / 1000.0
+        else:
+            values[key] = _uint(value, key) / 1000.0
+    return Options(**values)
+
+
 class Submit(NamedTuple):
     job_id: str
     queue: str
-    timeout: float | None  # seconds; None = broker default
-    tries: int | None  # None = broker default
+    options: Options
     payload: list[bytes]
 
 
@@ -234,6 +326,30 @@ class Unwait(NamedTuple):
     job_ids: list[str]
 
 
+class Watch(NamedTuple):
+    """Send this client the job's progress as it changes (until it ends)."""
+
+    job_id: str
+
+
+class ListJobs(NamedTuple):
+    """A page of the jobs the broker holds, newest first (JSON: state, queue, limit, cursor)."""
+
+    query: dict[str, Any]
+
+
+class Requeue(NamedTuple):
+    """Run these ended jobs again under the same ids, with a fresh set of tries."""
+
+    job_ids: list[str]
+
+
+class Purge(NamedTuple):
+    """Cancel the jobs waiting in a queue (queued or scheduled)."""
+
+    queue: str
+
+
 class Ping(NamedTuple):
     pass
 
@@ -245,7 +361,8 @@ class SubmitMany(NamedTuple):
     jobs: list[Submit]
 
 
-ClientRequest = Union[Submit, SubmitMany, Plain, Query, Cancel, Wait, Unwait, Ping]
+ClientRequest = Union[Submit, SubmitMany, Plain, Query, Cancel, Wait, Unwait, Watch, ListJobs,
+                      Requeue, Purge, Ping]
 
 
 def _line(frames: list[bytes], version: bytes) -> list[bytes]:
@@ -273,7 +390,7 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
 
     A first frame that is empty is a REQ envelope: everything after it is the payload
     of a plain request, so any REQ socket is a client. Otherwise the first frame is a
-    ``RWC2`` command line (DEALER clients send no delimiter).
+    ``RWC3`` command line (DEALER clients send no delimiter).
     """
     if not frames:
         raise ProtocolError("empty message", "no frames")
@@ -283,26 +400,34 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
         first = frames[1]
         if len(first) == 4 and first[:3] == b"RWC" or first[:4] == b"RWC1" and first[4:5] == b" ":
             # An RWP/1 client (it sent a delimiter, then its header): never run it as a job.
-            raise ProtocolError("unsupported version", f"{first[:4]!r}; this broker speaks RWC2")
+            raise ProtocolError("unsupported version", f"{first[:4]!r}; this broker speaks RWC3")
         return Plain(frames[1:])
     words = _line(frames, RWC)
     cmd = words[1]
     if cmd == SUBMIT:
-        if len(words) != 6 or len(frames) < 2:
-            raise ProtocolError("bad SUBMIT", "needs id, queue, timeout, tries and >= 1 payload")
-        timeout = _uint(words[4], "timeout", 0)
-        return Submit(
-            check_job_id(words[2]), check_queue(words[3]),
-            timeout / 1000.0 if timeout else None, _uint(words[5], "tries", 0) or None,
-            frames[1:],
-        )
+        if len(words) != 5 or len(frames) < 2:
+            raise ProtocolError("bad SUBMIT", "needs id, queue, options and >= 1 payload frame")
+        return Submit(check_job_id(words[2]), check_queue(words[3]), decode_options(words[4]),
+                      frames[1:])
     if cmd == SUBMITS:
         return _decode_submits(words, frames)
-    if cmd in (WAIT, UNWAIT):
+    if cmd in (WAIT, UNWAIT, REQUEUE):
         if not 3 <= len(words) <= 2 + MAX_BATCH or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", f"needs 1..{MAX_BATCH} job ids")
         ids = [check_job_id(w) for w in words[2:]]
-        return Wait(ids) if cmd == WAIT else Unwait(ids)
+        return Wait(ids) if cmd == WAIT else Unwait(ids) if cmd == UNWAIT else Requeue(ids)
+    if cmd == WATCH:
+        if len(words) != 3 or len(frames) != 1:
+            raise ProtocolError("bad WATCH", "needs exactly one job id")
+        return Watch(check_job_id(words[2]))
+    if cmd == JOBS:
+        if len(words) != 2:
+            raise ProtocolError("bad JOBS", "takes no fields, then one JSON frame")
+        return ListJobs(_json_object(_tail(frames, "JOBS"), "query"))
+    if cmd == PURGE:
+        if len(words) != 3 or len(frames) != 1:
+            raise ProtocolError("bad PURGE", "needs exactly one queue")
+        return Purge(check_queue(words[2]))
     if cmd in (QUERY, CANCEL):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
@@ -347,54 +472,66 @@ def _unbatch(words: list[bytes], frames: list[bytes], width: int, reason: str,
 
 
 def _decode_submits(words: list[bytes], frames: list[bytes]) -> SubmitMany:
-    """``RWC2 SUBMITS`` then ``<id> <queue> <timeout ms> <tries> <frames>`` per job; the
-    payload frames of all jobs follow the line, in order."""
-    jobs = []
-    for (job_id, queue, timeout_ms, tries), payload in _unbatch(
-            words, frames, 5, "bad SUBMITS", MAX_BATCH):
-        timeout = _uint(timeout_ms, "timeout", 0)
-        jobs.append(Submit(check_job_id(job_id), check_queue(queue),
-                           timeout / 1000.0 if timeout else None,
-                           _uint(tries, "tries", 0) or None, payload))
-    return SubmitMany(jobs)
+    """``RWC3 SUBMITS`` then ``<id> <queue> <options> <frames>`` per job; the payload frames
+    of all jobs follow the line, in order."""
+    return SubmitMany([
+        Submit(check_job_id(job_id), check_queue(queue), decode_options(options), payload)
+        for (job_id, queue, options), payload in _unbatch(words, frames, 4, "bad SUBMITS", MAX_BATCH)])
 
 
 def encode_submits(submits: list[list[bytes]]) -> list[bytes]:
     """One SUBMITS message for several jobs, each given as its encode_submit() frames."""
     if not 1 <= len(submits) <= MAX_BATCH:
         raise ValueError(f"SUBMITS carries 1..{MAX_BATCH} jobs, not {len(submits)}")
-    cut = len(b"RWC2 SUBMIT ")
-    return _batch(b"RWC2 SUBMITS", [(f[0][cut:], f[1:]) for f in submits])
+    cut = len(b"RWC3 SUBMIT ")
+    return _batch(b"RWC3 SUBMITS", [(f[0][cut:], f[1:]) for f in submits])
 
 
 def encode_submit(
-    job_id: str, queue: str, timeout: float | None, tries: int | None, payload: list[bytes]
+    job_id: str, queue: str, options: Options | None, payload: list[bytes]
 ) -> list[bytes]:
     if not payload:
         raise ValueError("a job needs at least one payload frame")
-    ms = 0 if timeout is None else max(1, round(timeout * 1000))
-    return [b"RWC2 SUBMIT %s %s %d %d" % (job_id.encode(), (queue or DEFAULT_QUEUE).encode(), ms,
-                                          tries or 0),
+    return [b"RWC3 SUBMIT %s %s %s" % (job_id.encode(), (queue or DEFAULT_QUEUE).encode(),
+                                       encode_options(options)),
             *payload]
 
 
 def encode_job_ref(command: bytes, job_id: str) -> list[bytes]:
-    return [b"RWC2 %s %s" % (command, job_id.encode())]
+    return [b"RWC3 %s %s" % (command, job_id.encode())]
 
 
 def encode_wait(job_ids: list[str]) -> list[bytes]:
     if not 1 <= len(job_ids) <= MAX_BATCH:
         raise ValueError(f"WAIT names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
-    return [b" ".join([b"RWC2 WAIT", *(j.encode() for j in job_ids)])]
+    return [b" ".join([b"RWC3 WAIT", *(j.encode() for j in job_ids)])]
+
+
+def encode_watch(job_id: str) -> list[bytes]:
+    return [b"RWC3 WATCH " + job_id.encode()]
+
+
+def encode_list_jobs(query: dict[str, Any]) -> list[bytes]:
+    return [b"RWC3 JOBS", json.dumps(query).encode()]
+
+
+def encode_requeue(job_ids: list[str]) -> list[bytes]:
+    if not 1 <= len(job_ids) <= MAX_BATCH:
+        raise ValueError(f"REQUEUE names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
+    return [b" ".join([b"RWC3 REQUEUE", *(j.encode() for j in job_ids)])]
+
+
+def encode_purge(queue: str) -> list[bytes]:
+    return [b"RWC3 PURGE " + queue.encode()]
 
 
 def encode_unwait(job_ids: list[str]) -> list[bytes]:
     if not 1 <= len(job_ids) <= MAX_BATCH:
         raise ValueError(f"UNWAIT names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
-    return [b" ".join([b"RWC2 UNWAIT", *(j.encode() for j in job_ids)])]
+    return [b" ".join([b"RWC3 UNWAIT", *(j.encode() for j in job_ids)])]
 
 
-PING_FRAMES = [b"RWC2 PING"]  #: never mutate
+PING_FRAMES = [b"RWC3 PING"]  #: never mutate
 
 
 def encode_ping() -> list[bytes]:
@@ -406,51 +543,71 @@ def encode_ping() -> list[bytes]:
 
 def encode_accepted(job_ids: list[bytes]) -> list[bytes]:
     """ACCEPTED confirms one or more jobs in one line (the broker batches them per client)."""
-    return [b" ".join((b"RWC2 ACCEPTED", *job_ids))]
+    return [b" ".join((b"RWC3 ACCEPTED", *job_ids))]
 
 
 def encode_result(job_id: bytes, payload: list[bytes]) -> list[bytes]:
-    return [b"RWC2 RESULT " + job_id, *payload]
+    return [b"RWC3 RESULT " + job_id, *payload]
 
 
 def encode_results(results: list[tuple[bytes, list[bytes]]]) -> list[bytes]:
     """The results of jobs sent with SUBMITS: one RESULT, or for several one RESULTS
-    (``RWC2 RESULTS <id> <frames> ...`` then all frames)."""
+    (``RWC3 RESULTS <id> <frames> ...`` then all frames)."""
     if len(results) == 1:
         return encode_result(*results[0])
-    return _batch(b"RWC2 RESULTS", results)
+    return _batch(b"RWC3 RESULTS", results)
 
 
 def encode_failed(job_id: bytes, reason: str, error: str) -> list[bytes]:
-    return [b"RWC2 FAILED %s %s" % (job_id, reason.encode()), error.encode("utf-8", "replace")]
+    return [b"RWC3 FAILED %s %s" % (job_id, reason.encode()), error.encode("utf-8", "replace")]
 
 
 def encode_cancelled(job_id: bytes) -> list[bytes]:
-    return [b"RWC2 CANCELLED " + job_id]
+    return [b"RWC3 CANCELLED " + job_id]
+
+
+def encode_expired(job_id: bytes) -> list[bytes]:
+    return [b"RWC3 EXPIRED " + job_id]
+
+
+def encode_progress(job_id: bytes, progress: dict[str, Any]) -> list[bytes]:
+    return [b"RWC3 PROGRESS " + job_id, json.dumps(progress).encode()]
+
+
+def encode_jobs_page(page: dict[str, Any]) -> list[bytes]:
+    return [b"RWC3 JOBS", json.dumps(page).encode()]
+
+
+def encode_requeued(report: dict[str, Any]) -> list[bytes]:
+    return [b"RWC3 REQUEUED", json.dumps(report).encode()]
+
+
+def encode_purged(queue: str, cancelled: int, left: int) -> list[bytes]:
+    return [b"RWC3 PURGED %s %d %d" % (queue.encode(), cancelled, left)]
 
 
 def encode_refused(job_id: str, code: str, text: str) -> list[bytes]:
-    return [b"RWC2 REFUSED %s %s" % (job_id.encode(), code.encode()), text.encode()]
+    return [b"RWC3 REFUSED %s %s" % (job_id.encode(), code.encode()), text.encode()]
 
 
 def encode_info(job_id: str, info: dict[str, Any]) -> list[bytes]:
-    return [b"RWC2 INFO " + job_id.encode(), json.dumps(info).encode()]
+    return [b"RWC3 INFO " + job_id.encode(), json.dumps(info).encode()]
 
 
 def encode_unknown(job_id: str) -> list[bytes]:
-    return [b"RWC2 UNKNOWN " + job_id.encode()]
+    return [b"RWC3 UNKNOWN " + job_id.encode()]
 
 
 def encode_pong(broker_id: str, limits: dict[str, Any]) -> list[bytes]:
     """PONG carries the broker's id (a new id means a restart) and its limits, as JSON."""
-    return [b"RWC2 PONG " + broker_id.encode(), json.dumps(limits).encode()]
+    return [b"RWC3 PONG " + broker_id.encode(), json.dumps(limits).encode()]
 
 
-RESYNC_FRAMES = [b"RWC2 RESYNC"]  #: never mutate
+RESYNC_FRAMES = [b"RWC3 RESYNC"]  #: never mutate
 
 
 def encode_invalid(reason: str) -> list[bytes]:
-    return [b"RWC2 INVALID", reason.encode("utf-8", "replace")]
+    return [b"RWC3 INVALID", reason.encode("utf-8", "replace")]
 
 
 def encode_plain_reply(payload: list[bytes] | None) -> list[bytes]:
@@ -483,6 +640,31 @@ class Cancelled(NamedTuple):
     job_id: str
 
 
+class Expired(NamedTuple):
+    """Not started before its expiry time: it never ran, and never will."""
+
+    job_id: str
+
+
+class Progress(NamedTuple):
+    job_id: str
+    progress: dict[str, Any]  #: fraction, message, meta, at (see docs/protocol.md)
+
+
+class JobsPage(NamedTuple):
+    page: dict[str, Any]  #: jobs (newest first), cursor (to continue, or null), scanned
+
+
+class Requeued(NamedTuple):
+    report: dict[str, Any]  #: requeued, unknown (ids), skipped (id -> state)
+
+
+class Purged(NamedTuple):
+    queue: str
+    cancelled: int
+    left: int  #: still waiting: ask again to go on
+
+
 class Refused(NamedTuple):
     job_id: str
     code: str  #: shutdown, journal, limit or full
@@ -512,8 +694,8 @@ class Resync(NamedTuple):
     """Outcomes for this client were dropped while it did not read: ask again."""
 
 
-ClientReply = Union[Accepted, Result, Results, Failed, Cancelled, Refused, Info, Unknown, Pong,
-                    Invalid, Resync]
+ClientReply = Union[Accepted, Result, Results, Failed, Cancelled, Expired, Refused, Info, Unknown,
+                    Pong, Invalid, Resync, Progress, JobsPage, Requeued, Purged]
 
 _RESYNC = Resync()
 
@@ -541,6 +723,15 @@ def decode_reply(frames: list[bytes]) -> ClientReply:
         if len(words) != 2 or len(frames) != 1:
             raise ProtocolError("bad reply", "RESYNC takes no fields")
         return _RESYNC
+    if cmd in (JOBS, REQUEUED):
+        if len(words) != 2:
+            raise ProtocolError("bad reply", f"{cmd.decode()} takes no fields, then JSON")
+        report = _json_object(_tail(frames, cmd.decode()), "report", MAX_REPLY_INFO_BYTES)
+        return JobsPage(report) if cmd == JOBS else Requeued(report)
+    if cmd == PURGED:
+        if len(words) != 5 or len(frames) != 1:
+            raise ProtocolError("bad reply", "PURGED needs queue, cancelled and left")
+        return Purged(check_queue(words[2]), _uint(words[3], "count"), _uint(words[4], "count"))
     if len(words) < 3:
         raise ProtocolError("bad reply", f"{cmd[:20]!r} without job id")
     job_id = check_job_id(words[2])
@@ -561,10 +752,15 @@ def decode_reply(frames: list[bytes]) -> ClientReply:
         if len(frames) != 1 or b"" in words:
             raise ProtocolError("bad reply", "ACCEPTED is one line of job ids")
         return Accepted([job_id, *(check_job_id(w) for w in words[3:])])
-    if cmd in (CANCELLED, UNKNOWN):
+    if cmd in (CANCELLED, UNKNOWN, EXPIRED):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError("bad reply", f"{cmd.decode()} takes one job id")
-        return Cancelled(job_id) if cmd == CANCELLED else Unknown(job_id)
+        return (Cancelled(job_id) if cmd == CANCELLED else Unknown(job_id) if cmd == UNKNOWN
+                else Expired(job_id))
+    if cmd == PROGRESS:
+        if len(words) != 3:
+            raise ProtocolError("bad reply", "PROGRESS needs one job id")
+        return Progress(job_id, _json_object(_tail(frames, "PROGRESS"), "progress"))
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
@@ -590,11 +786,24 @@ class WorkerResult(NamedTuple):
 
 
 class WorkerError(NamedTuple):
+    """ERROR: the attempt raised. ``then`` says what the worker asks for: ``""`` (retry as
+    the job's policy says), ``"fail"`` (no further tries), ``"abandoned"`` (it stopped
+    because the broker said ABANDON; not an error) or ``"retry"`` (after ``retry_after``)."""
+
     job_id: str
     attempt: int
     token: bytes
     ready: bool
     error: str
+    then: str = ""
+    retry_after: float | None = None
+
+
+class WorkerProgress(NamedTuple):
+    job_id: str
+    attempt: int
+    token: bytes
+    progress: dict[str, Any]
 
 
 class Return(NamedTuple):
@@ -615,7 +824,8 @@ class Vacate(NamedTuple):
     slot: str
 
 
-WorkerMessage = Union[Hello, WorkerResult, WorkerError, Return, Heartbeat, Bye, Vacate]
+WorkerMessage = Union[Hello, WorkerResult, WorkerError, WorkerProgress, Return, Heartbeat, Bye,
+                      Vacate]
 
 _HEARTBEAT = Heartbeat()
 _BYE = Bye()
@@ -632,6 +842,15 @@ def check_slot(raw: bytes) -> str:
     if not 0 < len(raw) <= MAX_SLOT_BYTES:
         raise ProtocolError("bad slot", f"must be 1..{MAX_SLOT_BYTES} bytes, got {len(raw)}")
     return _text(raw)
+
+
+def _then(raw: bytes) -> tuple[str, float | None]:
+    """ERROR's last word: ``-``, ``fail``, ``abandoned`` or a retry delay in milliseconds."""
+    if raw == b"-":
+        return "", None
+    if raw in (b"fail", b"abandoned"):
+        return raw.decode(), None
+    return "retry", _uint(raw, "then") / 1000.0
 
 
 def decode_worker(frames: list[bytes]) -> WorkerMessage:
@@ -652,12 +871,21 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
             raise ProtocolError("bad HEARTBEAT", "takes no fields")
         return _HEARTBEAT
     if cmd == ERROR:
-        if len(words) != 6:
-            raise ProtocolError("bad ERROR", "needs id, attempt, token, ready and an error text frame")
+        if len(words) != 7:
+            raise ProtocolError("bad ERROR", "needs id, attempt, token, ready, then and an error "
+                                "text frame")
+        then, after = _then(words[6])
         return WorkerError(
             check_job_id(words[2]), _uint(words[3], "attempt", 1), check_token(words[4]),
-            _flag(words[5], "ready"), _text(_tail(frames, "ERROR")),
+            _flag(words[5], "ready"), _text(_tail(frames, "ERROR")), then, after,
         )
+    if cmd == PROGRESS:
+        if len(words) != 5:
+            raise ProtocolError("bad PROGRESS", "needs id, attempt and token, then one JSON frame")
+        return WorkerProgress(check_job_id(words[2]), _uint(words[3], "attempt", 1),
+                              check_token(words[4]),
+                              _json_object(_tail(frames, "PROGRESS"), "progress",
+                                           MAX_PROGRESS_BYTES))
     if cmd == HELLO:
         if len(words) not in (3, 6):
             raise ProtocolError("bad HELLO", "needs queues, then optionally job id, attempt and token")
@@ -706,9 +934,19 @@ def encode_worker_result(
     return [b"RWW3 RESULT %s %d %s %d" % (job_id.encode(), attempt, token, ready), *payload]
 
 
-def encode_worker_error(job_id: str, attempt: int, token: bytes, ready: bool, error: str) -> list[bytes]:
-    return [b"RWW3 ERROR %s %d %s %d" % (job_id.encode(), attempt, token, ready),
+def encode_worker_error(job_id: str, attempt: int, token: bytes, ready: bool, error: str,
+                        then: str = "", retry_after: float | None = None) -> list[bytes]:
+    if then == "retry":
+        word = b"%d" % max(0, round((retry_after or 0.0) * 1000))
+    else:
+        word = then.encode() or b"-"
+    return [b"RWW3 ERROR %s %d %s %d %s" % (job_id.encode(), attempt, token, ready, word),
             error.encode("utf-8", "replace")]
+
+
+def encode_worker_progress(job_id: str, attempt: int, token: bytes, report: bytes) -> list[bytes]:
+    """``report`` is the JSON object already encoded (the worker checks its size as it does)."""
+    return [b"RWW3 PROGRESS %s %d %s" % (job_id.encode(), attempt, token), report]
 
 
 def encode_return(job_id: str, attempt: int, token: bytes) -> list[bytes]:
@@ -740,7 +978,19 @@ class Dispatch(NamedTuple):
     attempt: int
     timeout: float
     token: bytes
+    queue: str
+    priority: int
+    tries: int
+    created: float  #: when the broker took the job in (epoch seconds)
     payload: list[bytes]
+
+
+class Abandon(NamedTuple):
+    """The job has ended (done elsewhere, failed, cancelled): stop this attempt."""
+
+    job_id: str
+    attempt: int
+    why: str  #: how the job ended: done, failed, cancelled or expired
 
 
 class Ack(NamedTuple):
@@ -752,7 +1002,7 @@ class Disconnect(NamedTuple):
     reason: str
 
 
-BrokerMessage = Union[Welcome, Dispatch, Ack, Heartbeat, Disconnect]
+BrokerMessage = Union[Welcome, Dispatch, Abandon, Ack, Heartbeat, Disconnect]
 
 
 def encode_welcome(
@@ -764,10 +1014,16 @@ def encode_welcome(
 
 
 def encode_job(
-    job_id: bytes, attempt: int, timeout: float, token: bytes, payload: list[bytes]
+    job_id: bytes, attempt: int, timeout: float, token: bytes, queue: bytes, priority: int,
+    tries: int, created: float, payload: list[bytes],
 ) -> list[bytes]:
-    return [b"RWW3 JOB %s %d %d %s" % (job_id, attempt, max(1, round(timeout * 1000)), token),
-            *payload]
+    return [b"RWW3 JOB %s %d %d %s %s %d %d %d" % (
+        job_id, attempt, max(1, round(timeout * 1000)), token, queue, priority, tries,
+        round(created * 1000)), *payload]
+
+
+def encode_abandon(job_id: bytes, attempt: int, why: str) -> list[bytes]:
+    return [b"RWW3 ABANDON %s %d %s" % (job_id, attempt, why.encode())]
 
 
 def encode_ack(job_id: bytes, attempt: int) -> list[bytes]:
@@ -786,12 +1042,20 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
     words = _line(frames, RWW)
     cmd = words[1]
     if cmd == JOB:
-        if len(words) != 6 or len(frames) < 2:
-            raise ProtocolError("bad JOB", "needs id, attempt, timeout, token and >= 1 payload frame")
+        if len(words) != 10 or len(frames) < 2:
+            raise ProtocolError("bad JOB", "needs id, attempt, timeout, token, queue, priority, "
+                                "tries, created and >= 1 payload frame")
         return Dispatch(
             check_job_id(words[2]), _uint(words[3], "attempt", 1),
-            _uint(words[4], "timeout", 1) / 1000.0, check_token(words[5]), frames[1:],
+            _uint(words[4], "timeout", 1) / 1000.0, check_token(words[5]), check_queue(words[6]),
+            _uint(words[7], "priority"), _uint(words[8], "tries", 1),
+            _uint(words[9], "created", digits=15) / 1000.0, frames[1:],
         )
+    if cmd == ABANDON:
+        if len(words) != 5 or len(frames) != 1:
+            raise ProtocolError("bad ABANDON", "needs id, attempt and why, and nothing more")
+        return Abandon(check_job_id(words[2]), _uint(words[3], "attempt", 1),
+                       check_name(words[4], "why"))
     if cmd == HEARTBEAT:
         if len(words) != 2 or len(frames) != 1:
             raise ProtocolError("bad HEARTBEAT", "takes no fields or frames")

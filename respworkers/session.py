@@ -155,12 +155,25 @@ class Session:
         self.asking: set[str] = set()
         self.outbox: deque[list[bytes]] = deque([protocol.encode_ping()])
         self.on_event: Callable[[str], None] | None = None  # progress notes, e.g. reconnects
+        # Jobs' progress, for those being watched: the latest, and what arrived since looked at.
+        self.progress: dict[str, dict[str, Any]] = {}
+        self.progress_news: deque[tuple[str, dict[str, Any]]] = deque()
+        self.watching: set[str] = set()
+        self.on_progress: Callable[[str, dict[str, Any]], None] | None = None
+        # Requests answered by one reply of their own kind (JOBS, REQUEUE, PURGE): the broker
+        # answers a client's requests in order, so replies fill the oldest slot of the kind.
+        self.requests: dict[type, deque[list[Any]]] = {}
         self._handlers: dict[type, Callable[[Any], bool]] = {
             protocol.Accepted: self._accepted,
             protocol.Result: self._result,
             protocol.Results: self._results,
             protocol.Failed: self._failed,
             protocol.Cancelled: self._cancelled,
+            protocol.Expired: self._expired,
+            protocol.Progress: self._progress,
+            protocol.JobsPage: self._admin_reply,
+            protocol.Requeued: self._admin_reply,
+            protocol.Purged: self._admin_reply,
             protocol.Refused: self._refused,
             protocol.Info: self._answer,
             protocol.Unknown: self._unknown,
@@ -175,23 +188,23 @@ class Session:
 
     # ------------------------------------------------------------------ submitting
     def check(self, payload: Any, job_id: str, queue: str = protocol.DEFAULT_QUEUE,
-              timeout: float | None = None, tries: int | None = None) -> list[bytes]:
+              **options: Any) -> list[bytes]:
         """A job's SUBMIT frames, checked against the protocol and the broker's limits (which
-        must be known: the caller waits for first contact)."""
-        from .options import check_timeout, check_tries
+        must be known: the caller waits for first contact). ``options`` are those of
+        :func:`respworkers.options.job_options`."""
+        from .options import job_options
 
         protocol.check_job_id(job_id.encode())
         protocol.check_queue(queue.encode())
-        check_timeout(timeout, f"job {job_id!r}: timeout")
-        check_tries(tries, f"job {job_id!r}: tries")
+        opts = job_options(**options, what=f"job {job_id!r}")
         limits = self.link.limits
-        for value, key, unit in ((timeout, "max_timeout", "s"), (tries, "max_tries", "")):
+        for value, key, unit in ((opts.timeout, "max_timeout", "s"), (opts.tries, "max_tries", "")):
             limit = limits.get(key)
             if value is not None and isinstance(limit, (int, float)) and value > limit:
                 raise ValueError(f"job {job_id!r}: {key[4:]} {value:g}{unit} is over the "
                                  f"broker's {key} of {limit:g}{unit}")
         frames = protocol.encode_submit(
-            job_id, queue, timeout, tries, protocol.as_frames(payload, "a payload"))
+            job_id, queue, opts, protocol.as_frames(payload, "a payload"))
         limit = limits.get("max_message_size")
         size = sum(map(len, frames[1:]))
         if isinstance(limit, int) and size > limit:
@@ -302,6 +315,39 @@ class Session:
     def _cancelled(self, reply: protocol.Cancelled) -> bool:
         return self._ended(JobResult(reply.job_id, "cancelled", None, "cancelled"))
 
+    def _expired(self, reply: protocol.Expired) -> bool:
+        return self._ended(JobResult(reply.job_id, "expired", None, "expired",
+                                     "not started before it expired"))
+
+    def _progress(self, reply: protocol.Progress) -> bool:
+        if reply.job_id in self.watching:
+            self.progress[reply.job_id] = reply.progress
+            self.progress_news.append((reply.job_id, reply.progress))
+            if self.on_progress is not None:
+                self.on_progress(reply.job_id, reply.progress)
+        return False
+
+    def _admin_reply(self, reply: protocol.JobsPage | protocol.Requeued | protocol.Purged) -> bool:
+        slots = self.requests.get(type(reply))
+        if slots:
+            slots.popleft().append(reply)
+        return False
+
+    def request(self, reply_type: type, frames: list[bytes]) -> list[Any]:
+        """Send a request answered by one ``reply_type``; the reply lands in the list returned."""
+        slot: list[Any] = []
+        self.requests.setdefault(reply_type, deque()).append(slot)
+        self.outbox.append(frames)
+        return slot
+
+    def watch(self, job_id: str) -> None:
+        """Follow a job's progress (WATCH), and wait for its outcome (WAIT) if not already."""
+        protocol.check_job_id(job_id.encode())
+        self.watching.add(job_id)
+        self.outbox.append(protocol.encode_watch(job_id))
+        if job_id not in self.pending and job_id not in self.done:
+            self.attach([job_id])
+
     def _refused(self, reply: protocol.Refused) -> bool:
         return self._ended(JobResult(reply.job_id, "refused", None, reply.code, reply.text))
 
@@ -343,9 +389,12 @@ class Session:
         resubmits = [p.frames for p in self.pending.values() if not (p.confirmed or not p.frames)]
         self.ids(protocol.encode_wait, waits)
         self._submits(resubmits)
+        for job_id in self.watching:
+            if job_id in self.pending:
+                self.outbox.append(protocol.encode_watch(job_id))
 
     # ------------------------------------------------------------------ the connection
-    def watch(self, now: float, handshakes: int, why: str | None) -> None:
+    def keep_alive(self, now: float, handshakes: int, why: str | None) -> None:
         """Every WATCH_INTERVAL while waiting: handshakes seen, pings, giving up before first
         contact (raises BrokerUnavailable)."""
         link = self.link

@@ -6,11 +6,12 @@ import hashlib
 import os
 import time
 
-from respworkers import Worker
+from respworkers import Interrupt, Worker
 
 
 class Tester(Worker):
-    """Payload commands: ``sleep:S``, ``started:PATH:S``, ``wait:PATH`` (until PATH exists),
+    """Payload commands: ``sleep:S``, ``stubborn:S`` (ignores TimeLimit and Cancelled),
+    ``started:PATH:S``, ``wait:PATH`` (until PATH exists),
     ``pad:N`` (an answer N bytes longer), ``raise``, ``crash``, ``crash-once:PATH``,
     ``cpu:PATH:N`` (say so in a file, then N rounds of one C call that never looks at signals).
 
@@ -24,6 +25,13 @@ class Tester(Worker):
         pid = os.getpid()
         if text.startswith("sleep:"):
             time.sleep(float(text[6:]))
+        elif text.startswith("stubborn:"):  # stubborn:S - sleep S seconds, ignoring interrupts
+            deadline = time.monotonic() + float(text[9:])
+            while time.monotonic() < deadline:
+                try:
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+                except Interrupt:
+                    pass
         elif text.startswith("started:"):  # started:PATH:SECONDS - say so in a file, then sleep
             _, marker, seconds = text.split(":")
             open(marker, "w").close()
@@ -48,6 +56,12 @@ class Tester(Worker):
                 open(marker, "w").close()
                 os._exit(13)
         return f"{pid}:{text}".encode()
+
+
+class Stubborn(Tester):
+    """Runs on past the time limit (no TimeLimit raised), so its late answers may win."""
+
+    soft_time_limit = False
 
 
 class Frames(Worker):

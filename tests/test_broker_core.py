@@ -61,7 +61,8 @@ class Harness:
 
     def __init__(self, **overrides: Any) -> None:
         # A long heartbeat keeps workers alive in tests that are not about liveness.
-        cfg = {"timeout": 60.0, "tries": 3, "heartbeat": 1000.0, "liveness": 3}
+        # Retries at once (no backoff) unless a test is about backoff.
+        cfg = {"timeout": 60.0, "tries": 3, "heartbeat": 1000.0, "liveness": 3, "backoff": 0.0}
         cfg.update(overrides)
         self.cfg = BrokerConfig(**cfg)
         self.client_out: list[tuple[bytes, list[bytes]]] = []
@@ -100,7 +101,7 @@ class Harness:
     # ------------------------------------------------------------------ clients
     def submit(self, client: bytes, job_id: str, payload=(b"in",), queue: str = p.DEFAULT_QUEUE,
                timeout=None, tries=None, flush: bool = True) -> None:
-        self.core.on_client(client, p.encode_submit(job_id, queue, timeout, tries, list(payload)))
+        self.core.on_client(client, p.encode_submit(job_id, queue, p.Options(timeout, tries), list(payload)))
         if flush:
             self.core.flush()
 
@@ -177,6 +178,18 @@ class Harness:
         return reply.info
 
 
+def dispatch(h: Harness, job_id: str, attempt: int, timeout: float, payload: list[bytes],
+             queue: str = p.DEFAULT_QUEUE, priority: int = 5, tries: int = 3) -> p.Dispatch:
+    """The JOB a worker should get for this attempt of a job submitted at the start."""
+    return p.Dispatch(job_id, attempt, timeout, h.token(job_id, attempt), queue, priority, tries,
+                      round(WALL0, 3), payload)
+
+
+def counts(row: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's queue row without its times (scheduled, oldest_wait, tenants)."""
+    return {k: row[k] for k in ("queued", "running", "workers", "idle")}
+
+
 def ids(jobs: list[p.Dispatch]) -> list[tuple[str, int]]:
     return [(j.job_id, j.attempt) for j in jobs]
 
@@ -209,7 +222,7 @@ def test_queued_job_goes_to_a_worker_only_after_hello(h):
     msgs = h.to_worker(W1)
     assert isinstance(msgs[0], p.Welcome)
     assert msgs[0] == p.Welcome(h.core.broker_id, 1000.0, 3, h.core.cfg.max_message_size)
-    assert msgs[1:] == [p.Dispatch("j1", 1, 60.0, h.token("j1", 1), [b"a", b"b"])]
+    assert msgs[1:] == [dispatch(h, "j1", 1, 60.0, [b"a", b"b"])]
     assert h.snap()["queued"] == 0
     assert h.snap()["in_flight"] == 1
     assert h.worker_state(W1) == "busy"
@@ -228,7 +241,7 @@ def test_accepted_is_sent_only_on_flush(h):
     h.submit(C1, "j1", flush=False)
     assert h.to_client(C1) == []
     h.core.flush()
-    assert h.raw_to_client(C1) == [[b"RWC2 ACCEPTED j1"]]
+    assert h.raw_to_client(C1) == [[b"RWC3 ACCEPTED j1"]]
     h.core.flush()
     assert h.to_client(C1) == []
     # one ACCEPTED line per client per batch, naming its jobs in order
@@ -236,8 +249,8 @@ def test_accepted_is_sent_only_on_flush(h):
     h.submit(C2, "j3", flush=False)
     h.submit(C1, "j4", flush=False)
     h.core.flush()
-    assert h.raw_to_client(C1) == [[b"RWC2 ACCEPTED j2 j4"]]
-    assert h.raw_to_client(C2) == [[b"RWC2 ACCEPTED j3"]]
+    assert h.raw_to_client(C1) == [[b"RWC3 ACCEPTED j2 j4"]]
+    assert h.raw_to_client(C2) == [[b"RWC3 ACCEPTED j3"]]
 
 
 def test_busy_worker_never_gets_a_second_job(h):
@@ -251,7 +264,7 @@ def test_busy_worker_never_gets_a_second_job(h):
     assert ids(h.jobs_to(W2)) == [("j1", 1)]
     assert h.jobs_to(W1) == []
     assert h.snap()["queued"] == 8
-    assert h.snap()["queues"]["default"] == {"queued": 8, "running": 2, "workers": 2, "idle": 0}
+    assert counts(h.snap()["queues"]["default"]) == {"queued": 8, "running": 2, "workers": 2, "idle": 0}
 
 
 def test_ready_worker_gets_the_next_oldest_job_in_order(h):
@@ -297,8 +310,8 @@ def test_job_for_an_unserved_queue_stays_queued(h):
     h.submit(C1, "g1", queue="gpu")
     assert h.jobs_to(W1) == []
     snap = h.snap()
-    assert snap["queues"]["gpu"] == {"queued": 1, "running": 0, "workers": 0, "idle": 0}
-    assert snap["queues"]["default"] == {"queued": 0, "running": 0, "workers": 1, "idle": 1}
+    assert counts(snap["queues"]["gpu"]) == {"queued": 1, "running": 0, "workers": 0, "idle": 0}
+    assert counts(snap["queues"]["default"]) == {"queued": 0, "running": 0, "workers": 1, "idle": 1}
     assert snap["queued"] == 1
     assert h.info("g1")["state"] == "queued"
     h.hello(W2, queues=("gpu",))
@@ -339,12 +352,12 @@ def test_idle_worker_of_one_queue_does_not_take_another_queues_job(h):
 def test_timeout_redispatches_to_a_different_ready_worker(h):
     h.hello(W1)
     h.submit(C1, "j1", timeout=5.0)
-    assert h.job_to(W1) == p.Dispatch("j1", 1, 5.0, h.token("j1", 1), [b"in"])
+    assert h.job_to(W1) == dispatch(h, "j1", 1, 5.0, [b"in"])
     h.hello(W2)
     h.advance(4.999)
     assert h.jobs_to(W2) == []
     h.advance(0.001)
-    assert h.job_to(W2) == p.Dispatch("j1", 2, 5.0, h.token("j1", 2), [b"in"])
+    assert h.job_to(W2) == dispatch(h, "j1", 2, 5.0, [b"in"])
     assert h.jobs_to(W1) == []
     info = h.info("j1")
     assert (info["state"], info["attempt"], info["workers_tried"], info["worker"]) == (
@@ -772,7 +785,7 @@ def test_new_process_in_a_slot_replaces_the_old_one_at_once(h):
     h.hello(W2, info={"name": "new", "slot": "host:1:0"})  # the restarted child
     msgs = h.to_worker(W2)
     assert isinstance(msgs[0], p.Welcome)
-    assert msgs[1:] == [p.Dispatch("j1", 2, 60.0, h.token("j1", 2), [b"in"])]
+    assert msgs[1:] == [dispatch(h, "j1", 2, 60.0, [b"in"])]
     assert [w["name"] for w in h.snap()["workers"]] == ["new"]
     assert h.snap()["totals"]["retried"] == 1
     info = h.info("j1")
@@ -946,7 +959,7 @@ def test_submit_of_a_failed_id_gets_the_failure_at_once(h):
     h.submit(C2, "j1")
     replies = h.to_client(C2)
     assert sorted(outcome(replies)) == [(p.ACCEPTED, "j1", []), (p.FAILED, "j1", [b"error", b"tb"])]
-    assert h.jobs_to(W1) == [p.Dispatch("j1", 1, 60.0, h.token("j1", 1), [b"in"])]
+    assert h.jobs_to(W1) == [dispatch(h, "j1", 1, 60.0, [b"in"], tries=1)]
 
 
 def test_duplicate_submit_is_confirmed_with_the_batch_not_before(h):
@@ -1021,7 +1034,7 @@ def test_unknown_ids_get_unknown(h):
 def test_ping_gets_pong_with_the_broker_id(h):
     h.core.on_client(C1, p.encode_ping())
     [pong] = h.raw_to_client(C1)
-    assert len(pong) == 2 and pong[0] == b"RWC2 PONG " + h.core.broker_id.encode()
+    assert len(pong) == 2 and pong[0] == b"RWC3 PONG " + h.core.broker_id.encode()
     assert p.decode_reply(pong).limits["max_tries"] == h.core.cfg.max_tries
     assert h.core.broker_id
 
@@ -1090,25 +1103,26 @@ def test_refused_while_not_accepting(h):
 @pytest.mark.parametrize(
     "frames, key",
     [
-        ([b"RWC2 FROB"], "clients: unknown command"),
-        ([b"RWC2"], "clients: no command"),
+        ([b"RWC3 FROB"], "clients: unknown command"),
+        ([b"RWC3"], "clients: no command"),
         ([b"RWC1 PING"], "clients: unsupported version"),
         ([b"hello"], "clients: bad header"),
-        ([b"x", b"RWC2 PING"], "clients: bad header"),  # the command line must come first
-        ([b"RWC2 SUBMIT a\x00b default 0 0", b"x"], "clients: bad job id"),
-        ([b"RWC2 SUBMIT j  0 0", b"x"], "clients: bad queue"),
-        ([b"RWC2 SUBMIT j default -1 0", b"x"], "clients: bad timeout"),
-        ([b"RWC2 SUBMIT j default 0 x", b"x"], "clients: bad tries"),
-        ([b"RWC2 SUBMIT j default 0 0"], "clients: bad SUBMIT"),  # no payload
-        ([b"RWC2 SUBMIT j  default 0 0", b"x"], "clients: bad SUBMIT"),  # double space: 7 words
-        ([b"RWC2 WAIT"], "clients: bad WAIT"),
-        ([b"RWC2 CANCEL j", b"x"], "clients: bad CANCEL"),
+        ([b"x", b"RWC3 PING"], "clients: bad header"),  # the command line must come first
+        ([b"RWC3 SUBMIT a\x00b default -", b"x"], "clients: bad job id"),
+        ([b"RWC3 SUBMIT j  -", b"x"], "clients: bad queue"),
+        ([b"RWC3 SUBMIT j default timeout=-1", b"x"], "clients: bad timeout"),
+        ([b"RWC3 SUBMIT j default tries=x", b"x"], "clients: bad tries"),
+        ([b"RWC3 SUBMIT j default colour=red", b"x"], "clients: bad options"),
+        ([b"RWC3 SUBMIT j default -"], "clients: bad SUBMIT"),  # no payload
+        ([b"RWC3 SUBMIT j  default 0 0", b"x"], "clients: bad SUBMIT"),  # double space: 7 words
+        ([b"RWC3 WAIT"], "clients: bad WAIT"),
+        ([b"RWC3 CANCEL j", b"x"], "clients: bad CANCEL"),
     ],
 )
 def test_malformed_client_message_gets_invalid(h, frames, key):
     h.core.on_client(C1, frames)
     [raw] = h.raw_to_client(C1)
-    assert raw[0] == b"RWC2 INVALID" and len(raw) == 2  # no job id, the reason in its own frame
+    assert raw[0] == b"RWC3 INVALID" and len(raw) == 2  # no job id, the reason in its own frame
     reply = view(p.decode_reply(raw))
     assert reply.command == p.INVALID
     assert reply.frames[0].decode().startswith(key.split(": ", 1)[1] + ": ")
@@ -1126,16 +1140,16 @@ def test_bad_req_envelope_gets_the_plain_failure_and_an_empty_message_nothing(h)
     assert h.snap()["queued"] == 0
     # behind a REQ envelope even a command line is a payload: a plain job, not a PING
     h.hello(W1)
-    h.core.on_client(C2, [b"", b"RWC2 PING"])
+    h.core.on_client(C2, [b"", b"RWC3 PING"])
     assert h.raw_to_client(C2) == []
-    assert h.job_to(W1).payload == [b"RWC2 PING"]
+    assert h.job_to(W1).payload == [b"RWC3 PING"]
 
 
 @pytest.mark.parametrize(
     "frames, key",
     [
         ([b"RWW1 HEARTBEAT"], "workers: unsupported version"),
-        ([b"RWC2 HEARTBEAT"], "workers: bad header"),
+        ([b"RWC3 HEARTBEAT"], "workers: bad header"),
         ([b"", b"RWW3 HEARTBEAT"], "workers: bad header"),
         ([], "workers: empty message"),
         ([b"RWW3"], "workers: no command"),
@@ -1343,8 +1357,8 @@ def test_snapshot_describes_workers_and_queues(h):
     assert (w1["host"], w1["pid"], w1["queues"], w1["state"], w1["job"], w1["attempt"], w1["busy_for"]) == (
         "h", 42, ["a", "b"], "busy", "j1", 1, 2.0
     )
-    assert snap["queues"]["a"] == {"queued": 0, "running": 1, "workers": 1, "idle": 0}
-    assert snap["queues"]["b"] == {"queued": 0, "running": 0, "workers": 2, "idle": 1}
+    assert counts(snap["queues"]["a"]) == {"queued": 0, "running": 1, "workers": 1, "idle": 0}
+    assert counts(snap["queues"]["b"]) == {"queued": 0, "running": 0, "workers": 2, "idle": 1}
     assert snap["broker"]["defaults"] == {"timeout": 60.0, "tries": 3}
     assert snap["in_flight"] == 1
 
@@ -1413,7 +1427,15 @@ class Sim:
                 assert w.job_id is None
                 assert all(w.wid in core.queues.by_name[q].ready for q in w.queues)
         for name, q in core.queues.by_name.items():
-            assert not (q.ready and q.depth), f"queue {name} has jobs waiting and idle workers"
+            if not (q.ready and q.depth):
+                continue
+            # Jobs wait beside idle workers only when each is a retry that those workers
+            # already tried, waiting (briefly) for a busy one that has not.
+            idle = {w.name for w in q.ready.values()}
+            for job in core.jobs.values():
+                if job.queue == name and job.state == "queued":
+                    assert job.retry_since and idle <= set(job.tried), (
+                        f"queue {name} has job {job.id} waiting and idle workers {idle}")
             assert all(w.ready and core.workers.get(w.wid) is w for w in q.ready.values())
             assert q.depth or q.ready or q.serving, f"queue {name} is kept for nothing"
             assert q.serving == sum(name in w.queues for w in core.workers.records.values())
@@ -1443,7 +1465,7 @@ class Sim:
                 h.ref(client, p.WAIT, job_id)
             elif how == "batch":
                 h.core.on_client(client, p.encode_submits(
-                    [p.encode_submit(job_id, op[3], None, op[4], [b"in"])]))
+                    [p.encode_submit(job_id, op[3], p.Options(None, op[4]), [b"in"])]))
             else:
                 h.submit(client, job_id, queue=op[3], tries=op[4])
         elif kind == "hello":
@@ -1577,7 +1599,7 @@ def test_worker_name_with_a_lone_surrogate_does_not_kill_the_broker(tmp_path):
     core.set_time(T0, WALL0)
     core.tick()
     core.on_worker(W1, hello)
-    core.on_client(C1, p.encode_submit("j1", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.on_client(C1, p.encode_submit("j1", p.DEFAULT_QUEUE, None, [b"x"]))
     core.flush()  # the journal stores the worker's name in workers_tried
 
 
@@ -1676,12 +1698,13 @@ def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
     path = tmp_path / "j.db"
     core, _ = core_on(SqliteJournal(path))
     for i in range(5):
-        core.on_client(C1, p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, None, [b"x"]))
+        core.on_client(C1, p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, [b"x"]))
     core.on_worker(W1, p.encode_hello(["default"], {"name": "w1"}, None, 0))  # runs j0
     core.flush()
     core.journal.db.close()  # the broker dies (kill -9): no clean close
     core, sent = core_on(SqliteJournal(path))
-    assert core.restore(core.journal.load()) == {"queued": 4, "interrupted": 1, "finished": 0}
+    assert core.restore(core.journal.load()) == {"queued": 4, "interrupted": 1, "scheduled": 0,
+                                                   "finished": 0}
     core.start_recovery()
     core.set_time(T0 + 10, WALL0 + 10)  # nobody claimed j0 within the window
     core.tick()
@@ -1700,7 +1723,8 @@ def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
 
 
 def submits(h: Harness, client: bytes, *job_ids: str, **options: Any) -> None:
-    singles = [p.encode_submit(j, p.DEFAULT_QUEUE, options.get("timeout"), options.get("tries"),
+    singles = [p.encode_submit(j, p.DEFAULT_QUEUE, p.Options(options.get("timeout"),
+                                                             options.get("tries")),
                                [j.encode()]) for j in job_ids]
     h.core.on_client(client, p.encode_submits(singles))
 
@@ -1708,7 +1732,7 @@ def submits(h: Harness, client: bytes, *job_ids: str, **options: Any) -> None:
 def test_submits_creates_every_job_and_one_accepted_names_them_all(h):
     submits(h, C1, "a", "b", "c")
     h.core.flush()
-    assert h.raw_to_client(C1) == [[b"RWC2 ACCEPTED a b c"]]
+    assert h.raw_to_client(C1) == [[b"RWC3 ACCEPTED a b c"]]
     assert h.snap()["queued"] == 3 and h.snap()["totals"]["submitted"] == 3
 
 
@@ -1726,7 +1750,7 @@ def test_results_of_batched_jobs_leave_in_one_message_per_client_per_turn(h):
     assert reply.command == p.RESULTS and reply.batch == [("a", [b"out"]), ("b", [b"out"])]
     h.result(W1, "c", 1)
     h.core.send_results()
-    assert h.raw_to_client(C1) == [[b"RWC2 RESULT c", b"out"]]  # one alone: a plain RESULT
+    assert h.raw_to_client(C1) == [[b"RWC3 RESULT c", b"out"]]  # one alone: a plain RESULT
     h.core.send_results()
     assert h.raw_to_client(C1) == []
 
@@ -1740,16 +1764,16 @@ def test_failures_of_batched_jobs_are_told_at_once_and_singles_stay_single(h):
     h.error(W1, "a", 1, "boom")
     assert outcome(h.to_client(C1)) == [(p.FAILED, "a", [b"error", b"boom"])]
     h.result(W1, "s", 1)
-    assert h.raw_to_client(C2) == [[b"RWC2 RESULT s", b"out"]]
+    assert h.raw_to_client(C2) == [[b"RWC3 RESULT s", b"out"]]
 
 
 def test_a_refused_job_in_a_batch_does_not_stop_the_others(h):
     h = Harness(max_tries=2)
     submits(h, C1, "ok1", tries=2)
     h.core.on_client(C1, p.encode_submits([
-        p.encode_submit("ok2", p.DEFAULT_QUEUE, None, None, [b"x"]),
-        p.encode_submit("bad", p.DEFAULT_QUEUE, None, 5, [b"x"]),
-        p.encode_submit("ok3", p.DEFAULT_QUEUE, None, None, [b"x"]),
+        p.encode_submit("ok2", p.DEFAULT_QUEUE, None, [b"x"]),
+        p.encode_submit("bad", p.DEFAULT_QUEUE, p.Options(None, 5), [b"x"]),
+        p.encode_submit("ok3", p.DEFAULT_QUEUE, None, [b"x"]),
     ]))
     h.core.flush()
     replies = h.to_client(C1)
@@ -1767,7 +1791,7 @@ def test_a_batched_job_resubmitted_attaches_and_its_result_comes_once(h):
     (job,) = h.jobs_to(W1)
     h.result(W1, job.job_id, job.attempt)
     h.core.send_results()
-    assert h.raw_to_client(C1) == [[b"RWC2 RESULT a", b"out"]]
+    assert h.raw_to_client(C1) == [[b"RWC3 RESULT a", b"out"]]
     assert h.snap()["totals"]["submitted"] == 1
 
 

@@ -22,13 +22,14 @@ pytestmark = pytest.mark.timeout(300)
 
 VALID = {
     "clients": [
-        protocol.encode_submit("fz-1", "default", 1.0, 2, [b"hello"]),
+        protocol.encode_submit("fz-1", "default", protocol.Options(1.0, 2), [b"hello"]),
         protocol.encode_job_ref(protocol.WAIT, "fz-1"),
         protocol.encode_job_ref(protocol.QUERY, "fz-1"),
         protocol.encode_job_ref(protocol.CANCEL, "fz-1"),
         protocol.encode_ping(),
-        protocol.encode_submits([protocol.encode_submit("fz-2", "fuzz-q", None, 1, [b"a"]),
-                                 protocol.encode_submit("fz-3", "default", 2.0, None, [b"b", b"c"])]),
+        protocol.encode_submits([
+            protocol.encode_submit("fz-2", "fuzz-q", protocol.Options(None, 1), [b"a"]),
+            protocol.encode_submit("fz-3", "default", protocol.Options(2.0, None), [b"b", b"c"])]),
         [b"", b"plain payload"],
         [b"", b"plain", b"", b"three frames"],
     ],
@@ -212,7 +213,8 @@ def test_worker_survives_garbage_from_its_broker(tmp_path: Path) -> None:
                 protocol.decode_broker(g)
         for g in garbage * 20:
             fake.send_multipart([wid, *g])
-        fake.send_multipart([wid, *protocol.encode_job(b"real", 1, 5.0, b"tok", [b"ping"])])
+        fake.send_multipart([wid, *protocol.encode_job(b"real", 1, 5.0, b"tok", b"default", 5, 1, 0,
+                                                          [b"ping"])])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert fake.poll(20_000)

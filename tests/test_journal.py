@@ -9,7 +9,7 @@ import pytest
 
 from respworkers import protocol as p
 from respworkers.broker.core import BrokerCore
-from respworkers.broker.journal import JournalError, SqliteJournal, open_journal
+from respworkers.broker.journal import SCHEMA_VERSION, JournalError, SqliteJournal, open_journal
 from respworkers.broker.model import pack_frames, unpack_frames
 from respworkers.config import BrokerConfig
 
@@ -43,11 +43,11 @@ def test_frames_round_trip() -> None:
 def test_a_job_changed_many_times_in_one_turn_is_one_row(tmp_path: Path) -> None:
     core, sent = make_core(tmp_path / "j.db")
     core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
-    core.on_client(b"c1", p.encode_submit("j1", p.DEFAULT_QUEUE, None, None, [b"in"]))  # dispatched at once
+    core.on_client(b"c1", p.encode_submit("j1", p.DEFAULT_QUEUE, None, [b"in"]))  # dispatched at once
     answer(core, sent, "j1", [b"out"])
     core.flush()
     assert core.journal.describe()["rows"] == 1
-    core.on_client(b"c1", p.encode_submit("j2", p.DEFAULT_QUEUE, None, None, [b"in"]))
+    core.on_client(b"c1", p.encode_submit("j2", p.DEFAULT_QUEUE, None, [b"in"]))
     core.flush()
     answer(core, sent, "j2", [b"out2"])
     core.flush()
@@ -59,16 +59,17 @@ def test_restore_matches_what_was_confirmed(tmp_path: Path) -> None:
     core, sent = make_core(path)
     core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
     for i in range(4):
-        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, 7.0, 2, [b"in", bytes([i])]))
+        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, p.Options(7.0, 2),
+                                              [b"in", bytes([i])]))
     answer(core, sent, "j0", [b"done0"])  # j1 starts
     core.on_client(b"c1", p.encode_job_ref(p.CANCEL, "j3"))
     core.flush()
-    core.on_client(b"c1", p.encode_submit("lost", p.DEFAULT_QUEUE, None, None, [b"x"]))  # never committed
+    core.on_client(b"c1", p.encode_submit("lost", p.DEFAULT_QUEUE, None, [b"x"]))  # never committed
     core.journal.db.close()  # killed: no clean close
 
     again, _ = make_core(path)
     counts = again.restore(again.journal.load())
-    assert counts == {"queued": 1, "interrupted": 1, "finished": 2}
+    assert counts == {"queued": 1, "interrupted": 1, "scheduled": 0, "finished": 2}
     assert "lost" not in again.jobs
     assert again.jobs["j0"].result == [b"done0"] and again.jobs["j0"].state == "done"
     assert again.jobs["j3"].state == "cancelled"
@@ -116,7 +117,7 @@ def test_a_schema_1_journal_is_migrated_with_its_jobs(tmp_path: Path) -> None:
     assert (row.id, row.seq, row.state, row.payload, row.timeout) == ("old-1", 7, "queued", [b"p"], 5.0)
     journal.close()
     check = sqlite3.connect(path)
-    assert check.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+    assert check.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (str(SCHEMA_VERSION),)
     assert check.execute("SELECT count(*) FROM sqlite_master WHERE name='jobs_old'").fetchone() == (0,)
 
 
@@ -129,7 +130,7 @@ def test_retention_deletes_the_rows_of_forgotten_jobs(tmp_path: Path) -> None:
     core.set_time(1000.0, 1_700_000_000.0)
     core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
     for i in range(3):
-        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, None, [b"in"]))
+        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, [b"in"]))
         answer(core, sent, f"j{i}", [b"out"])
     core.flush()
     core.set_time(1020.0, 1_700_000_020.0)  # past retention
@@ -144,20 +145,20 @@ def test_group_commit_confirms_at_once_when_quiet_and_batches_under_load(tmp_pat
                       lambda r, f: sent.append(f), lambda r, f: None, SqliteJournal(tmp_path / "j.db"))
     core.set_time(1000.0, 1_700_000_000.0)
     core.tick()
-    core.on_client(b"c1", p.encode_submit("a", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.on_client(b"c1", p.encode_submit("a", p.DEFAULT_QUEUE, None, [b"x"]))
     core.maybe_flush()  # quiet until now: committed and confirmed in this turn
-    assert sent == [[b"RWC2 ACCEPTED a"]] and core.journal.describe()["batches"] == 1
+    assert sent == [[b"RWC3 ACCEPTED a"]] and core.journal.describe()["batches"] == 1
     core.set_time(1000.004, 1_700_000_000.004)
-    core.on_client(b"c1", p.encode_submit("b", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.on_client(b"c1", p.encode_submit("b", p.DEFAULT_QUEUE, None, [b"x"]))
     core.maybe_flush()
     core.set_time(1000.006, 1_700_000_000.006)
-    core.on_client(b"c1", p.encode_submit("c", p.DEFAULT_QUEUE, None, None, [b"x"]))
+    core.on_client(b"c1", p.encode_submit("c", p.DEFAULT_QUEUE, None, [b"x"]))
     core.maybe_flush()
     assert len(sent) == 1 and core.journal.dirty()  # within the interval: not yet
     assert core.next_wake() == pytest.approx(1000.01)  # but the loop wakes for it
     core.set_time(1000.01, 1_700_000_000.01)
     core.maybe_flush()
-    assert sent[-1] == [b"RWC2 ACCEPTED b c"] and not core.journal.dirty()
+    assert sent[-1] == [b"RWC3 ACCEPTED b c"] and not core.journal.dirty()
     assert core.journal.describe()["batches"] == 2
     assert core.next_wake() == pytest.approx(2000.0)  # nothing left: the next heartbeat
 
@@ -166,7 +167,7 @@ def test_recent_failures_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     core, sent = make_core(path)
     core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
-    core.on_client(b"c1", p.encode_submit("bad", p.DEFAULT_QUEUE, None, 1, [b"in"]))
+    core.on_client(b"c1", p.encode_submit("bad", p.DEFAULT_QUEUE, p.Options(None, 1), [b"in"]))
     job = next(p.decode_broker(f) for kind, f in reversed(sent) if kind == "w" and b" JOB " in f[0])
     core.on_worker(b"w1", p.encode_worker_error("bad", 1, job.token, True, "ValueError: boom"))
     core.flush()

@@ -1,6 +1,6 @@
 """Unit tests of the RWP/2 wire protocol: encode/decode round trips and rejections.
 
-On the clients and workers endpoints a message is one command line frame (``RWC2 ...`` or
+On the clients and workers endpoints a message is one command line frame (``RWC3 ...`` or
 ``RWW3 ...``: words separated by single spaces) followed by payload or text frames.
 """
 
@@ -60,62 +60,72 @@ def test_check_queue_rejects(raw):
 
 
 def test_submit_round_trip():
-    frames = p.encode_submit("job-1", "gpu", 2.5, 4, [b"a", b"", b"c"])
-    assert frames == [b"RWC2 SUBMIT job-1 gpu 2500 4", b"a", b"", b"c"]
-    assert p.decode_client(frames) == p.Submit("job-1", "gpu", 2.5, 4, [b"a", b"", b"c"])
+    frames = p.encode_submit("job-1", "gpu", p.Options(2.5, 4), [b"a", b"", b"c"])
+    assert frames == [b"RWC3 SUBMIT job-1 gpu timeout=2500,tries=4", b"a", b"", b"c"]
+    assert p.decode_client(frames) == p.Submit("job-1", "gpu", p.Options(2.5, 4), [b"a", b"", b"c"])
 
 
 def test_submit_round_trip_defaults():
-    frames = p.encode_submit("j", p.DEFAULT_QUEUE, None, None, [b"x"])
-    assert frames == [b"RWC2 SUBMIT j default 0 0", b"x"]  # 0 and 0: the broker's defaults
-    assert p.decode_client(frames) == p.Submit("j", p.DEFAULT_QUEUE, None, None, [b"x"])
-    # leading zeros are accepted; all zeros is still "the default"
-    assert p.decode_client([b"RWC2 SUBMIT j q 000 00", b"x"]) == p.Submit("j", "q", None, None, [b"x"])
-    assert p.decode_client([b"RWC2 SUBMIT j q 0050 007", b"x"]) == p.Submit("j", "q", 0.05, 7, [b"x"])
+    frames = p.encode_submit("j", p.DEFAULT_QUEUE, None, [b"x"])
+    assert frames == [b"RWC3 SUBMIT j default -", b"x"]  # "-": the broker's defaults
+    assert p.decode_client(frames) == p.Submit("j", p.DEFAULT_QUEUE, p.NO_OPTIONS, [b"x"])
+    assert p.encode_submit("j", "q", p.Options(), [b"x"])[0] == b"RWC3 SUBMIT j q -"
+    # leading zeros are accepted; options come in any order
+    assert p.decode_client([b"RWC3 SUBMIT j q tries=007,timeout=0050", b"x"]) == p.Submit(
+        "j", "q", p.Options(0.05, 7), [b"x"])
+
+
+def test_submit_every_option_round_trips():
+    opts = p.Options(timeout=2.5, tries=4, priority=9, delay=0.0, expires=3600.0, tenant="acme-1",
+                     backoff=0.25, backoff_max=60.0)
+    frames = p.encode_submit("j", "q", opts, [b"x"])
+    assert frames[0] == (b"RWC3 SUBMIT j q timeout=2500,tries=4,priority=9,delay=0,"
+                         b"expires=3600000,tenant=acme-1,backoff=250,backoff_max=60000")
+    assert p.decode_client(frames).options == opts
 
 
 def test_submit_timeout_rounds_to_at_least_one_ms():
-    frames = p.encode_submit("j", "q", 0.0001, 1, [b"x"])
-    assert frames[0] == b"RWC2 SUBMIT j q 1 1"
-    assert p.decode_client(frames).timeout == 0.001
+    frames = p.encode_submit("j", "q", p.Options(0.0001, 1), [b"x"])
+    assert frames[0] == b"RWC3 SUBMIT j q timeout=1,tries=1"
+    assert p.decode_client(frames).options.timeout == 0.001
 
 
 def test_submit_payload_frames_are_opaque():
     # payload frames that look like command lines, or are empty, are payload
-    payload = [b"RWC2 PING", b"", b"a b  c", b"\x00\xff"]
-    got = p.decode_client(p.encode_submit("j", "q", None, None, payload))
+    payload = [b"RWC3 PING", b"", b"a b  c", b"\x00\xff"]
+    got = p.decode_client(p.encode_submit("j", "q", None, payload))
     assert got.payload == payload
 
 
 def test_encode_submit_needs_payload():
     with pytest.raises(ValueError):
-        p.encode_submit("j", "q", None, None, [])
+        p.encode_submit("j", "q", None, [])
 
 
 @pytest.mark.parametrize("cmd, record", [(p.QUERY, p.Query), (p.CANCEL, p.Cancel)])
 def test_job_ref_round_trip(cmd, record):
     frames = p.encode_job_ref(cmd, "job-9")
-    assert frames == [b"RWC2 " + cmd + b" job-9"]
+    assert frames == [b"RWC3 " + cmd + b" job-9"]
     assert p.decode_client(frames) == record("job-9")
     unicode_id = "caf\u00e9:\u2603"
     assert p.decode_client(p.encode_job_ref(cmd, unicode_id)) == record(unicode_id)
 
 
 def test_wait_names_one_or_many_jobs():
-    assert p.encode_wait(["job-9"]) == [b"RWC2 WAIT job-9"]
+    assert p.encode_wait(["job-9"]) == [b"RWC3 WAIT job-9"]
     assert p.decode_client(p.encode_job_ref(p.WAIT, "job-9")) == p.Wait(["job-9"])
-    assert p.decode_client([b"RWC2 WAIT a b c"]) == p.Wait(["a", "b", "c"])
+    assert p.decode_client([b"RWC3 WAIT a b c"]) == p.Wait(["a", "b", "c"])
     many = [f"j{i}" for i in range(p.MAX_BATCH)]
     assert p.decode_client(p.encode_wait(many)) == p.Wait(many)
-    assert reason_of(p.decode_client, [b"RWC2 WAIT " + b" ".join(b"j%d" % i for i in range(1001))]
+    assert reason_of(p.decode_client, [b"RWC3 WAIT " + b" ".join(b"j%d" % i for i in range(1001))]
                      ) == "bad WAIT"
-    assert reason_of(p.decode_client, [b"RWC2 WAIT a  b"]) == "bad job id"
+    assert reason_of(p.decode_client, [b"RWC3 WAIT a  b"]) == "bad job id"
     with pytest.raises(ValueError):
         p.encode_wait([])
 
 
 def test_ping_round_trip():
-    assert p.encode_ping() == [b"RWC2 PING"]
+    assert p.encode_ping() == [b"RWC3 PING"]
     assert p.decode_client(p.encode_ping()) == p.Ping()
 
 
@@ -124,16 +134,16 @@ def test_plain_request():
     assert p.decode_client([b"", b"hello", b"world"]) == p.Plain([b"hello", b"world"])
     assert p.decode_client([b"", b""]) == p.Plain([b""])
     # behind a REQ envelope nothing is parsed, not even what looks like a command line
-    assert p.decode_client([b"", b"RWC2 PING"]) == p.Plain([b"RWC2 PING"])
+    assert p.decode_client([b"", b"RWC3 PING"]) == p.Plain([b"RWC3 PING"])
     # a REQ envelope with nothing after it is refused, not taken for an empty job
     assert reason_of(p.decode_client, [b""]) == "empty request"
 
 
 def test_other_versions_are_refused_not_taken_for_a_payload():
-    assert reason_of(p.decode_client, [b"RWC1 SUBMIT j q 0 0", b"x"]) == "unsupported version"
+    assert reason_of(p.decode_client, [b"RWC1 SUBMIT j q -", b"x"]) == "unsupported version"
     assert reason_of(p.decode_client, [b"RWC9 PING"]) == "unsupported version"
-    assert reason_of(p.decode_client, [b"RWX2 SUBMIT j q 0 0", b"x"]) == "bad header"
-    with pytest.raises(ProtocolError, match="RWC2"):  # the detail names the version spoken
+    assert reason_of(p.decode_client, [b"RWX2 SUBMIT j q -", b"x"]) == "bad header"
+    with pytest.raises(ProtocolError, match="RWC3"):  # the detail names the version spoken
         p.decode_client([b"RWC1 PING"])
 
 
@@ -143,59 +153,74 @@ def test_other_versions_are_refused_not_taken_for_a_payload():
         # framing and the version word
         ([], "empty message"),
         ([b""], "empty request"),
-        ([b"x", b"RWC2 PING"], "bad header"),  # the command line must be the first frame
+        ([b"x", b"RWC3 PING"], "bad header"),  # the command line must be the first frame
         ([b"nonsense"], "bad header"),
         ([b"RWW2 PING"], "bad header"),  # the workers' version word
         ([b"rwc2 PING"], "bad header"),
-        ([b" RWC2 PING"], "bad header"),  # no space before the first word
-        ([b"RWC2\tPING"], "bad header"),  # words are separated by a space, nothing else
-        ([b"RWC22 PING"], "bad header"),
+        ([b" RWC3 PING"], "bad header"),  # no space before the first word
+        ([b"RWC3\tPING"], "bad header"),  # words are separated by a space, nothing else
+        ([b"RWC32 PING"], "bad header"),
         ([b"RWC1 PING"], "unsupported version"),
         ([b"RWC1"], "unsupported version"),
-        ([b"RWC9 SUBMIT j default 0 0", b"x"], "unsupported version"),
-        ([b"RWC2"], "no command"),
+        ([b"RWC9 SUBMIT j default -", b"x"], "unsupported version"),
+        ([b"RWC3"], "no command"),
         # commands
-        ([b"RWC2 FROB"], "unknown command"),
-        ([b"RWC2 submit j default 0 0", b"x"], "unknown command"),
-        ([b"RWC2  PING"], "unknown command"),  # double space: an empty command word
-        ([b"RWC2 PING\x00"], "unknown command"),
+        ([b"RWC3 FROB"], "unknown command"),
+        ([b"RWC3 submit j default 0 0", b"x"], "unknown command"),
+        ([b"RWC3  PING"], "unknown command"),  # double space: an empty command word
+        ([b"RWC3 PING\x00"], "unknown command"),
         # SUBMIT: word and frame counts
-        ([b"RWC2 SUBMIT j default 0 0"], "bad SUBMIT"),  # no payload frame
-        ([b"RWC2 SUBMIT j default 0", b"x"], "bad SUBMIT"),
-        ([b"RWC2 SUBMIT j default 0 0 1", b"x"], "bad SUBMIT"),
-        ([b"RWC2 SUBMIT j  default 0 0", b"x"], "bad SUBMIT"),  # double space: 7 words
-        ([b"RWC2 SUBMIT", b"x"], "bad SUBMIT"),
+        ([b"RWC3 SUBMIT j default -"], "bad SUBMIT"),  # no payload frame
+        ([b"RWC3 SUBMIT j default", b"x"], "bad SUBMIT"),
+        ([b"RWC3 SUBMIT j default - 1", b"x"], "bad SUBMIT"),
+        ([b"RWC3 SUBMIT j  default -", b"x"], "bad SUBMIT"),  # double space: 6 words
+        ([b"RWC3 SUBMIT", b"x"], "bad SUBMIT"),
         # SUBMIT: fields
-        ([b"RWC2 SUBMIT  default 0 0", b"x"], "bad job id"),  # double space: empty id
-        ([b"RWC2 SUBMIT a\x00b default 0 0", b"x"], "bad job id"),
-        ([b"RWC2 SUBMIT a\tb default 0 0", b"x"], "bad job id"),
-        ([b"RWC2 SUBMIT a\nb default 0 0", b"x"], "bad job id"),
-        ([b"RWC2 SUBMIT a\x7fb default 0 0", b"x"], "bad job id"),
-        ([b"RWC2 SUBMIT \xff default 0 0", b"x"], "bad job id"),
-        ([b"RWC2 SUBMIT " + b"x" * 201 + b" default 0 0", b"x"], "bad job id"),
-        ([b"RWC2 SUBMIT j  0 0", b"x"], "bad queue"),  # an empty queue no longer means default
-        ([b"RWC2 SUBMIT j no/slash 0 0", b"x"], "bad queue"),
-        ([b"RWC2 SUBMIT j a,b 0 0", b"x"], "bad queue"),
-        ([b"RWC2 SUBMIT j " + b"q" * 65 + b" 0 0", b"x"], "bad queue"),
-        ([b"RWC2 SUBMIT j default  0", b"x"], "bad timeout"),
-        ([b"RWC2 SUBMIT j default -5 0", b"x"], "bad timeout"),
-        ([b"RWC2 SUBMIT j default +5 0", b"x"], "bad timeout"),
-        ([b"RWC2 SUBMIT j default 1.5 0", b"x"], "bad timeout"),
-        ([b"RWC2 SUBMIT j default 1e3 0", b"x"], "bad timeout"),
-        ([b"RWC2 SUBMIT j default " + b"1" * 13 + b" 0", b"x"], "bad timeout"),
-        ([b"RWC2 SUBMIT j default 0 ", b"x"], "bad tries"),  # trailing space: an empty field
-        ([b"RWC2 SUBMIT j default 0 two", b"x"], "bad tries"),
-        ([b"RWC2 SUBMIT j default 0 -1", b"x"], "bad tries"),
-        ([b"RWC2 SUBMIT j default 0 " + b"9" * 13, b"x"], "bad tries"),
+        ([b"RWC3 SUBMIT  default -", b"x"], "bad job id"),  # double space: empty id
+        ([b"RWC3 SUBMIT a\x00b default -", b"x"], "bad job id"),
+        ([b"RWC3 SUBMIT a\tb default -", b"x"], "bad job id"),
+        ([b"RWC3 SUBMIT a\nb default -", b"x"], "bad job id"),
+        ([b"RWC3 SUBMIT a\x7fb default -", b"x"], "bad job id"),
+        ([b"RWC3 SUBMIT \xff default -", b"x"], "bad job id"),
+        ([b"RWC3 SUBMIT " + b"x" * 201 + b" default -", b"x"], "bad job id"),
+        ([b"RWC3 SUBMIT j  -", b"x"], "bad queue"),  # an empty queue no longer means default
+        ([b"RWC3 SUBMIT j no/slash -", b"x"], "bad queue"),
+        ([b"RWC3 SUBMIT j a,b -", b"x"], "bad queue"),
+        ([b"RWC3 SUBMIT j " + b"q" * 65 + b" -", b"x"], "bad queue"),
+        # SUBMIT: options
+        ([b"RWC3 SUBMIT j default ", b"x"], "bad options"),  # trailing space: empty options
+        ([b"RWC3 SUBMIT j default timeout", b"x"], "bad options"),
+        ([b"RWC3 SUBMIT j default colour=red", b"x"], "bad options"),
+        ([b"RWC3 SUBMIT j default tries=1,tries=2", b"x"], "bad options"),
+        ([b"RWC3 SUBMIT j default tries=1,", b"x"], "bad options"),
+        ([b"RWC3 SUBMIT j default timeout=", b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default timeout=-5", b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default timeout=+5", b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default timeout=1.5", b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default timeout=1e3", b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default timeout=0", b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default timeout=" + b"1" * 13, b"x"], "bad timeout"),
+        ([b"RWC3 SUBMIT j default tries=two", b"x"], "bad tries"),
+        ([b"RWC3 SUBMIT j default tries=0", b"x"], "bad tries"),
+        ([b"RWC3 SUBMIT j default tries=-1", b"x"], "bad tries"),
+        ([b"RWC3 SUBMIT j default tries=" + b"9" * 13, b"x"], "bad tries"),
+        ([b"RWC3 SUBMIT j default priority=10", b"x"], "bad priority"),
+        ([b"RWC3 SUBMIT j default priority=x", b"x"], "bad priority"),
+        ([b"RWC3 SUBMIT j default delay=-1", b"x"], "bad delay"),
+        ([b"RWC3 SUBMIT j default expires=1.5", b"x"], "bad expires"),
+        ([b"RWC3 SUBMIT j default tenant=a/b", b"x"], "bad tenant"),
+        ([b"RWC3 SUBMIT j default tenant=" + b"t" * 65, b"x"], "bad tenant"),
+        ([b"RWC3 SUBMIT j default backoff=x", b"x"], "bad backoff"),
+        ([b"RWC3 SUBMIT j default backoff_max=-1", b"x"], "bad backoff_max"),
         # WAIT, QUERY, CANCEL
-        ([b"RWC2 WAIT"], "bad WAIT"),
-        ([b"RWC2 WAIT j", b"extra"], "bad WAIT"),
-        ([b"RWC2 QUERY a b"], "bad QUERY"),
-        ([b"RWC2 QUERY j "], "bad QUERY"),  # trailing space: 4 words
-        ([b"RWC2 CANCEL j", b""], "bad CANCEL"),
-        ([b"RWC2 CANCEL "], "bad job id"),
-        ([b"RWC2 WAIT a\nb"], "bad job id"),
-        ([b"RWC2 QUERY \xc3"], "bad job id"),
+        ([b"RWC3 WAIT"], "bad WAIT"),
+        ([b"RWC3 WAIT j", b"extra"], "bad WAIT"),
+        ([b"RWC3 QUERY a b"], "bad QUERY"),
+        ([b"RWC3 QUERY j "], "bad QUERY"),  # trailing space: 4 words
+        ([b"RWC3 CANCEL j", b""], "bad CANCEL"),
+        ([b"RWC3 CANCEL "], "bad job id"),
+        ([b"RWC3 WAIT a\nb"], "bad job id"),
+        ([b"RWC3 QUERY \xc3"], "bad job id"),
     ],
 )
 def test_decode_client_rejects(frames, reason):
@@ -206,16 +231,16 @@ def test_decode_client_rejects(frames, reason):
 
 
 def test_reply_frames_are_one_command_line_plus_text():
-    assert p.encode_accepted([b"j"]) == [b"RWC2 ACCEPTED j"]
-    assert p.encode_accepted([b"j", b"k", b"j"]) == [b"RWC2 ACCEPTED j k j"]
-    assert p.encode_result(b"j", [b"r1", b""]) == [b"RWC2 RESULT j", b"r1", b""]
-    assert p.encode_failed(b"j", "timeout", "no answer") == [b"RWC2 FAILED j timeout", b"no answer"]
-    assert p.encode_cancelled(b"j") == [b"RWC2 CANCELLED j"]
-    assert p.encode_refused("j", "full", "no room") == [b"RWC2 REFUSED j full", b"no room"]
-    assert p.encode_info("j", {"a": 1}) == [b"RWC2 INFO j", b'{"a": 1}']
-    assert p.encode_unknown("j") == [b"RWC2 UNKNOWN j"]
-    assert p.encode_pong("brk", {"max_tries": 3}) == [b"RWC2 PONG brk", b'{"max_tries": 3}']
-    assert p.encode_invalid("bad job id: x") == [b"RWC2 INVALID", b"bad job id: x"]
+    assert p.encode_accepted([b"j"]) == [b"RWC3 ACCEPTED j"]
+    assert p.encode_accepted([b"j", b"k", b"j"]) == [b"RWC3 ACCEPTED j k j"]
+    assert p.encode_result(b"j", [b"r1", b""]) == [b"RWC3 RESULT j", b"r1", b""]
+    assert p.encode_failed(b"j", "timeout", "no answer") == [b"RWC3 FAILED j timeout", b"no answer"]
+    assert p.encode_cancelled(b"j") == [b"RWC3 CANCELLED j"]
+    assert p.encode_refused("j", "full", "no room") == [b"RWC3 REFUSED j full", b"no room"]
+    assert p.encode_info("j", {"a": 1}) == [b"RWC3 INFO j", b'{"a": 1}']
+    assert p.encode_unknown("j") == [b"RWC3 UNKNOWN j"]
+    assert p.encode_pong("brk", {"max_tries": 3}) == [b"RWC3 PONG brk", b'{"max_tries": 3}']
+    assert p.encode_invalid("bad job id: x") == [b"RWC3 INVALID", b"bad job id: x"]
 
 
 def test_reply_round_trips():
@@ -237,7 +262,7 @@ def test_reply_round_trips():
     assert p.decode_reply(p.encode_pong("brk", {"max_tries": 3, "starting": True})) == p.Pong(
         "brk", {"max_tries": 3}, True)
     assert p.decode_reply(p.encode_invalid("bad job id")) == p.Invalid("bad job id")
-    text = "bad header: messages start with RWC2"  # INVALID text keeps its spaces
+    text = "bad header: messages start with RWC3"  # INVALID text keeps its spaces
     assert p.decode_reply(p.encode_invalid(text)) == p.Invalid(text)
     assert p.decode_reply(p.RESYNC_FRAMES) == p.Resync()
     assert p.decode_reply(p.encode_results([(b"a", [b"1"]), (b"b", [b"2", b"3"])])) == p.Results(
@@ -252,10 +277,10 @@ def test_encode_failed_and_invalid_never_raise_on_odd_text():
 
 
 def test_decode_pong_rejects_a_missing_id_and_bad_limits():
-    assert reason_of(p.decode_reply, [b"RWC2 PONG ", b"{}"]) == "bad reply"  # no broker id
-    assert reason_of(p.decode_reply, [b"RWC2 PONG b"]) == "bad PONG"  # no limits frame
-    assert reason_of(p.decode_reply, [b"RWC2 PONG b", b"[]"]) == "bad limits"
-    assert reason_of(p.decode_reply, [b"RWC2 PONG b", b"{"]) == "bad limits"
+    assert reason_of(p.decode_reply, [b"RWC3 PONG ", b"{}"]) == "bad reply"  # no broker id
+    assert reason_of(p.decode_reply, [b"RWC3 PONG b"]) == "bad PONG"  # no limits frame
+    assert reason_of(p.decode_reply, [b"RWC3 PONG b", b"[]"]) == "bad limits"
+    assert reason_of(p.decode_reply, [b"RWC3 PONG b", b"{"]) == "bad limits"
 
 
 def test_plain_reply():
@@ -269,31 +294,31 @@ def test_plain_reply():
     [
         ([], "bad reply"),
         ([b""], "bad header"),  # a DEALER client is sent no delimiter
-        ([b"", b"RWC2 RESULT j", b"r"], "bad header"),
+        ([b"", b"RWC3 RESULT j", b"r"], "bad header"),
         ([b"RWW2 RESULT j", b"r"], "bad header"),
         ([b"RWC1 RESULT j", b"r"], "unsupported version"),
-        ([b"RWC2"], "no command"),
-        ([b"RWC2 RESULT"], "bad reply"),
-        ([b"RWC2 RESULT j"], "bad reply"),  # no result frame
-        ([b"RWC2 RESULT j k", b"r"], "bad reply"),
-        ([b"RWC2 FAILED j", b"boom"], "bad reply"),  # no reason word
-        ([b"RWC2 FAILED j timeout x", b"boom"], "bad reply"),
-        ([b"RWC2 FAILED j timeout"], "bad FAILED"),  # no error text frame
-        ([b"RWC2 FAILED j timeout", b"a", b"b"], "bad FAILED"),
-        ([b"RWC2 REFUSED j full x", b"t"], "bad reply"),
-        ([b"RWC2 REFUSED j full"], "bad REFUSED"),
-        ([b"RWC2 INFO j"], "bad INFO"),
-        ([b"RWC2 INFO j", b"{}", b"{}"], "bad INFO"),
-        ([b"RWC2 INFO j k", b"{}"], "bad reply"),
-        ([b"RWC2 INFO j", b"{nope"], "bad info"),
-        ([b"RWC2 INFO j", b"[1, 2]"], "bad info"),
-        ([b"RWC2 PONG"], "bad reply"),
-        ([b"RWC2 PONG a b", b"{}"], "bad reply"),
-        ([b"RWC2 ACCEPTED"], "bad reply"),
-        ([b"RWC2 CANCELLED"], "bad reply"),
-        ([b"RWC2 UNKNOWN"], "bad reply"),
-        ([b"RWC2 WHAT j"], "unknown command"),
-        ([b"RWC2 result j", b"r"], "unknown command"),
+        ([b"RWC3"], "no command"),
+        ([b"RWC3 RESULT"], "bad reply"),
+        ([b"RWC3 RESULT j"], "bad reply"),  # no result frame
+        ([b"RWC3 RESULT j k", b"r"], "bad reply"),
+        ([b"RWC3 FAILED j", b"boom"], "bad reply"),  # no reason word
+        ([b"RWC3 FAILED j timeout x", b"boom"], "bad reply"),
+        ([b"RWC3 FAILED j timeout"], "bad FAILED"),  # no error text frame
+        ([b"RWC3 FAILED j timeout", b"a", b"b"], "bad FAILED"),
+        ([b"RWC3 REFUSED j full x", b"t"], "bad reply"),
+        ([b"RWC3 REFUSED j full"], "bad REFUSED"),
+        ([b"RWC3 INFO j"], "bad INFO"),
+        ([b"RWC3 INFO j", b"{}", b"{}"], "bad INFO"),
+        ([b"RWC3 INFO j k", b"{}"], "bad reply"),
+        ([b"RWC3 INFO j", b"{nope"], "bad info"),
+        ([b"RWC3 INFO j", b"[1, 2]"], "bad info"),
+        ([b"RWC3 PONG"], "bad reply"),
+        ([b"RWC3 PONG a b", b"{}"], "bad reply"),
+        ([b"RWC3 ACCEPTED"], "bad reply"),
+        ([b"RWC3 CANCELLED"], "bad reply"),
+        ([b"RWC3 UNKNOWN"], "bad reply"),
+        ([b"RWC3 WHAT j"], "unknown command"),
+        ([b"RWC3 result j", b"r"], "unknown command"),
     ],
 )
 def test_decode_reply_rejects(frames, reason):
@@ -339,12 +364,30 @@ def test_worker_result_round_trip():
 
 def test_worker_error_round_trip():
     frames = p.encode_worker_error("j", 3, b"tk", False, "Traceback: \u2603 boom")
-    assert frames == [b"RWW3 ERROR j 3 tk 0", "Traceback: \u2603 boom".encode()]
+    assert frames == [b"RWW3 ERROR j 3 tk 0 -", "Traceback: \u2603 boom".encode()]
     assert p.decode_worker(frames) == p.WorkerError("j", 3, b"tk", False, "Traceback: \u2603 boom")
     # undecodable error text is replaced, never rejected
-    raw = [b"RWW3 ERROR j 1 tk 1", b"bad \xff"]
+    raw = [b"RWW3 ERROR j 1 tk 1 -", b"bad \xff"]
     assert p.decode_worker(raw) == p.WorkerError("j", 1, b"tk", True, "bad \ufffd")
-    assert p.decode_worker([b"RWW3 ERROR j 1 tk 1", b""]) == p.WorkerError("j", 1, b"tk", True, "")
+    assert p.decode_worker([b"RWW3 ERROR j 1 tk 1 -", b""]) == p.WorkerError("j", 1, b"tk", True, "")
+
+
+def test_worker_error_says_what_the_worker_asks_for():
+    for then, after, word in (("fail", None, b"fail"), ("abandoned", None, b"abandoned"),
+                              ("retry", 2.5, b"2500"), ("retry", 0.0, b"0")):
+        frames = p.encode_worker_error("j", 1, b"tk", True, "e", then, after)
+        assert frames[0] == b"RWW3 ERROR j 1 tk 1 " + word
+        assert p.decode_worker(frames) == p.WorkerError("j", 1, b"tk", True, "e", then, after)
+
+
+def test_progress_round_trip_and_size_limit():
+    frames = p.encode_worker_progress("j", 2, b"tk", b'{"fraction":0.5}')
+    assert frames == [b"RWW3 PROGRESS j 2 tk", b'{"fraction":0.5}']
+    assert p.decode_worker(frames) == p.WorkerProgress("j", 2, b"tk", {"fraction": 0.5})
+    big = b'{"m":"' + b"x" * p.MAX_PROGRESS_BYTES + b'"}'
+    assert reason_of(p.decode_worker, [b"RWW3 PROGRESS j 2 tk", big]) == "bad progress"
+    assert reason_of(p.decode_worker, [b"RWW3 PROGRESS j 2 tk", b"[1]"]) == "bad progress"
+    assert reason_of(p.decode_worker, [b"RWW3 PROGRESS j 2", b"{}"]) == "bad PROGRESS"
 
 
 def test_return_heartbeat_bye_vacate_round_trip():
@@ -365,7 +408,7 @@ def test_return_heartbeat_bye_vacate_round_trip():
         ([], "empty message"),
         ([b""], "bad header"),
         ([b"", b"RWW3 HEARTBEAT"], "bad header"),  # workers send no delimiter
-        ([b"RWC2 HELLO a", b"{}"], "bad header"),
+        ([b"RWC3 HELLO a", b"{}"], "bad header"),
         ([b"RWW3HEARTBEAT"], "bad header"),
         ([b"RWW1 HEARTBEAT"], "unsupported version"),
         ([b"RWW2 HEARTBEAT"], "unsupported version"),  # the previous version: refused
@@ -390,14 +433,16 @@ def test_return_heartbeat_bye_vacate_round_trip():
         ([b"RWW3 RESULT j 1  1", b"r"], "bad token"),  # double space: an empty token
         ([b"RWW3 RESULT j 1 " + b"t" * 65 + b" 1", b"r"], "bad token"),
         # ERROR
-        ([b"RWW3 ERROR j 1 t 1"], "bad ERROR"),  # no error text frame
-        ([b"RWW3 ERROR j 1 t 1", b"e", b"extra"], "bad ERROR"),
-        ([b"RWW3 ERROR j 1 1", b"e"], "bad ERROR"),
-        ([b"RWW3 ERROR j 1 t 1 Traceback", b"e"], "bad ERROR"),
-        ([b"RWW3 ERROR j 1 t T", b"e"], "bad ready"),
-        ([b"RWW3 ERROR j 0 t 1", b"e"], "bad attempt"),
-        ([b"RWW3 ERROR a\x00 1 t 1", b"e"], "bad job id"),
-        ([b"RWW3 ERROR j 1  1", b"e"], "bad token"),
+        ([b"RWW3 ERROR j 1 t 1 -"], "bad ERROR"),  # no error text frame
+        ([b"RWW3 ERROR j 1 t 1 -", b"e", b"extra"], "bad ERROR"),
+        ([b"RWW3 ERROR j 1 t 1", b"e"], "bad ERROR"),  # no then-word
+        ([b"RWW3 ERROR j 1 t 1 - Traceback", b"e"], "bad ERROR"),
+        ([b"RWW3 ERROR j 1 t T -", b"e"], "bad ready"),
+        ([b"RWW3 ERROR j 0 t 1 -", b"e"], "bad attempt"),
+        ([b"RWW3 ERROR a\x00 1 t 1 -", b"e"], "bad job id"),
+        ([b"RWW3 ERROR j 1  1 -", b"e"], "bad token"),
+        ([b"RWW3 ERROR j 1 t 1 later", b"e"], "bad then"),
+        ([b"RWW3 ERROR j 1 t 1 -5", b"e"], "bad then"),
         # HELLO
         ([b"RWW3 HELLO a"], "bad HELLO"),  # no info frame: exactly one is needed
         ([b"RWW3 HELLO a", b"{}", b"x"], "bad HELLO"),
@@ -453,11 +498,19 @@ def test_welcome_round_trip():
 
 
 def test_job_round_trip():
-    frames = p.encode_job(b"job-1", 2, 1.5, b"tk", [b"in", b""])
-    assert frames == [b"RWW3 JOB job-1 2 1500 tk", b"in", b""]
-    assert p.decode_broker(frames) == p.Dispatch("job-1", 2, 1.5, b"tk", [b"in", b""])
+    frames = p.encode_job(b"job-1", 2, 1.5, b"tk", b"gpu", 7, 3, 1700000000.25, [b"in", b""])
+    assert frames == [b"RWW3 JOB job-1 2 1500 tk gpu 7 3 1700000000250", b"in", b""]
+    assert p.decode_broker(frames) == p.Dispatch("job-1", 2, 1.5, b"tk", "gpu", 7, 3, 1700000000.25,
+                                                 [b"in", b""])
     # JOB's timeout is at least 1 ms
-    assert p.encode_job(b"j", 1, 0.0, b"tk", [b"x"])[0] == b"RWW3 JOB j 1 1 tk"
+    assert p.encode_job(b"j", 1, 0.0, b"tk", b"q", 5, 1, 0, [b"x"])[0] == b"RWW3 JOB j 1 1 tk q 5 1 0"
+
+
+def test_abandon_round_trip():
+    assert p.encode_abandon(b"job-1", 2, "cancelled") == [b"RWW3 ABANDON job-1 2 cancelled"]
+    assert p.decode_broker([b"RWW3 ABANDON job-1 2 done"]) == p.Abandon("job-1", 2, "done")
+    assert reason_of(p.decode_broker, [b"RWW3 ABANDON job-1 2"]) == "bad ABANDON"
+    assert reason_of(p.decode_broker, [b"RWW3 ABANDON job-1 0 done"]) == "bad attempt"
 
 
 def test_ack_round_trip():
@@ -478,20 +531,23 @@ def test_broker_heartbeat_and_disconnect_round_trip():
     "frames, reason",
     [
         ([], "empty message"),
-        ([b"", b"RWW3 JOB j 1 1000 t", b"x"], "bad header"),
-        ([b"RWC2 JOB j 1 1000 t", b"x"], "bad header"),
+        ([b"", b"RWW3 JOB j 1 1000 t q 5 1 0", b"x"], "bad header"),
+        ([b"RWC3 JOB j 1 1000 t q 5 1 0", b"x"], "bad header"),
         ([b"RWW1 JOB j 1 1000", b"x"], "unsupported version"),
         ([b"RWW3"], "no command"),
-        ([b"RWW3 JOB j 1 1000 t"], "bad JOB"),  # no payload frame
-        ([b"RWW3 JOB j 1 1000", b"x"], "bad JOB"),  # no token
-        ([b"RWW3 JOB j 1 1000 t x", b"x"], "bad JOB"),
-        ([b"RWW3 JOB j  1 1000 t", b"x"], "bad JOB"),  # double space: 7 words
-        ([b"RWW3 JOB j 0 1000 t", b"x"], "bad attempt"),
-        ([b"RWW3 JOB j 1 0 t", b"x"], "bad timeout"),
-        ([b"RWW3 JOB j 1  t", b"x"], "bad timeout"),
-        ([b"RWW3 JOB  1 10 t", b"x"], "bad job id"),
-        ([b"RWW3 JOB a\x00b 1 10 t", b"x"], "bad job id"),
-        ([b"RWW3 JOB j 1 10 ", b"x"], "bad token"),
+        ([b"RWW3 JOB j 1 1000 t q 5 1 0"], "bad JOB"),  # no payload frame
+        ([b"RWW3 JOB j 1 1000 t", b"x"], "bad JOB"),  # the RWW2 layout
+        ([b"RWW3 JOB j 1 1000 t q 5 1 0 x", b"x"], "bad JOB"),
+        ([b"RWW3 JOB j  1 1000 t q 5 1 0", b"x"], "bad JOB"),  # double space: 11 words
+        ([b"RWW3 JOB j 0 1000 t q 5 1 0", b"x"], "bad attempt"),
+        ([b"RWW3 JOB j 1 0 t q 5 1 0", b"x"], "bad timeout"),
+        ([b"RWW3 JOB j 1 x t q 5 1 0", b"x"], "bad timeout"),
+        ([b"RWW3 JOB  1 10 t q 5 1 0", b"x"], "bad job id"),
+        ([b"RWW3 JOB a\x00b 1 10 t q 5 1 0", b"x"], "bad job id"),
+        ([b"RWW3 JOB j 1 10 t a/b 5 1 0", b"x"], "bad queue"),
+        ([b"RWW3 JOB j 1 10 t q x 1 0", b"x"], "bad priority"),
+        ([b"RWW3 JOB j 1 10 t q 5 0 0", b"x"], "bad tries"),
+        ([b"RWW3 JOB j 1 10 t q 5 1 -1", b"x"], "bad created"),
         ([b"RWW3 ACK j"], "bad ACK"),
         ([b"RWW3 ACK j 1", b"x"], "bad ACK"),
         ([b"RWW3 ACK j 0"], "bad attempt"),
@@ -524,49 +580,49 @@ def test_decode_broker_welcome_infinite_liveness_is_a_protocol_error(liveness):
 
 _WRONG_WORD_COUNTS = [
     # clients endpoint, client -> broker
-    (p.decode_client, [b"RWC2 SUBMIT j default 0", b"x"], "SUBMIT short"),
-    (p.decode_client, [b"RWC2 SUBMIT j default 0 0 0", b"x"], "SUBMIT long"),
-    (p.decode_client, [b"RWC2 WAIT"], "WAIT short"),
-    (p.decode_client, [b"RWC2 WAIT j", b"x"], "WAIT with a frame"),
-    (p.decode_client, [b"RWC2 QUERY"], "QUERY short"),
-    (p.decode_client, [b"RWC2 QUERY j k"], "QUERY long"),
-    (p.decode_client, [b"RWC2 CANCEL"], "CANCEL short"),
-    (p.decode_client, [b"RWC2 CANCEL j k"], "CANCEL long"),
-    pytest.param(p.decode_client, [b"RWC2 PING j"], "PING long"),
-    pytest.param(p.decode_client, [b"RWC2 PING "], "PING trailing space"),
+    (p.decode_client, [b"RWC3 SUBMIT j default 0", b"x"], "SUBMIT short"),
+    (p.decode_client, [b"RWC3 SUBMIT j default 0 0 0", b"x"], "SUBMIT long"),
+    (p.decode_client, [b"RWC3 WAIT"], "WAIT short"),
+    (p.decode_client, [b"RWC3 WAIT j", b"x"], "WAIT with a frame"),
+    (p.decode_client, [b"RWC3 QUERY"], "QUERY short"),
+    (p.decode_client, [b"RWC3 QUERY j k"], "QUERY long"),
+    (p.decode_client, [b"RWC3 CANCEL"], "CANCEL short"),
+    (p.decode_client, [b"RWC3 CANCEL j k"], "CANCEL long"),
+    pytest.param(p.decode_client, [b"RWC3 PING j"], "PING long"),
+    pytest.param(p.decode_client, [b"RWC3 PING "], "PING trailing space"),
     # clients endpoint, broker -> client
-    (p.decode_reply, [b"RWC2 ACCEPTED"], "ACCEPTED short"),
-    (p.decode_reply, [b"RWC2 RESULT", b"r"], "RESULT short"),
-    (p.decode_reply, [b"RWC2 RESULT j k", b"r"], "RESULT long"),
-    (p.decode_reply, [b"RWC2 FAILED j", b"e"], "FAILED short"),
-    (p.decode_reply, [b"RWC2 FAILED j timeout x", b"e"], "FAILED long"),
-    (p.decode_reply, [b"RWC2 CANCELLED"], "CANCELLED short"),
-    pytest.param(p.decode_reply, [b"RWC2 CANCELLED j k"], "CANCELLED long"),
-    (p.decode_reply, [b"RWC2 REFUSED j", b"t"], "REFUSED short"),
-    (p.decode_reply, [b"RWC2 REFUSED j full x", b"t"], "REFUSED long"),
-    (p.decode_reply, [b"RWC2 INFO", b"{}"], "INFO short"),
-    (p.decode_reply, [b"RWC2 INFO j k", b"{}"], "INFO long"),
-    (p.decode_reply, [b"RWC2 UNKNOWN"], "UNKNOWN short"),
-    pytest.param(p.decode_reply, [b"RWC2 UNKNOWN j k"], "UNKNOWN long"),
-    (p.decode_reply, [b"RWC2 PONG", b"{}"], "PONG short"),
-    (p.decode_reply, [b"RWC2 PONG b c", b"{}"], "PONG long"),
-    pytest.param(p.decode_reply, [b"RWC2 INVALID x", b"reason"], "INVALID long"),
+    (p.decode_reply, [b"RWC3 ACCEPTED"], "ACCEPTED short"),
+    (p.decode_reply, [b"RWC3 RESULT", b"r"], "RESULT short"),
+    (p.decode_reply, [b"RWC3 RESULT j k", b"r"], "RESULT long"),
+    (p.decode_reply, [b"RWC3 FAILED j", b"e"], "FAILED short"),
+    (p.decode_reply, [b"RWC3 FAILED j timeout x", b"e"], "FAILED long"),
+    (p.decode_reply, [b"RWC3 CANCELLED"], "CANCELLED short"),
+    pytest.param(p.decode_reply, [b"RWC3 CANCELLED j k"], "CANCELLED long"),
+    (p.decode_reply, [b"RWC3 REFUSED j", b"t"], "REFUSED short"),
+    (p.decode_reply, [b"RWC3 REFUSED j full x", b"t"], "REFUSED long"),
+    (p.decode_reply, [b"RWC3 INFO", b"{}"], "INFO short"),
+    (p.decode_reply, [b"RWC3 INFO j k", b"{}"], "INFO long"),
+    (p.decode_reply, [b"RWC3 UNKNOWN"], "UNKNOWN short"),
+    pytest.param(p.decode_reply, [b"RWC3 UNKNOWN j k"], "UNKNOWN long"),
+    (p.decode_reply, [b"RWC3 PONG", b"{}"], "PONG short"),
+    (p.decode_reply, [b"RWC3 PONG b c", b"{}"], "PONG long"),
+    pytest.param(p.decode_reply, [b"RWC3 INVALID x", b"reason"], "INVALID long"),
     # workers endpoint, worker -> broker
     (p.decode_worker, [b"RWW3 HELLO", b"{}"], "HELLO short"),
     (p.decode_worker, [b"RWW3 HELLO q j 1", b"{}"], "HELLO 5 words"),
     (p.decode_worker, [b"RWW3 HELLO q j 1 t x", b"{}"], "HELLO long"),
     (p.decode_worker, [b"RWW3 RESULT j 1 t", b"r"], "RESULT short"),
     (p.decode_worker, [b"RWW3 RESULT j 1 t 1 x", b"r"], "RESULT long"),
-    (p.decode_worker, [b"RWW3 ERROR j 1 t", b"e"], "ERROR short"),
-    (p.decode_worker, [b"RWW3 ERROR j 1 t 1 x", b"e"], "ERROR long"),
+    (p.decode_worker, [b"RWW3 ERROR j 1 t 1", b"e"], "ERROR short"),
+    (p.decode_worker, [b"RWW3 ERROR j 1 t 1 - x", b"e"], "ERROR long"),
     (p.decode_worker, [b"RWW3 RETURN j 1"], "RETURN short"),
     (p.decode_worker, [b"RWW3 RETURN j 1 t x"], "RETURN long"),
     pytest.param(p.decode_worker, [b"RWW3 HEARTBEAT x"], "HEARTBEAT long"),
     pytest.param(p.decode_worker, [b"RWW3 BYE x"], "BYE long"),
     pytest.param(p.decode_worker, [b"RWW3 VACATE x", b"slot"], "VACATE long"),
     # workers endpoint, broker -> worker
-    (p.decode_broker, [b"RWW3 JOB j 1 1000", b"p"], "JOB short"),
-    (p.decode_broker, [b"RWW3 JOB j 1 1000 t x", b"p"], "JOB long"),
+    (p.decode_broker, [b"RWW3 JOB j 1 1000 t q 5 1", b"p"], "JOB short"),
+    (p.decode_broker, [b"RWW3 JOB j 1 1000 t q 5 1 0 x", b"p"], "JOB long"),
     (p.decode_broker, [b"RWW3 ACK j"], "ACK short"),
     (p.decode_broker, [b"RWW3 ACK j 1 x"], "ACK long"),
     pytest.param(p.decode_broker, [b"RWW3 WELCOME x", b'{"broker": "b", "heartbeat": 1, "liveness": 3}'],
@@ -626,7 +682,7 @@ def test_deeply_nested_json_is_a_protocol_error(which):
     if which == "hello-info":
         assert reason_of(p.decode_worker, [b"RWW3 HELLO q", nested]) == "bad info"
     elif which == "reply-info":
-        assert reason_of(p.decode_reply, [b"RWC2 INFO j", nested]) == "bad info"
+        assert reason_of(p.decode_reply, [b"RWC3 INFO j", nested]) == "bad info"
     else:
         assert reason_of(p.decode_snapshot, [b"RWS1", b"SNAPSHOT", nested]) == "bad status reply"
 
@@ -639,7 +695,7 @@ def test_large_info_reply_is_accepted_but_large_hello_info_is_not():
 
 
 def test_extra_frames_after_ping_heartbeat_and_bye_are_ignored():
-    assert p.decode_client([b"RWC2 PING", b"x"]) == p.Ping()
+    assert p.decode_client([b"RWC3 PING", b"x"]) == p.Ping()
     assert p.decode_worker([b"RWW3 HEARTBEAT", b"x"]) == p.Heartbeat()
     assert p.decode_worker([b"RWW3 BYE", b"x", b"y"]) == p.Bye()
 
@@ -674,7 +730,7 @@ def test_decode_snapshot_rejects():
     assert reason_of(p.decode_snapshot, [b"RWS1", b"OTHER", b"{}"]) == "bad status reply"
     assert reason_of(p.decode_snapshot, [b"RWS1", b"SNAPSHOT", b"{"]) == "bad status reply"
     assert reason_of(p.decode_snapshot, [b"RWS1", b"SNAPSHOT", b"[]"]) == "bad status reply"
-    assert reason_of(p.decode_snapshot, [b"RWC2", b"SNAPSHOT", b"{}"]) == "bad status reply"
+    assert reason_of(p.decode_snapshot, [b"RWC3", b"SNAPSHOT", b"{}"]) == "bad status reply"
     assert reason_of(p.decode_snapshot, [b"RWS1 SNAPSHOT", b"{}"]) == "bad status reply"
 
 
@@ -683,7 +739,7 @@ def test_decode_snapshot_rejects():
 # ================================================================================================
 
 _WORDS = [
-    b"", b"RWC2", b"RWW2", b"RWC1", b"RWW1", b"RWC9", b"RWS1", b"SUBMIT", b"WAIT", b"QUERY", b"CANCEL",
+    b"", b"RWC3", b"RWW2", b"RWC1", b"RWW1", b"RWC9", b"RWS1", b"SUBMIT", b"WAIT", b"QUERY", b"CANCEL",
     b"PING", b"RESULT", b"ERROR", b"HELLO", b"RETURN", b"HEARTBEAT", b"BYE", b"JOB", b"WELCOME",
     b"DISCONNECT", b"ACK", b"VACATE", b"RESYNC", b"RWW3", b"INFO", b"FAILED", b"REFUSED", b"ACCEPTED",
     b"CANCELLED", b"UNKNOWN", b"PONG",
@@ -746,10 +802,10 @@ _text = st.text(max_size=30)
 )
 def test_submit_round_trip_property(job_id, queue, timeout_ms, tries, payload):
     timeout = None if timeout_ms is None else timeout_ms / 1000.0
-    frames = p.encode_submit(job_id, queue, timeout, tries, payload)
-    assert len(frames) == 1 + len(payload) and frames[0].count(b" ") == 5
+    frames = p.encode_submit(job_id, queue, p.Options(timeout, tries), payload)
+    assert len(frames) == 1 + len(payload) and frames[0].count(b" ") == 4
     got = p.decode_client(frames)
-    assert got == p.Submit(job_id, queue, timeout, tries, payload)
+    assert got == p.Submit(job_id, queue, p.Options(timeout, tries), payload)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
@@ -788,8 +844,10 @@ def test_worker_messages_round_trip_property(job_id, attempt, ready, payload, er
     assert hello == p.Hello(("q",), {}, job_id, attempt, tok)
     hello = p.decode_worker(p.encode_hello(queues, {"name": job_id}))
     assert hello == p.Hello(tuple(dict.fromkeys(queues)), {"name": job_id}, None, 0, b"")
-    job = p.decode_broker(p.encode_job(job_id.encode(), attempt, attempt / 1000.0, tok, payload))
-    assert job == p.Dispatch(job_id, attempt, attempt / 1000.0, tok, payload)
+    job = p.decode_broker(p.encode_job(job_id.encode(), attempt, attempt / 1000.0, tok,
+                                       queues[0].encode(), attempt % 10, attempt, attempt, payload))
+    assert job == p.Dispatch(job_id, attempt, attempt / 1000.0, tok, queues[0], attempt % 10,
+                             attempt, attempt, payload)
     assert p.decode_broker(p.encode_ack(job_id.encode(), attempt)) == p.Ack(job_id, attempt)
     assert p.decode_broker(p.encode_disconnect(job_id)) == p.Disconnect(job_id)
     welcome = p.decode_broker(p.encode_welcome(job_id, attempt / 1000.0, attempt, attempt))
@@ -814,7 +872,7 @@ def test_an_rwp1_client_is_refused_not_run_as_a_plain_job():
 
 
 def test_encode_submit_with_no_queue_names_the_default_one():
-    assert p.decode_client(p.encode_submit("j", "", None, None, [b"x"])).queue == p.DEFAULT_QUEUE
+    assert p.decode_client(p.encode_submit("j", "", None, [b"x"])).queue == p.DEFAULT_QUEUE
 
 
 # ================================================================================================
@@ -823,30 +881,31 @@ def test_encode_submit_with_no_queue_names_the_default_one():
 
 
 def test_submits_round_trip_keeps_each_jobs_fields_and_frames():
-    singles = [p.encode_submit("a", "default", None, None, [b"x"]),
-               p.encode_submit("b", "gpu", 2.5, 4, [b"", b"two", b"frames"])]
+    singles = [p.encode_submit("a", "default", None, [b"x"]),
+               p.encode_submit("b", "gpu", p.Options(2.5, 4), [b"", b"two", b"frames"])]
     frames = p.encode_submits(singles)
-    assert frames == [b"RWC2 SUBMITS a default 0 0 1 b gpu 2500 4 3", b"x", b"", b"two", b"frames"]
+    assert frames == [b"RWC3 SUBMITS a default - 1 b gpu timeout=2500,tries=4 3", b"x", b"", b"two",
+                      b"frames"]
     assert p.decode_client(frames) == p.SubmitMany([
-        p.Submit("a", "default", None, None, [b"x"]),
-        p.Submit("b", "gpu", 2.5, 4, [b"", b"two", b"frames"]),
+        p.Submit("a", "default", p.NO_OPTIONS, [b"x"]),
+        p.Submit("b", "gpu", p.Options(2.5, 4), [b"", b"two", b"frames"]),
     ])
 
 
 @pytest.mark.parametrize(
     "frames, why",
     [
-        ([b"RWC2 SUBMITS"], "no jobs"),
-        ([b"RWC2 SUBMITS a default 0 0", b"x"], "4 words for a job"),
-        ([b"RWC2 SUBMITS a default 0 0 1 b", b"x"], "a job cut short"),
-        ([b"RWC2 SUBMITS a default 0 0 2", b"x"], "fewer frames than announced"),
-        ([b"RWC2 SUBMITS a default 0 0 1", b"x", b"y"], "more frames than announced"),
-        ([b"RWC2 SUBMITS a default 0 0 0"], "a job with no payload"),
-        ([b"RWC2 SUBMITS a default 0 0 x", b"p"], "a frame count that is not a number"),
-        ([b"RWC2 SUBMITS a\x01 default 0 0 1", b"p"], "a bad id"),
-        ([b"RWC2 SUBMITS a de/fault 0 0 1", b"p"], "a bad queue"),
-        ([b"RWC2 SUBMITS a default -1 0 1", b"p"], "a bad timeout"),
-        ([b"RWC2 SUBMITS a default 0 0 1  b default 0 0 1", b"p", b"q"], "a double space"),
+        ([b"RWC3 SUBMITS"], "no jobs"),
+        ([b"RWC3 SUBMITS a default 0 0", b"x"], "4 words for a job"),
+        ([b"RWC3 SUBMITS a default 0 0 1 b", b"x"], "a job cut short"),
+        ([b"RWC3 SUBMITS a default 0 0 2", b"x"], "fewer frames than announced"),
+        ([b"RWC3 SUBMITS a default 0 0 1", b"x", b"y"], "more frames than announced"),
+        ([b"RWC3 SUBMITS a default 0 0 0"], "a job with no payload"),
+        ([b"RWC3 SUBMITS a default 0 0 x", b"p"], "a frame count that is not a number"),
+        ([b"RWC3 SUBMITS a\x01 default 0 0 1", b"p"], "a bad id"),
+        ([b"RWC3 SUBMITS a de/fault 0 0 1", b"p"], "a bad queue"),
+        ([b"RWC3 SUBMITS a default -1 0 1", b"p"], "a bad timeout"),
+        ([b"RWC3 SUBMITS a default 0 0 1  b default 0 0 1", b"p", b"q"], "a double space"),
     ],
 )
 def test_malformed_submits_is_rejected_whole(frames, why):
@@ -855,19 +914,19 @@ def test_malformed_submits_is_rejected_whole(frames, why):
 
 
 def test_submits_carries_at_most_max_batch_jobs():
-    one = p.encode_submit("j", "default", None, None, [b"x"])
+    one = p.encode_submit("j", "default", None, [b"x"])
     assert len(p.decode_client(p.encode_submits([one] * p.MAX_BATCH)).jobs) == p.MAX_BATCH
     with pytest.raises(ValueError):
         p.encode_submits([one] * (p.MAX_BATCH + 1))
     with pytest.raises(ValueError):
         p.encode_submits([])
-    too_many = [b"RWC2 SUBMITS" + b" j default 0 0 1" * (p.MAX_BATCH + 1)] + [b"x"] * (p.MAX_BATCH + 1)
+    too_many = [b"RWC3 SUBMITS" + b" j default 0 0 1" * (p.MAX_BATCH + 1)] + [b"x"] * (p.MAX_BATCH + 1)
     assert reason_of(p.decode_client, too_many) == "bad SUBMITS"
 
 
 def test_results_round_trip():
     frames = p.encode_results([(b"a", [b"r"]), (b"b", [b"", b"two"])])
-    assert frames == [b"RWC2 RESULTS a 1 b 2", b"r", b"", b"two"]
+    assert frames == [b"RWC3 RESULTS a 1 b 2", b"r", b"", b"two"]
     reply = p.decode_reply(frames)
     assert reply == p.Results([("a", [b"r"]), ("b", [b"", b"two"])])
 
@@ -875,12 +934,12 @@ def test_results_round_trip():
 @pytest.mark.parametrize(
     "frames",
     [
-        [b"RWC2 RESULTS"],
-        [b"RWC2 RESULTS a", b"r"],
-        [b"RWC2 RESULTS a 2", b"r"],
-        [b"RWC2 RESULTS a 1", b"r", b"extra"],
-        [b"RWC2 RESULTS a 0"],
-        [b"RWC2 RESULTS a\x00 1", b"r"],
+        [b"RWC3 RESULTS"],
+        [b"RWC3 RESULTS a", b"r"],
+        [b"RWC3 RESULTS a 2", b"r"],
+        [b"RWC3 RESULTS a 1", b"r", b"extra"],
+        [b"RWC3 RESULTS a 0"],
+        [b"RWC3 RESULTS a\x00 1", b"r"],
     ],
 )
 def test_malformed_results_is_rejected(frames):

@@ -124,11 +124,12 @@ def test_duplicate_submit_runs_once(cluster: Cluster) -> None:
     assert sum(w["done"] for w in snap["workers"]) == 1
 
 
-def test_cancel_running_job_tells_the_client_and_drops_the_late_result(cluster: Cluster) -> None:
+def test_cancel_running_job_tells_the_client_and_stops_the_worker(cluster: Cluster) -> None:
     cluster.broker()
-    cluster.pool(n=1)
+    pool = cluster.pool(n=1)
+    first = set(pool.children())
     with cluster.client() as c, cluster.client() as other:
-        job = c.submit("sleep:1", id="to-cancel")
+        job = c.submit("sleep:60", id="to-cancel")
         queued = c.submit("never", id="queued-cancel")
         wait_for(lambda: any(w["job"] == "to-cancel" for w in cluster.snapshot()["workers"]),
                  what="the job to start")
@@ -136,10 +137,13 @@ def test_cancel_running_job_tells_the_client_and_drops_the_late_result(cluster: 
         assert other.cancel("to-cancel")["state"] == "cancelled"  # type: ignore[index]
         assert c.outcome(job, timeout=5).status == "cancelled"
         assert c.outcome(queued, timeout=5).status == "cancelled"
-        # the worker finishes, its result is dropped, and it takes new work
-        assert c.run("next", timeout=10).endswith(b":next")
+        # the worker is told to stop: the job is interrupted (Cancelled), and the same
+        # process takes new work at once, long before the 60 s sleep would have ended
+        assert c.run("next", timeout=5).endswith(b":next")
     snap = cluster.snapshot()
-    assert snap["totals"]["cancelled"] == 2 and snap["totals"]["duplicates"] == 1
+    assert snap["totals"]["cancelled"] == 2 and snap["totals"]["abandoned"] == 1
+    assert snap["totals"]["duplicates"] == 0 and set(pool.children()) == first
+    assert "stopped (the job was cancelled)" in pool.output()
 
 
 def test_client_keeps_waiting_while_the_broker_is_down(cluster: Cluster) -> None:

@@ -155,7 +155,7 @@ def test_queue_limit_refuses_with_broker_full(cluster: Cluster) -> None:
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(cluster.clients)
     try:  # a client that does not check is refused by the broker
-        raw.send_multipart(protocol.encode_submit("over", "default", None, 5, [b"x"]))
+        raw.send_multipart(protocol.encode_submit("over", "default", protocol.Options(None, 5), [b"x"]))
         assert raw.poll(5000)
         reply = protocol.decode_reply(raw.recv_multipart())
         assert isinstance(reply, protocol.Refused) and "max_tries of 4" in reply.text
@@ -184,13 +184,13 @@ def test_message_size_limit(cluster: Cluster) -> None:
     raw.connect(cluster.clients)
     try:
         # a little over: refused by the broker with a reason
-        raw.send_multipart([b"RWC2 SUBMIT big default 0 0", b"z" * 2500])
+        raw.send_multipart([b"RWC3 SUBMIT big default -", b"z" * 2500])
         assert raw.poll(5000)
         reply = raw.recv_multipart()
-        assert reply[0] == b"RWC2 REFUSED big limit" and len(reply) == 2
+        assert reply[0] == b"RWC3 REFUSED big limit" and len(reply) == 2
         assert b"max_message_size of 2048" in reply[1]
         # far over: libzmq drops the connection before Python sees it; the broker lives on
-        raw.send_multipart([b"RWC2 SUBMIT huge default 0 0", b"z" * 200_000])
+        raw.send_multipart([b"RWC3 SUBMIT huge default -", b"z" * 200_000])
     finally:
         raw.close()
     with cluster.client() as c:

@@ -56,7 +56,7 @@ def test_an_answer_is_kept_until_the_broker_confirms_it_not_just_until_it_speaks
         rid, hello = fake.recv_not_heartbeat(20)
         assert isinstance(hello, protocol.Hello) and hello.job_id is None
         fake.send(rid, protocol.encode_welcome("fake", 0.2, 3))
-        fake.send(rid, protocol.encode_job(b"j1", 1, 5.0, b"t0k", [b"work"]))
+        fake.send(rid, protocol.encode_job(b"j1", 1, 5.0, b"t0k", b"default", 5, 1, 0, [b"work"]))
         _, answer = fake.recv_not_heartbeat()
         assert isinstance(answer, protocol.WorkerResult) and answer.token == b"t0k"
         fake.send(rid, list(protocol.HEARTBEAT_FRAMES))  # not a confirmation

@@ -24,13 +24,30 @@ from .. import __version__, protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError
 from ..util import RateLimit
-from . import stats
+from . import admin, stats
 from .commits import GroupCommit
 from .deadlines import Deadlines
 from .journal import Journal, NullJournal
-from .model import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Job, JobState, Tokens, Waiter
+from .model import (
+    CANCELLED,
+    DEFAULT_PRIORITY,
+    DONE,
+    ENDED,
+    EXPIRED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    WAITING,
+    Job,
+    JobState,
+    Tokens,
+    Waiter,
+)
 from .notify import Notifier, SendFn
+from .policy import RetryPolicy
 from .queues import Queues
+from .timetable import Due, Timetable
 from .workers import RETRY_SCAN, WorkerRec, Workers
 
 log = logging.getLogger(__name__)
@@ -73,9 +90,14 @@ class BrokerCore:
         self.accepting = True
         self.jobs: dict[str, Job] = {}  # every job held: unfinished and retained
         self.finished: OrderedDict[str, Job] = OrderedDict()  # retained, oldest end first
-        self.queues = Queues()
+        self.queues = Queues(cfg.tenant_weights)
         self.workers = Workers(self.queues)
         self.deadlines = Deadlines()
+        self.timetable = Timetable()
+        self.policy = RetryPolicy(cfg)
+        # Who holds each attempt that may still answer (its token): told to stop when the
+        # job ends, so no worker keeps working for a job that is over.
+        self.holders: dict[bytes, WorkerRec] = {}
         self.notifier = Notifier(send_client)
         self.commits = GroupCommit(self.journal, self.notifier, cfg.commit_interval)
         self.stats = stats.Stats()
@@ -108,7 +130,7 @@ class BrokerCore:
         ``progress(rows so far)`` is called every RESTORE_STEP rows, so that a caller can
         answer pings while a large journal loads.
         """
-        counts = {"queued": 0, "interrupted": 0, "finished": 0}
+        counts = {"queued": 0, "interrupted": 0, "scheduled": 0, "finished": 0}
         ended: list[Job] = []
         self.start_recovery()
         for n, job in enumerate(stored, 1):
@@ -117,19 +139,26 @@ class BrokerCore:
             self.jobs[job.id] = job
             self._seq = max(self._seq, job.seq)
             if job.state in ENDED:
-                job.payload = None
+                if job.state is DONE:
+                    job.payload = None
                 ended.append(job)
+                continue
+            if job.payload is None:
+                job.payload = [b""]
+            if job.expires_at:
+                self.timetable.add(job.expires_at, Due.EXPIRE, job)
+            if job.state is RUNNING:
+                job.attempt = max(0, job.attempt - 1)
+                job.state = QUEUED
+                self.queues.hold(job)
+                counts["interrupted"] += 1
+            elif job.state is SCHEDULED:
+                self.queues.schedule(job)
+                self.timetable.add(job.not_before, Due.RUN, job)
+                counts["scheduled"] += 1
             else:
-                if job.payload is None:
-                    job.payload = [b""]
-                if job.state is RUNNING:
-                    job.attempt = max(0, job.attempt - 1)
-                    job.state = QUEUED
-                    self.queues.hold(job)
-                    counts["interrupted"] += 1
-                else:
-                    self.queues.push(job, front=False)
-                    counts["queued"] += 1
+                self.queues.push(job, front=bool(job.tried))
+                counts["queued"] += 1
         ended.sort(key=lambda j: j.finished)
         for job in ended:
             self.finished[job.id] = job
@@ -168,8 +197,8 @@ class BrokerCore:
         elif isinstance(req, protocol.Plain):
             # Unguessable, so no other client can WAIT for, QUERY or CANCEL it by guessing.
             job_id = "req-" + self.tokens.next().decode()
-            self.submit(client, protocol.Submit(job_id, protocol.DEFAULT_QUEUE, None, None,
-                                                req.payload), PLAIN)
+            self.submit(client, protocol.Submit(job_id, protocol.DEFAULT_QUEUE,
+                                                protocol.NO_OPTIONS, req.payload), PLAIN)
         elif isinstance(req, protocol.Query):
             self._inform(client, req.job_id)
         elif isinstance(req, protocol.Cancel):
@@ -187,6 +216,17 @@ class BrokerCore:
                 job = self.jobs.get(job_id)
                 if job is not None:
                     Notifier.unwait(job, client)
+                    if job.watchers and client in job.watchers:
+                        job.watchers.remove(client)
+        elif isinstance(req, protocol.Watch):
+            self.watch(client, req.job_id)
+        elif isinstance(req, protocol.ListJobs):
+            self.send_client(client, protocol.encode_jobs_page(admin.list_jobs(self, req.query)))
+        elif isinstance(req, protocol.Requeue):
+            self.send_client(client, protocol.encode_requeued(admin.requeue(self, req.job_ids)))
+        elif isinstance(req, protocol.Purge):
+            cancelled, left = admin.purge(self, req.queue)
+            self.send_client(client, protocol.encode_purged(req.queue, cancelled, left))
         else:
             self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
 
@@ -236,15 +276,31 @@ class BrokerCore:
             return
         self._seq += 1
         cfg = self.cfg
-        job = Job(sub.job_id, sub.queue, sub.payload, sub.timeout or cfg.timeout,
-                  sub.tries or cfg.tries, self._seq, self.wall)
+        opts = sub.options
+        if opts is protocol.NO_OPTIONS:  # the common case, kept short
+            job = Job(sub.job_id, sub.queue, sub.payload, cfg.timeout, cfg.tries, self._seq,
+                      self.wall)
+        else:
+            job = Job(sub.job_id, sub.queue, sub.payload, opts.timeout or cfg.timeout,
+                      opts.tries or cfg.tries, self._seq, self.wall,
+                      DEFAULT_PRIORITY if opts.priority is None else opts.priority,
+                      opts.tenant or "")
+            job.backoff, job.backoff_max = opts.backoff, opts.backoff_max
+            if opts.expires is not None:
+                job.expires_at = self.wall + opts.expires
+                self.timetable.add(job.expires_at, Due.EXPIRE, job)
+            if opts.delay:
+                job.not_before = self.wall + opts.delay
         job.waiters.append((client, how))
         self.jobs[sub.job_id] = job
         self.counters.submitted += 1
         self.journal.submitted(job)
         if how is not PLAIN:
             self.notifier.confirm_later(client, job)
-        self._enqueue(job, front=False)
+        if job.not_before:
+            self._schedule(job)
+        else:
+            self._enqueue(job, front=False)
 
     def _refusal(self, sub: protocol.Submit) -> tuple[str, str] | None:
         """Why a new job cannot be accepted (code, text), or None. O(frames), no scans."""
@@ -253,12 +309,13 @@ class BrokerCore:
             return protocol.REFUSE_SHUTDOWN, "the broker is stopping"
         if self.commits.problem is not None:
             return protocol.REFUSE_JOURNAL, f"journal unavailable: {self.commits.problem}"
-        if sub.timeout is not None and sub.timeout > cfg.max_timeout:
-            return (protocol.REFUSE_LIMIT, f"timeout {_secs(sub.timeout)}s is over the broker's "
+        opts = sub.options
+        if opts.timeout is not None and opts.timeout > cfg.max_timeout:
+            return (protocol.REFUSE_LIMIT, f"timeout {_secs(opts.timeout)}s is over the broker's "
                     f"max_timeout of {_secs(cfg.max_timeout)}s")
-        if sub.tries is not None and sub.tries > cfg.max_tries:
+        if opts.tries is not None and opts.tries > cfg.max_tries:
             return (protocol.REFUSE_LIMIT,
-                    f"tries {sub.tries} is over the broker's max_tries of {cfg.max_tries}")
+                    f"tries {opts.tries} is over the broker's max_tries of {cfg.max_tries}")
         size = sum(map(len, sub.payload))
         if size > cfg.max_message_size:
             return (protocol.REFUSE_LIMIT, f"payload of {size} bytes is over the broker's "
@@ -284,13 +341,33 @@ class BrokerCore:
         else:
             Notifier.wait(job, client, how)
 
+    def watch(self, client: bytes, job_id: str) -> None:
+        """Send ``client`` the job's progress: what is known now, then each change."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            self.send_client(client, protocol.encode_unknown(job_id))
+            return
+        if job.state not in ENDED:
+            if job.watchers is None:
+                job.watchers = [client]
+            elif client not in job.watchers:
+                job.watchers.append(client)
+        if job.progress is not None:
+            self.send_client(client, protocol.encode_progress(job.bid, job.progress))
+
     def cancel(self, job: Job) -> None:
-        """A queued or running job ends cancelled; a running attempt's answer will be dropped."""
+        """A waiting or running job ends cancelled; its running attempts are told to stop."""
         if job.state in ENDED:
             return
+        self._unwait(job)
+        self.finish(job, CANCELLED, protocol.FAIL_CANCELLED, "cancelled by a client")
+
+    def _unwait(self, job: Job) -> None:
+        """Take a queued or scheduled job out of where it waits."""
         if job.state is QUEUED:
             self.queues.remove(job)
-        self.finish(job, CANCELLED, protocol.FAIL_CANCELLED, "cancelled by a client")
+        elif job.state is SCHEDULED:
+            self.queues.unschedule(job)
 
     def send_results(self) -> None:
         """End of a loop turn: batched results leave."""
@@ -318,6 +395,9 @@ class BrokerCore:
                 self._answered(w, msg)
             elif isinstance(msg, protocol.Heartbeat):
                 pass
+            elif isinstance(msg, protocol.WorkerProgress):
+                if self._holds(w, msg, "PROGRESS"):
+                    self._progress(w, msg.progress)
             elif isinstance(msg, protocol.Hello):
                 self._supersede(w, msg, "re-registered")
                 self.hello(wid, msg)
@@ -364,6 +444,7 @@ class BrokerCore:
             self._ready(w)
             return
         w.job_id, w.attempt, w.token = msg.job_id, msg.attempt, msg.token
+        self.holders[msg.token] = w
         job = self.jobs.get(msg.job_id)
         if job is None or job.state in ENDED:
             return  # its answer will match its claim and be dropped, uncounted
@@ -376,8 +457,8 @@ class BrokerCore:
         w.job = job
         if job.state is RUNNING and not self.workers.registered(job.worker):
             job.worker = w  # the same process, reconnected with its job in hand
-        elif job.state is QUEUED:
-            self.queues.remove(job)
+        elif job.state in WAITING:
+            self._unwait(job)
             job.attempt = max(job.attempt, msg.attempt)
             job.state = RUNNING
             job.worker = w
@@ -401,7 +482,7 @@ class BrokerCore:
             self.drop_worker(w, "died (its pool saw it exit)")
 
     def _holds(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError
-               | protocol.Return, what: str) -> bool:
+               | protocol.WorkerProgress | protocol.Return, what: str) -> bool:
         if w.holds(msg.job_id, msg.attempt, msg.token):
             return True
         self.count_bad("workers", ProtocolError(f"{what} for a job the worker does not hold",
@@ -414,6 +495,8 @@ class BrokerCore:
         job = w.job
         if job is not None and job.tokens is not None:
             job.tokens.pop(w.token, None)
+        if self.holders.get(w.token) is w:
+            del self.holders[w.token]
         w.release()
         return job
 
@@ -429,11 +512,15 @@ class BrokerCore:
             w.done += 1
             if job is not None:
                 self._result(job, w, msg.payload)
+        elif msg.then == "abandoned":  # it stopped as told (ABANDON): not an error
+            if job is not None and job.state is RUNNING and holder:
+                self._back_in_queue(job)  # cannot happen: only ended jobs are abandoned
         else:
             w.failed += 1
             if job is not None and job.state not in ENDED:
                 if holder and job.state is RUNNING:
-                    self.attempt_failed(job, protocol.FAIL_ERROR, msg.error)
+                    self.attempt_failed(job, protocol.FAIL_ERROR, msg.error, w,
+                                        retry_after=msg.retry_after, last=msg.then == "fail")
                 else:  # an older attempt of a job already retried: keep its error for inspect
                     job.error = msg.error
         w.stopping = not msg.ready
@@ -447,8 +534,8 @@ class BrokerCore:
         if job.state in ENDED:
             self.counters.duplicates += 1
             return
-        if job.state is QUEUED:  # a timed-out attempt answered before its retry started
-            self.queues.remove(job)
+        if job.state in WAITING:  # a timed-out attempt answered before its retry started
+            self._unwait(job)
             self.counters.late += 1
         elif job.worker is not w:
             self.counters.late += 1
@@ -461,10 +548,28 @@ class BrokerCore:
         holder = w.job is not None and w.job.worker is w
         job = self._close_attempt(w)
         if job is not None and job.state is RUNNING and holder:
-            self.deadlines.stop(job)
-            job.attempt -= 1
-            job.tried.pop()
-            self._enqueue(job, front=True)
+            self._back_in_queue(job)
+
+    def _back_in_queue(self, job: Job) -> None:
+        """A give-back: the attempt does not count, and the job goes first in its queue."""
+        self.deadlines.stop(job)
+        job.attempt -= 1
+        job.tried.pop()
+        self._enqueue(job, front=True)
+
+    def _progress(self, w: WorkerRec, progress: dict[str, Any]) -> None:
+        """The holder of an attempt says how far it got: latest wins; watchers are told."""
+        job = w.job
+        if job is None or job.state is not RUNNING or job.worker is not w:
+            return  # an attempt that timed out reports nothing any more
+        report: dict[str, Any] = {k: progress[k] for k in ("fraction", "message", "meta")
+                                  if k in progress}
+        report["at"] = round(self.wall, 3)
+        report["attempt"] = w.attempt
+        job.progress = report
+        self.journal.attempted(job)
+        for client in job.watchers or ():
+            self.send_client(client, protocol.encode_progress(job.bid, report))
 
     def revoke_worker(self, wid: bytes) -> None:
         """Its key was revoked: forget it now. Its job goes back to the queue, uncharged
@@ -482,54 +587,101 @@ class BrokerCore:
         """
         if not self.workers.remove(w):
             return
+        if self.holders.get(w.token) is w:
+            del self.holders[w.token]  # the token stays valid (in job.tokens) for a comeback
         job = w.job
         if job is not None and job.state is RUNNING and job.worker is w:
             self.attempt_failed(
-                job, protocol.FAIL_LOST, f"worker {w.name} {why} while running attempt {w.attempt}")
+                job, protocol.FAIL_LOST, f"worker {w.name} {why} while running attempt {w.attempt}",
+                w)
         w.job = None
 
     # ================================================================== dispatch
+    def _expired(self, job: Job) -> bool:
+        """A waiting job past its expiry ends ``expired`` instead of running (checked at
+        dispatch as well as by the timetable, which may be a turn late)."""
+        if job.expires_at and job.expires_at <= self.wall and job.state is not RUNNING:
+            self._unwait(job)
+            self.finish(job, EXPIRED, protocol.FAIL_EXPIRED,
+                        f"not started within {job.expires_at - job.created:g}s of submission")
+            return True
+        return False
+
     def _enqueue(self, job: Job, front: bool) -> None:
-        """The job waits for a worker: an idle one now, else its queue (at the front for a
-        retry or a give-back)."""
+        """The job waits for a worker: an idle one now, else its queue (at the front of its
+        priority for a retry or a give-back)."""
         job.state = QUEUED
         job.worker = None
         if front:  # a retry or a give-back: the journal must know the attempt count
             self.journal.attempted(job)
+        if job.expires_at and self._expired(job):
+            return
         q = self.queues.get(job.queue)
         while q is not None and q.ready:
-            w = self.workers.pick(q, job)
-            if w.alive(self.now):
-                self._assign(job, w)
-                return
-            # Idle but silent past its expiry (dead; the sweep has not run yet): never
-            # hand it a job, which would only burn a try.
-            self.counters.lost_workers += 1
-            self.drop_worker(w, "stopped answering")
-            q = self.queues.get(job.queue)
+            w, untried = self.workers.pick(q, job)
+            if not w.alive(self.now):
+                # Idle but silent past its expiry (dead; the sweep has not run yet): never
+                # hand it a job, which would only burn a try.
+                self.counters.lost_workers += 1
+                self.drop_worker(w, "stopped answering")
+                q = self.queues.get(job.queue)
+                continue
+            if not untried and self.policy.waits_for_another(job, w.name, q, self.workers,
+                                                             self.wall):
+                break  # it waits for a worker that has not tried it (busy now)
+            self._assign(job, w)
+            return
+        if front and job.tried and not job.retry_since:
+            job.retry_since = self.wall
+            self.timetable.add(self.wall + self.policy.elsewhere_wait, Due.OFFER, job)
         self.queues.push(job, front)
 
     def _ready(self, w: WorkerRec) -> bool:
-        """The worker asked for a job: give it the oldest waiting one it serves (True), or
-        park it as idle (False)."""
-        best: Job | None = None
-        for name in w.queues:
-            q = self.queues.get(name)
-            head = q.head() if q is not None else None
-            if head is not None and (best is None or head.seq < best.seq):
-                best = head
-        if best is None:
-            self.workers.park(w)
-            return False
-        job = best
-        q = self.queues.by_name[job.queue]
-        if job.tried and w.name in job.tried and q.depth > 1 and q.serving > 1:
-            # Leave a retry for another worker when this one already failed it and there is
-            # other work for this one (a bounded look further down).
-            job = q.after_head(RETRY_SCAN, job) or job
-        self.queues.remove(job)
-        self._assign(job, w)
-        return True
+        """The worker asked for a job: give it the next one it serves (True), or park it as
+        idle (False). Of its queues: the highest priority first, then the oldest job."""
+        while True:
+            best: Job | None = None
+            for name in w.queues:
+                q = self.queues.get(name)
+                if q is None or not q.depth:
+                    continue
+                job = q.head(self.queues.weight)
+                if job is not None and self.policy.waits_for_another(
+                        job, w.name, q, self.workers, self.wall):
+                    job = q.retry_for(w.name, RETRY_SCAN)  # leave it; take other work
+                if job is not None and (best is None or (-job.priority, job.seq)
+                                        < (-best.priority, best.seq)):
+                    best = job
+            if best is None:
+                self.workers.park(w)
+                return False
+            self.queues.taken(best)
+            if best.expires_at and best.expires_at <= self.wall:
+                best.state = QUEUED  # taken out: _expired need not unqueue it again
+                self._expire_taken(best)
+                continue
+            self._assign(best, w)
+            return True
+
+    def requeued(self, job: Job) -> None:
+        """``rw requeue``: an ended job (reset by admin.requeue) waits to run again."""
+        self._enqueue(job, front=False)
+
+    def _expire_taken(self, job: Job) -> None:
+        self.finish(job, EXPIRED, protocol.FAIL_EXPIRED,
+                    f"not started within {job.expires_at - job.created:g}s of submission")
+
+    def _offer(self, job: Job) -> None:
+        """A retry waited long enough for a worker that had not tried it: any idle worker
+        may take it now."""
+        q = self.queues.get(job.queue)
+        if q is None:
+            return
+        for w in list(q.ready.values()):
+            if w.alive(self.now):
+                self.queues.remove(job)
+                self._assign(job, w)
+                return
 
     def _assign(self, job: Job, w: WorkerRec) -> None:
         """Dispatch: a new attempt, with a new token and a deadline."""
@@ -537,6 +689,7 @@ class BrokerCore:
         job.attempt += 1
         job.state = RUNNING
         job.worker = w
+        job.retry_since = 0.0
         if not job.started:
             job.started = self.wall
         job.tried.append(w.name)
@@ -546,40 +699,68 @@ class BrokerCore:
             job.tokens = {token: job.attempt}
         else:
             job.tokens[token] = job.attempt
+        self.holders[token] = w
         w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, job.attempt, token, self.now
         self.journal.attempted(job)
-        self.send_worker(
-            w.wid,
-            protocol.encode_job(job.bid, job.attempt, job.timeout, token, job.payload or [b""]))
+        self.send_worker(w.wid, protocol.encode_job(
+            job.bid, job.attempt, job.timeout, token, job.queue.encode(), job.priority, job.tries,
+            job.created, job.payload or [b""]))
 
-    def attempt_failed(self, job: Job, reason: str, error: str) -> None:
-        """The current attempt is over without a result: retry, or fail after the last try."""
+    def _schedule(self, job: Job) -> None:
+        """The job waits for its time (``not_before``): a delay, an eta or a retry's backoff."""
+        job.state = SCHEDULED
+        job.worker = None
+        self.queues.schedule(job)
+        self.timetable.add(job.not_before, Due.RUN, job)
+
+    def attempt_failed(self, job: Job, reason: str, error: str, w: WorkerRec | None = None,
+                       retry_after: float | None = None, last: bool = False) -> None:
+        """The current attempt is over without a result: retry (now, or after the retry
+        policy's delay), or fail after the last try or when the worker said no retry can help."""
         self.deadlines.stop(job)
         if error:
             job.error = error
-        if job.attempt >= job.tries:
+        if last or job.attempt >= job.tries:
             self.finish(job, FAILED, reason, job.error or reason)
+            return
+        self.counters.retried += 1
+        delay = self.policy.delay(job, w, retry_after)
+        if delay > 0:
+            job.not_before = self.wall + delay
+            self.journal.attempted(job)
+            self._schedule(job)
         else:
-            self.counters.retried += 1
             self._enqueue(job, front=True)
 
     def finish(self, job: Job, state: JobState, reason: str = "", error: str = "") -> None:
-        """The job has ended: record it, tell its waiters, keep it for retention."""
+        """The job has ended: record it, tell its waiters and the workers still running an
+        attempt of it, keep it for retention."""
         if job.state is RUNNING:
             self.deadlines.stop(job)
         job.state = state
         job.worker = None
+        if job.tokens:
+            for token, attempt in job.tokens.items():  # no worker keeps working for it
+                w = self.holders.get(token)
+                if w is not None and w.token == token and self.workers.registered(w):
+                    self.counters.abandoned += 1
+                    self.send_worker(w.wid, protocol.encode_abandon(job.bid, attempt, state.value))
         job.tokens = None  # no attempt of an ended job can change it
         job.finished = self.wall
         job.reason = reason
+        job.not_before = 0.0
+        job.retry_since = 0.0
+        job.watchers = None
         if error:
             job.error = error
-        job.payload = None  # the result is what matters now; free the input
         if state is DONE:
+            job.payload = None  # the result is what matters now; free the input
             self.counters.done += 1
         elif state is FAILED:
             self.counters.failed += 1
             self.stats.failed(job)
+        elif state is EXPIRED:
+            self.counters.expired += 1
         else:
             self.counters.cancelled += 1
         self.journal.finished(job)
@@ -588,29 +769,44 @@ class BrokerCore:
 
     # ================================================================== timers
     def tick(self) -> float:
-        """Release held jobs, expire attempts and silent workers, beat; return when to tick next."""
-        now = self.now
+        """Release held jobs, run what the timetable says is due, expire attempts and silent
+        workers, beat; return when to tick next."""
+        now, wall = self.now, self.wall
         queues = self.queues
         if queues.held and now >= queues.release_at:
             # Nobody claimed them: they were running, so they go first, oldest first.
             for job in reversed(queues.release_held()):
                 self._enqueue(job, front=True)
+        if self.timetable.next <= wall:
+            for what, job in self.timetable.due(wall):
+                if what is Due.RUN:
+                    if job.state is SCHEDULED and job.not_before <= wall:
+                        queues.unschedule(job)
+                        job.not_before = 0.0
+                        self._enqueue(job, front=bool(job.tried))
+                elif what is Due.EXPIRE:
+                    if job.state in WAITING:
+                        self._expired(job)
+                elif job.state is QUEUED and job.retry_since:  # Due.OFFER
+                    self._offer(job)
         for job in self.deadlines.due(now):
             if job.state is RUNNING and job.deadline <= now:
                 holder = job.worker
                 self.attempt_failed(
                     job, protocol.FAIL_TIMEOUT,
                     f"no answer within {job.timeout:g}s (attempt {job.attempt} of {job.tries}"
-                    f" on {holder.name if holder else '?'})",
-                )
+                    f" on {holder.name if holder else '?'})", holder)
         if now >= self._next_beat:
             self._next_beat = now + self.cfg.heartbeat
             self._heartbeat(now)
         return self.next_wake()
 
     def next_wake(self) -> float:
-        """When :meth:`tick` is due: heartbeat, earliest deadline, commit or held jobs."""
+        """When :meth:`tick` is due: heartbeat, earliest deadline, commit, timetable, held jobs."""
         wake = min(self._next_beat, self.deadlines.earliest, self.commits.due)
+        due = self.timetable.next
+        if due != math.inf:
+            wake = min(wake, self.now + max(0.0, due - self.wall))
         if self.queues.held and self.queues.release_at < wake:
             wake = self.queues.release_at
         return wake

@@ -35,7 +35,7 @@ from .model import CHANGING, COLUMNS, Job, change_row, from_row, full_row
 log = logging.getLogger(__name__)
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # seq (the broker's submission order) is the rowid: rows are appended in key order and
 # every write finds its row by an integer. The job id needs no index: the broker keeps
@@ -58,11 +58,26 @@ CREATE TABLE IF NOT EXISTS jobs (
     started  REAL NOT NULL DEFAULT 0,
     finished REAL NOT NULL DEFAULT 0,
     tokens   TEXT NOT NULL DEFAULT ''
+    {later}
 );
 """
+#: Columns added after schema 3, with their definitions (added in place by migration).
+_ADDED_IN_4 = (
+    ("priority", "INTEGER NOT NULL DEFAULT 5"),
+    ("tenant", "TEXT NOT NULL DEFAULT ''"),
+    ("not_before", "REAL NOT NULL DEFAULT 0"),
+    ("expires_at", "REAL NOT NULL DEFAULT 0"),
+    ("backoff", "REAL"),
+    ("backoff_max", "REAL"),
+    ("progress", "TEXT NOT NULL DEFAULT ''"),
+    ("history", "TEXT NOT NULL DEFAULT ''"),
+)
+_JOBS_3 = _JOBS.format(later="")
+_JOBS = _JOBS.format(later="".join(f",\n    {name} {kind}" for name, kind in _ADDED_IN_4))
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
 _ALL = ", ".join(COLUMNS)
-_BEFORE_TOKENS = ", ".join(c for c in COLUMNS if c != "tokens")  # schemas 1 and 2
+_SCHEMA_2 = ("seq, id, queue, timeout, tries, attempt, state, payload, result, reason, error,"
+             " tried, created, started, finished")
 _INSERT = f"INSERT OR REPLACE INTO jobs ({_ALL}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _UPDATE = (f"UPDATE jobs SET {', '.join(f'{c}=?' for c in CHANGING)},"
            " payload=CASE WHEN ? THEN NULL ELSE payload END WHERE seq=?")
@@ -225,7 +240,7 @@ class SqliteJournal:
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             db.execute(_META)
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is not None and row[0] in ("1", "2"):
+            if row is not None and row[0] in ("1", "2", "3"):
                 self._migrate(db, int(row[0]))
             elif row is not None and row[0] != str(SCHEMA_VERSION):
                 raise JournalError(f"journal {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
@@ -368,14 +383,19 @@ class SqliteJournal:
                 yield from_row(row)
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
-        """Schema 1 keyed rows by job id, schema 2 had no attempt tokens: copy the rows into
-        the current table, in one transaction."""
+        """Bring an older journal up to date, in one transaction: schema 1 keyed rows by job
+        id and schema 2 had no attempt tokens (rows are copied into a new table); schema 3
+        lacked the columns of priorities, tenants, schedules, retry policy, progress and
+        history (added in place, with their defaults)."""
         db.execute("BEGIN")
         try:
-            db.execute("ALTER TABLE jobs RENAME TO jobs_old")
-            db.execute(_JOBS)
-            db.execute(f"INSERT INTO jobs ({_BEFORE_TOKENS}) SELECT {_BEFORE_TOKENS} FROM jobs_old")
-            db.execute("DROP TABLE jobs_old")
+            if version < 3:
+                db.execute("ALTER TABLE jobs RENAME TO jobs_old")
+                db.execute(_JOBS_3)
+                db.execute(f"INSERT INTO jobs ({_SCHEMA_2}) SELECT {_SCHEMA_2} FROM jobs_old")
+                db.execute("DROP TABLE jobs_old")
+            for name, kind in _ADDED_IN_4:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:

@@ -7,6 +7,7 @@ never the core, and the row layout is written once (:data:`COLUMNS`, :func:`full
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from enum import Enum, IntEnum
@@ -19,19 +20,27 @@ if TYPE_CHECKING:
 class JobState(str, Enum):
     """What a job is doing; the values are what INFO, the snapshot and the journal say."""
 
+    SCHEDULED = "scheduled"  #: waits for its time (a delay, an eta, or a retry's backoff)
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  #: not started before its expiry: never ran
 
     def __str__(self) -> str:
         return self.value
 
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
-    JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-ENDED = frozenset((DONE, FAILED, CANCELLED))
+SCHEDULED, QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = (
+    JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED,
+    JobState.CANCELLED, JobState.EXPIRED)
+ENDED = frozenset((DONE, FAILED, CANCELLED, EXPIRED))
+WAITING = frozenset((SCHEDULED, QUEUED))
+#: Ended jobs that can run again (``rw requeue``): their payload is kept until retention ends.
+REQUEUABLE = frozenset((FAILED, CANCELLED, EXPIRED))
+DEFAULT_PRIORITY = 5
+DEFAULT_TENANT = ""
 
 
 class Waiter(IntEnum):
@@ -48,12 +57,14 @@ class Job:
     __slots__ = (
         "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
         "waiters", "tried", "worker", "deadline", "created", "started", "finished",
-        "result", "reason", "error", "qtoken", "tokens",
+        "result", "reason", "error", "qtoken", "lane", "tokens", "priority", "tenant",
+        "not_before", "expires_at", "backoff", "backoff_max", "progress", "history", "watchers",
+        "retry_since",
     )
 
     def __init__(
         self, job_id: str, queue: str, payload: list[bytes] | None, timeout: float, tries: int,
-        seq: int, created: float,
+        seq: int, created: float, priority: int = DEFAULT_PRIORITY, tenant: str = DEFAULT_TENANT,
     ) -> None:
         self.id = job_id
         self.bid = job_id.encode()
@@ -75,12 +86,24 @@ class Job:
         self.reason = ""
         self.error = ""
         self.qtoken = 0  # matches the token of its live queue entry, if it has one
+        self.lane: Any = None  # the queue lane its live entry is in (queues.Lane)
+        self.priority = priority
+        self.tenant = tenant
+        self.not_before = 0.0  # wall time it may run from (scheduled), else 0
+        self.expires_at = 0.0  # wall time it expires if not started, else 0 (never)
+        self.backoff: float | None = None  # its own retry policy (None: the worker's, the broker's)
+        self.backoff_max: float | None = None
+        self.progress: dict[str, Any] | None = None  # the latest a worker reported
+        self.history: list[dict[str, Any]] | None = None  # earlier outcomes (rw requeue)
+        self.watchers: list[bytes] | None = None  # clients following its progress
+        self.retry_since = 0.0  # when a retry started to wait for a worker that has not tried it
         # Attempts sent to workers that may still answer: token -> attempt. A worker proves
         # it was sent an attempt by echoing its token; nobody else can end the attempt.
         self.tokens: dict[bytes, int] | None = None
 
     def info(self, now_wall: float) -> dict[str, Any]:
         """INFO's JSON (docs/protocol.md section 4.2)."""
+        scheduled = self.state is SCHEDULED
         return {
             "id": self.id,
             "queue": self.queue,
@@ -99,6 +122,15 @@ class Job:
             "result_size": sum(map(len, self.result)) if self.result is not None else None,
             "payload_size": sum(map(len, self.payload)) if self.payload is not None else None,
             "waiting_clients": len(self.waiters),
+            "priority": self.priority,
+            "tenant": self.tenant or None,
+            "runs_at": self.not_before if scheduled else None,
+            "runs_in": round(max(0.0, self.not_before - now_wall), 3) if scheduled else None,
+            "expires_at": self.expires_at or None,
+            "backoff": self.backoff,
+            "backoff_max": self.backoff_max,
+            "progress": self.progress,
+            "history": self.history or [],
         }
 
     def failure(self) -> dict[str, Any]:
@@ -129,10 +161,11 @@ class Tokens:
 # ------------------------------------------------------------------------------------ rows
 #: The journal's columns, in the order of :func:`full_row` and :func:`from_row`.
 COLUMNS = ("seq", "id", "queue", "timeout", "tries", "attempt", "state", "payload", "result",
-           "reason", "error", "tried", "created", "started", "finished", "tokens")
+           "reason", "error", "tried", "created", "started", "finished", "tokens", "priority",
+           "tenant", "not_before", "expires_at", "backoff", "backoff_max", "progress", "history")
 #: The columns a change after submission rewrites, in the order of :func:`change_row`.
 CHANGING = ("state", "attempt", "result", "reason", "error", "tried", "started", "finished",
-            "tokens")
+            "tokens", "not_before", "progress", "history")
 
 _LEN = struct.Struct(">I")
 
@@ -175,24 +208,33 @@ def change_row(job: Job) -> tuple[Any, ...]:
     return (
         job.state.value, job.attempt, pack_frames(job.result) if job.result is not None else None,
         job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
-        pack_tokens(job.tokens),
+        pack_tokens(job.tokens), job.not_before,
+        json.dumps(job.progress) if job.progress else "",
+        json.dumps(job.history) if job.history else "",
     )
 
 
 def full_row(job: Job) -> tuple[Any, ...]:
     """Every :data:`COLUMNS` value of a job, as it is now."""
-    state, attempt, result, reason, error, tried, started, finished, tokens = change_row(job)
+    (state, attempt, result, reason, error, tried, started, finished, tokens, not_before,
+     progress, history) = change_row(job)
     return (job.seq, job.id, job.queue, job.timeout, job.tries, attempt, state,
             None if job.payload is None else pack_frames(job.payload), result, reason, error,
-            tried, job.created, started, finished, tokens)
+            tried, job.created, started, finished, tokens, job.priority, job.tenant, not_before,
+            job.expires_at, job.backoff, job.backoff_max, progress, history)
 
 
 def from_row(row: tuple[Any, ...]) -> Job:
     """A job as it was stored (:data:`COLUMNS` order); waiters are not stored."""
     (seq, job_id, queue, timeout, tries, attempt, state, payload, result, reason, error, tried,
-     created, started, finished, tokens) = row
+     created, started, finished, tokens, priority, tenant, not_before, expires_at, backoff,
+     backoff_max, progress, history) = row
     job = Job(job_id, queue, unpack_frames(payload) if payload is not None else None, timeout,
-              tries, seq, created)
+              tries, seq, created, priority, tenant)
+    job.not_before, job.expires_at = not_before, expires_at
+    job.backoff, job.backoff_max = backoff, backoff_max
+    job.progress = json.loads(progress) if progress else None
+    job.history = json.loads(history) if history else None
     job.state = JobState(state)
     job.attempt = attempt
     job.result = unpack_frames(result) if result is not None else None

@@ -28,13 +28,15 @@ class Counters:
     """Since this broker started (docs/protocol.md section 5, ``totals``)."""
 
     __slots__ = (
-        "submitted", "done", "failed", "cancelled", "retried", "duplicates", "late",
-        "lost_workers", "resubmitted", "refused",
+        "submitted", "done", "failed", "cancelled", "expired", "retried", "duplicates", "late",
+        "lost_workers", "resubmitted", "refused", "requeued", "abandoned",
     )
 
     def __init__(self) -> None:
-        self.submitted = self.done = self.failed = self.cancelled = self.retried = 0
-        self.duplicates = self.late = self.lost_workers = self.resubmitted = self.refused = 0
+        self.submitted = self.done = self.failed = self.cancelled = self.expired = 0
+        self.retried = self.duplicates = self.late = self.lost_workers = 0
+        self.resubmitted = self.refused = self.requeued = 0
+        self.abandoned = 0  # running attempts told to stop (ABANDON) because their job ended
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -80,17 +82,27 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
     """The status snapshot (docs/protocol.md section 5). Scans workers and queues: on request
     only, never per message."""
     now, wall = core.now, core.wall
-    queues: dict[str, dict[str, int]] = {}
+    queues: dict[str, dict[str, Any]] = {}
 
-    def entry(name: str) -> dict[str, int]:
+    def entry(name: str) -> dict[str, Any]:
         e = queues.get(name)
         if e is None:
-            e = queues[name] = {"queued": 0, "running": 0, "workers": 0, "idle": 0}
+            e = queues[name] = {"queued": 0, "scheduled": 0, "running": 0, "workers": 0,
+                                "idle": 0, "oldest_wait": None}
         return e
 
+    weight = core.queues.weight
     for name, q in core.queues.by_name.items():
+        if q.depth or q.scheduled:
+            e = entry(name)
+            e["queued"] = q.depth
+            e["scheduled"] = len(q.scheduled)
         if q.depth:
-            entry(name)["queued"] = q.depth
+            oldest = q.oldest(weight)
+            e["oldest_wait"] = round(wall - oldest, 3) if oldest is not None else None
+            tenants = q.waiting_per_tenant()
+            if len(tenants) > 1 or "" not in tenants:  # only when someone names tenants
+                e["tenants"] = {t or "(none)": n for t, n in sorted(tenants.items())}
     for job in core.queues.held.values():  # held back after a restart: queued too
         entry(job.queue)["queued"] += 1
     workers = []
@@ -99,9 +111,12 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
             e = entry(name)
             e["workers"] += 1
             e["idle"] += w.ready
+        row = w.row(now)
         if w.job is not None and w.job.state is RUNNING and w.job.worker is w:
             entry(w.job.queue)["running"] += 1
-        workers.append(w.row(now))
+            if w.job.progress is not None:
+                row["progress"] = w.job.progress
+        workers.append(row)
     return {
         "broker": {
             "id": core.broker_id,
@@ -118,6 +133,7 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
         "workers": workers,
         "queues": queues,
         "queued": core.queues.waiting(),
+        "scheduled": core.queues.scheduled(),
         "in_flight": len(core.deadlines),
         "retained": len(core.finished),
         "totals": core.stats.counters.as_dict(),

@@ -93,6 +93,7 @@ class Workers:
         self.queues = queues
         self.records: dict[bytes, WorkerRec] = {}
         self.slots: dict[str, bytes] = {}  # a pool slot -> the worker process now in it
+        self.by_name: dict[str, list[WorkerRec]] = {}  # usually one each; a name reconnecting: two
 
     def __len__(self) -> int:
         return len(self.records)
@@ -105,6 +106,7 @@ class Workers:
 
     def add(self, w: WorkerRec) -> None:
         self.records[w.wid] = w
+        self.by_name.setdefault(w.name, []).append(w)
         for name in w.queues:
             self.queues.require(name).serving += 1
         if w.slot is not None:
@@ -119,6 +121,11 @@ class Workers:
         if self.records.get(w.wid) is not w:
             return False
         del self.records[w.wid]
+        same = self.by_name.get(w.name)
+        if same is not None:
+            same.remove(w)
+            if not same:
+                del self.by_name[w.name]
         self.unready(w)
         for name in w.queues:
             q = self.queues.by_name[name]
@@ -144,22 +151,30 @@ class Workers:
                     self.queues.forget_if_unused(q)
 
     @staticmethod
-    def pick(q: Queue, job: Job) -> WorkerRec:
-        """The idle worker a job goes to: the one idle longest, but for a retry, one that has
-        not tried the job if one is among the first RETRY_SCAN (a bounded look)."""
+    def pick(q: Queue, job: Job) -> tuple[WorkerRec, bool]:
+        """The idle worker a job goes to, and whether it has not tried the job: the one idle
+        longest, but for a retry one that has not tried it if one is among the first
+        RETRY_SCAN (a bounded look)."""
         ready = q.ready
         if not job.tried:
-            return next(iter(ready.values()))
+            return next(iter(ready.values())), True
         first = None
         for i, w in enumerate(ready.values()):
             if first is None:
                 first = w
             if w.name not in job.tried:
-                return w
+                return w, True
             if i >= RETRY_SCAN:
                 break
         assert first is not None
-        return first
+        return first, False
+
+    def untried_serving(self, job: Job, q: Queue) -> int:
+        """How many registered workers serving ``q`` have not tried ``job`` (O(names tried))."""
+        tried = 0
+        for name in set(job.tried):
+            tried += sum(1 for w in self.by_name.get(name, ()) if q.name in w.queues)
+        return q.serving - tried
 
     def silent(self, now: float) -> list[WorkerRec]:
         """Workers not heard from within their expiry (a scan: heartbeat ticks only)."""

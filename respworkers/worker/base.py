@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 
 class JobContext(NamedTuple):
     """What the worker knows about the job in hand (``self.job`` inside ``process``)."""
 
     id: str
-    attempt: int
-    timeout: float
+    attempt: int  #: 1 for the first try
+    timeout: float  #: seconds; the soft time limit (TimeLimit is raised then)
+    queue: str
+    priority: int
+    tries: int  #: how many attempts the job may have in all
+    created: float  #: when the broker accepted the job (epoch seconds)
+
+    @property
+    def last_try(self) -> bool:
+        """Whether a failure now fails the job (no tries left)."""
+        return self.attempt >= self.tries
+
+
+ProgressSink = Callable[[Optional[float], Optional[str], dict[str, Any]], None]
 
 
 class Worker:
@@ -26,14 +38,35 @@ class Worker:
     #: Queues this worker serves; ``rw worker --queue`` or ``[worker] queues`` override it.
     queues: ClassVar[Sequence[str]] = ("default",)
 
+    #: Delay before the first retry of a job that failed on this worker class, then
+    #: doubling up to ``backoff_max`` (seconds; None: the job's or the broker's). Sent to
+    #: the broker when the worker registers.
+    backoff: ClassVar[float | None] = None
+    backoff_max: ClassVar[float | None] = None
+
+    #: At a job's time limit the broker gives it to another worker and, with this True,
+    #: ``process`` gets TimeLimit (clean up and stop). False lets the job run on, so that
+    #: its late answer may still win, until the hard limit (twice the limit plus 5 s).
+    soft_time_limit: ClassVar[bool] = True
+
     #: Set while a job runs.
     job: JobContext | None = None
+    _progress_sink: ProgressSink | None = None
 
     def setup(self) -> None:
         """Called once in the worker process before the first job."""
 
     def teardown(self) -> None:
         """Called once when the worker process stops cleanly."""
+
+    def progress(self, fraction: float | None = None, message: str | None = None,
+                 **meta: Any) -> None:
+        """Tell the broker how far the job in hand got (``rw inspect``, ``rw status``,
+        ``Client.watch``). Cheap to call often: the latest report is sent at most a few
+        times a second. ``fraction`` is 0..1; ``meta`` must be JSON (4 KB in all)."""
+        sink = self._progress_sink
+        if sink is not None:
+            sink(fraction, message, meta)
 
     def process(self, payload: bytes) -> bytes:
         """Turn one job payload into one result."""

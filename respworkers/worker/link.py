@@ -65,6 +65,7 @@ class BrokerLink:
         self.stops = 0  # stop requests so far: 1 warm, 2 forced
         self.job: tuple[str, int, bytes] | None = None  # (id, attempt, token) in hand
         self.next: protocol.Dispatch | None = None  # received, about to run
+        self.abandon: protocol.Abandon | None = None  # the job in hand is over: stop it
         # The last answer sent, until the broker confirms it (ACK, or the next JOB): if we
         # must reconnect first it may be lost with the old socket, so it goes again.
         self.unconfirmed: Answer | None = None
@@ -171,9 +172,14 @@ class BrokerLink:
                     continue
                 # The broker sends JOB only after it applied our last answer.
                 self.unconfirmed = None
+                self.abandon = None
                 self.job = (msg.job_id, msg.attempt, msg.token)
                 self.next = msg
                 return  # run it now; whatever else waits is read on the next turn
+            if isinstance(msg, protocol.Abandon):
+                if self.job is not None and self.job[:2] == (msg.job_id, msg.attempt):
+                    self.abandon = msg
+                continue  # for an attempt already answered: nothing to stop
             if isinstance(msg, protocol.Ack):
                 u = self.unconfirmed
                 if u is not None and u[0] == msg.job_id and u[1] == msg.attempt:

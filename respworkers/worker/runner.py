@@ -12,6 +12,8 @@ time it spends in the user's code.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ import zmq
 
 from .. import __version__, protocol
 from ..config import WorkerConfig
+from ..errors import Cancelled, Fail, Interrupt, Retry, TimeLimit
 from ..security import client_keys
 from .base import JobContext, Worker
 from .base import __file__ as base_file
@@ -37,6 +40,12 @@ from .link import HUNG_FACTOR, HUNG_GRACE, BrokerLink
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 75
+
+#: Sent to the job's thread to raise Cancelled or TimeLimit in it (its handler raises).
+INTERRUPT_SIGNAL = signal.SIGUSR1
+#: Progress reports leave at most this often (seconds); the latest one wins.
+PROGRESS_INTERVAL = 0.25
+MAX_PROGRESS_MESSAGE = 500
 
 _LIBRARY_FILES = {__file__, base_file}
 
@@ -85,6 +94,10 @@ class Runner:
             "heartbeat": cfg.heartbeat,
             "slot": slot or uuid.uuid4().hex,
         }
+        for key in ("backoff", "backoff_max"):  # the class's retry delays, for the broker
+            value = getattr(worker_cls, key, None)
+            if value is not None:
+                info[key] = float(value)
         self.link = BrokerLink(cfg, queues, info, client_keys(cfg.secret_key, cfg.broker_key,
                                                               "worker"), self.ctx)
         # The watchman's view of the job in hand, kept apart from the link: it times the job
@@ -95,6 +108,19 @@ class Runner:
         self._job_ran = 0.0
         self._ended = threading.Event()  # run() is over: the watchman leaves
         self._result_what = "the result"
+        # Interrupting the job (the watchman decides, the job's thread raises): Cancelled
+        # when the broker says ABANDON, TimeLimit at the time limit.
+        self._job_thread = 0
+        self._job: protocol.Dispatch | None = None
+        self._signal_ready = False  # INTERRUPT_SIGNAL's handler is installed
+        self._interrupt: tuple[type[Interrupt], str] | None = None
+        self._interrupted_at = 0.0  # when Cancelled was raised (the grace period runs)
+        self._soft_told = False
+        # The latest progress report (sequence number, PROGRESS frames) and the last sent.
+        self._progress: tuple[int, list[bytes]] | None = None
+        self._progress_seq = 0
+        self._progress_sent = 0
+        self._progress_next = 0.0
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -104,9 +130,58 @@ class Runner:
             # The signal lands in the thread running the job: let interrupted system calls
             # of its C extensions restart instead of failing (a warm stop finishes the job).
             signal.siginterrupt(signum, False)
+        signal.signal(INTERRUPT_SIGNAL, self._on_interrupt)
+        self._signal_ready = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """A Python handler must exist for the C-level one to write the wake-up pipe."""
+
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        """Runs in the job's thread, between two bytecodes of the user's code (or as a
+        blocking call such as sleep is interrupted)."""
+        pending = self._interrupt
+        if pending is None or self._job_over:
+            return
+        self._interrupt = None
+        kind, text = pending
+        raise kind(text)
+
+    def _raise_in_job(self, kind: type[Interrupt], text: str) -> None:
+        """Watchman, baton in hand, job running: make the job's thread raise ``kind``."""
+        self._interrupt = (kind, text)
+        if self._signal_ready:
+            signal.pthread_kill(self._job_thread, INTERRUPT_SIGNAL)
+        else:  # not the main thread (an embedded Runner): raised at the next bytecode
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._job_thread),
+                                                       ctypes.py_object(kind))
+
+    def _report_progress(self, fraction: float | None, message: str | None,
+                         meta: dict[str, Any]) -> None:
+        """``Worker.progress``: checked and encoded here, in the job's thread, so a mistake
+        raises where it was made; the watchman sends the latest."""
+        job = self._job
+        if job is None or self._job_over:
+            return
+        report: dict[str, Any] = {}
+        if fraction is not None:
+            if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                    or not 0 <= fraction <= 1):
+                raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
+            report["fraction"] = round(float(fraction), 4)
+        if message is not None:
+            report["message"] = str(message)[:MAX_PROGRESS_MESSAGE]
+        if meta:
+            report["meta"] = meta
+        try:
+            body = json.dumps(report, allow_nan=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"progress meta must be JSON: {exc}") from None
+        if len(body) > protocol.MAX_PROGRESS_BYTES:
+            raise ValueError(f"a progress report of {len(body)} bytes is over "
+                             f"{protocol.MAX_PROGRESS_BYTES}; keep it a summary")
+        self._progress_seq += 1
+        self._progress = (self._progress_seq, protocol.encode_worker_progress(
+            job.job_id, job.attempt, job.token, body))
 
     def request_stop(self) -> None:
         """Ask for a warm stop from code (tests, embedding); same as one SIGTERM."""
@@ -119,22 +194,43 @@ class Runner:
         msg = link.next
         assert msg is not None
         link.next = None
-        worker.job = JobContext(msg.job_id, msg.attempt, msg.timeout)
+        worker.job = JobContext(msg.job_id, msg.attempt, msg.timeout, msg.queue, msg.priority,
+                                msg.tries, msg.created)
+        self._job = msg
         self._job_budget = HUNG_FACTOR * msg.timeout + HUNG_GRACE
         self._job_ran = 0.0
+        self._soft_told = False
+        self._interrupted_at = 0.0
         self._job_over = False
         self._job_running.set()
+        then, after, retry = "", None, False
         link.baton.release()  # the watchman may now keep the link alive
         try:
-            out = protocol.as_frames(worker.process_multipart(msg.payload), self._result_what)
+            frames = worker.process_multipart(msg.payload)
+            self._job_over = True  # no interrupt from here on
+            out = protocol.as_frames(frames, self._result_what)
             ok = True
-        except BaseException:
+        except BaseException as exc:
+            self._job_over = True
             out, ok = [_error_text().encode()], False
+            if isinstance(exc, Retry):
+                retry = True
+                if exc.after is not None:
+                    then, after = "retry", exc.after
+            elif isinstance(exc, Fail):
+                then = "fail"
         finally:
             self._job_over = True  # before waiting for the baton: the job is not hung
             link.baton.acquire()
             self._job_running.clear()
             worker.job = None
+            self._job = None
+            self._progress = None
+            if self._interrupt is not None:  # raised for the job but not delivered in time
+                self._interrupt = None
+                if not self._signal_ready:  # it must not surface later, in the library
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(self._job_thread), None)
         link.job = None
         ready = link.read_stops() == 0  # a stop asked for during the job: this answer is the last
         size = sum(map(len, out))
@@ -146,8 +242,19 @@ class Runner:
             answer = protocol.encode_worker_result(msg.job_id, msg.attempt, msg.token, ready, out)
         else:
             error = out[0].decode("utf-8", "replace")
-            log.warning("job %s attempt %d raised:\n%s", msg.job_id, msg.attempt, error.rstrip())
-            answer = protocol.encode_worker_error(msg.job_id, msg.attempt, msg.token, ready, error)
+            if link.abandon is not None:
+                then, after = "abandoned", None  # the job is over: not a failure of ours
+                log.info("job %s attempt %d stopped (the job was %s)", msg.job_id, msg.attempt,
+                         link.abandon.why)
+            elif retry:
+                log.info("job %s attempt %d asked for a retry: %s", msg.job_id, msg.attempt,
+                         error.split("\n", 1)[0])
+            else:
+                log.warning("job %s attempt %d raised:\n%s", msg.job_id, msg.attempt,
+                            error.rstrip())
+            answer = protocol.encode_worker_error(msg.job_id, msg.attempt, msg.token, ready, error,
+                                                  then, after)
+        link.abandon = None
         link.answer((msg.job_id, msg.attempt, msg.token, answer))
         return ready
 
@@ -183,6 +290,23 @@ class Runner:
             link.send(protocol.encode_return(*link.job))
             link.send(protocol.BYE_FRAMES)
             self._leave(0)
+        job = self._job
+        if link.abandon is not None and job is not None:
+            if not self._interrupted_at:
+                self._interrupted_at = now
+                self._raise_in_job(Cancelled, f"job {job.job_id} was {link.abandon.why} "
+                                   f"while attempt {job.attempt} ran here: stop it")
+            elif now - self._interrupted_at > self.cfg.cancel_grace:
+                log.error("job %s is over but still running %.0fs after it was told to stop: "
+                          "exiting so this worker can be replaced", job.job_id,
+                          self.cfg.cancel_grace)
+                link.send(protocol.BYE_FRAMES)
+                self._leave(EXIT_HUNG)
+        elif (not self._soft_told and job is not None and self._job_ran > job.timeout
+              and self.worker_cls.soft_time_limit):
+            self._soft_told = True
+            self._raise_in_job(TimeLimit, f"job {job.job_id} reached its time limit of "
+                               f"{job.timeout:g}s (attempt {job.attempt})")
         if link.job is not None and self._job_ran > self._job_budget:
             # The broker gave this job to another worker long ago; the user's code cannot
             # be interrupted, so the process leaves and its pool starts a fresh one.
@@ -190,6 +314,11 @@ class Runner:
                       "exiting so this worker can be replaced", link.job[0])
             self._leave(EXIT_HUNG)
         link.read()
+        progress = self._progress
+        if progress is not None and progress[0] != self._progress_sent and now >= self._progress_next:
+            self._progress_sent = progress[0]
+            self._progress_next = now + PROGRESS_INTERVAL
+            link.send(progress[1])
         if now >= link.next_beat:
             link.beat(now, self.parent_pid)
 
@@ -205,6 +334,8 @@ class Runner:
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Serve jobs until stopped; ``on_ready`` is called once ``setup()`` has succeeded."""
         worker = self.worker_cls()
+        worker._progress_sink = self._report_progress
+        self._job_thread = threading.get_ident()
         worker.setup()
         if on_ready is not None:
             on_ready()
