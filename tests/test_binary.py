@@ -6,6 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,8 @@ import pytest
 from respworkers.errors import JobFileError
 from respworkers.jobfile import parse
 from respworkers.session import JobResult
+
+from conftest import Cluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,3 +107,123 @@ def test_payloads_past_the_total_bound_are_refused_naming_the_line(tmp_path: Pat
         parse(text, "f", base=str(tmp_path), budget=Budget(899))
     with pytest.raises(JobFileError, match=r"^f: line 1: field 'payload_file': .*big.bin: the payloads"):
         parse(text, "f", base=str(tmp_path), budget=Budget(599))
+
+
+# ============================================================================ rw submit
+@pytest.fixture(scope="module")
+def grid() -> Iterator[Cluster]:
+    """One broker, a `Bytes` worker (queue bytes: answers the payload reversed) and a `Frames`
+    worker (queue frames: each frame reversed, in reverse order), shared by this module."""
+    root = Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))  # ipc paths must stay short
+    c = Cluster(root)
+    try:
+        c.broker()
+        c.pool("jobs_fixtures:Bytes", 1)
+        c.pool("jobs_fixtures:Frames", 1)
+        yield c
+    finally:
+        c.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def here(grid: Cluster, request: pytest.FixtureRequest) -> Path:
+    """A fresh working folder for one test."""
+    d = grid.root / request.node.name.replace("[", "_").replace("]", "")
+    d.mkdir()
+    return d
+
+
+def rw(c: Cluster, cwd: Path, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run ``rw ARGS --broker ...`` in ``cwd``; stdout and stderr as bytes (they may not be text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "respworkers", *args, "--broker", c.clients], cwd=cwd, env=c.env,
+        capture_output=True, input=input, timeout=50,
+    )
+
+
+def lines(stdout: bytes) -> dict[str, dict]:
+    return {d["id"]: d for d in map(json.loads, stdout.decode().splitlines())}
+
+
+def submitted(c: Cluster) -> int:
+    return int(c.snapshot()["totals"]["submitted"])
+
+
+def test_payload_b64_carries_any_bytes_and_json_gives_result_b64(grid: Cluster, here: Path) -> None:
+    text = "\n".join(json.dumps(job) for job in [
+        {"payload_b64": b64(BLOB), "id": "b64-blob", "queue": "bytes"},
+        # wrapped like `base64` prints it: line breaks and spaces are ignored
+        {"payload_b64": "aGVs\nbG8=", "id": "b64-text", "queue": "bytes"},
+    ])
+    r = rw(grid, here, "submit", "-", "--json", input=text.encode())
+    assert r.returncode == 0, r.stderr
+    got = lines(r.stdout)
+    assert got["b64-blob"]["status"] == "done"
+    assert base64.b64decode(got["b64-blob"]["result_b64"]) == BLOB[::-1]
+    assert "result" not in got["b64-blob"] and "result_hex" not in got["b64-blob"]
+    assert got["b64-text"]["result"] == "olleh" and "result_b64" not in got["b64-text"]
+
+
+def test_payload_file_is_read_relative_to_the_job_files_folder(grid: Cluster, here: Path) -> None:
+    (here / "jobs").mkdir()
+    photo = BLOB + b"photo"
+    (here / "jobs" / "cat.jpg").write_bytes(photo)
+    (here / "jobs" / "jobs.json").write_text(json.dumps(
+        [{"payload_file": "cat.jpg", "id": "rel-cat", "queue": "bytes"}]))
+    assert not (here / "cat.jpg").exists()  # not found from the working folder
+    r = rw(grid, here, "submit", "jobs/jobs.json", "--json")
+    assert r.returncode == 0, r.stderr
+    assert base64.b64decode(lines(r.stdout)["rel-cat"]["result_b64"]) == photo[::-1]
+    # from stdin, relative to the working folder
+    r = rw(grid, here, "submit", "-", "--json",
+           input=json.dumps({"payload_file": "jobs/cat.jpg", "id": "rel-stdin", "queue": "bytes"}).encode())
+    assert r.returncode == 0, r.stderr
+    assert base64.b64decode(lines(r.stdout)["rel-stdin"]["result_b64"]) == photo[::-1]
+
+
+def test_payload_file_option_reads_files_and_stdin_as_bytes(grid: Cluster, here: Path) -> None:
+    (here / "a.bin").write_bytes(BLOB + b"a")
+    (here / "jobs.json").write_text(json.dumps({"payload": "text", "id": "opt-text"}))
+    r = rw(grid, here, "submit", "jobs.json", "--payload-file", "a.bin", "--payload-file", "-",
+           "-p", "dash-p", "--queue", "bytes", "--json", input=BLOB + b"stdin")
+    assert r.returncode == 0, r.stderr
+    got = lines(r.stdout)
+    assert len(got) == 4 and got.pop("opt-text")["result"] == "txet"
+    results = sorted(base64.b64decode(d["result_b64"]) if "result_b64" in d else d["result"].encode()
+                     for d in got.values())
+    assert results == sorted([(BLOB + b"a")[::-1], (BLOB + b"stdin")[::-1], b"p-hsad"])
+
+
+def test_a_list_is_a_multi_frame_payload_and_json_gives_the_frames(grid: Cluster, here: Path) -> None:
+    (here / "one.bin").write_bytes(b"\x00\x01\xfe")
+    (here / "two.bin").write_bytes(b"\xff\x02")
+    (here / "jobs.json").write_text(json.dumps([
+        {"payload_b64": [b64(b"ab"), b64(b"\x80cd")], "id": "frames-b64", "queue": "frames"},
+        {"payload_file": ["one.bin", "two.bin"], "id": "frames-file", "queue": "frames"},
+    ]))
+    r = rw(grid, here, "submit", "jobs.json", "--json")
+    assert r.returncode == 0, r.stderr
+    got = lines(r.stdout)
+    # Frames answers each frame reversed, in reverse order
+    frames = [base64.b64decode(f) for f in got["frames-b64"]["result_frames_b64"]]
+    assert frames == [b"dc\x80", b"ba"]
+    assert base64.b64decode(got["frames-b64"]["result_b64"]) == b"dc\x80ba"  # joined
+    frames = [base64.b64decode(f) for f in got["frames-file"]["result_frames_b64"]]
+    assert frames == [b"\x02\xff", b"\xfe\x01\x00"]
+
+
+def test_submit_with_a_missing_payload_file_names_it_and_submits_nothing(grid: Cluster, here: Path) -> None:
+    before = submitted(grid)
+    (here / "jobs.json").write_text('[{"payload": "a"},\n {"payload_file": "gone.jpg"}]')
+    r = rw(grid, here, "submit", "jobs.json", "--queue", "bytes")
+    assert r.returncode == 2
+    assert r.stderr.decode().startswith(
+        "rw: jobs.json: line 2 (job 2): field 'payload_file': cannot read gone.jpg: No such file"), r.stderr
+    assert b"nothing was submitted" in r.stderr
+    r = rw(grid, here, "submit", "-p", "a", "--payload-file", "gone.jpg", "--queue", "bytes")
+    assert r.returncode == 2
+    assert b"--payload-file gone.jpg: cannot read it: No such file" in r.stderr, r.stderr
+    r = rw(grid, here, "submit", "-", "--payload-file", "-", "--queue", "bytes")
+    assert r.returncode == 2 and b"stdin can be read once" in r.stderr, r.stderr
+    assert submitted(grid) == before
