@@ -227,3 +227,62 @@ def test_submit_with_a_missing_payload_file_names_it_and_submits_nothing(grid: C
     r = rw(grid, here, "submit", "-", "--payload-file", "-", "--queue", "bytes")
     assert r.returncode == 2 and b"stdin can be read once" in r.stderr, r.stderr
     assert submitted(grid) == before
+
+
+# ============================================================================ results
+def test_out_writes_results_to_files_with_safe_names(grid: Cluster, here: Path) -> None:
+    (here / "jobs.json").write_text(json.dumps([
+        {"payload_b64": b64(BLOB), "id": "img/cat.jpg", "queue": "bytes"},
+        {"payload": "dots", "id": "..", "queue": "bytes"},
+        {"payload": "single", "id": "x.0", "queue": "bytes"},  # must not clash with x's frame 0
+        {"payload_b64": [b64(b"one"), b64(b"\xfftwo")], "id": "x", "queue": "frames"},
+    ]))
+    r = rw(grid, here, "submit", "jobs.json", "--out", "thumbs")
+    assert r.returncode == 0, r.stderr
+    out = here / "thumbs"  # created: its parent exists
+    assert sorted(p.name for p in out.iterdir()) == ["%2E.", "img%2Fcat.jpg", "x%2E0", "x.0", "x.1"]
+    assert (out / "img%2Fcat.jpg").read_bytes() == BLOB[::-1]
+    assert (out / "%2E.").read_bytes() == b"stod"
+    assert (out / "x%2E0").read_bytes() == b"elgnis"
+    assert [(out / n).read_bytes() for n in ("x.0", "x.1")] == [b"owt\xff", b"eno"]
+    assert sorted(p.name for p in here.iterdir()) == ["jobs.json", "thumbs"]  # nothing elsewhere
+    shown = r.stdout.decode().splitlines()
+    assert "✓ img/cat.jpg  -> thumbs/img%2Fcat.jpg (260 bytes)" in shown
+    assert "✓ x  -> thumbs/x.0, thumbs/x.1 (2 files, 7 bytes)" in shown
+    assert BLOB[::-1] not in r.stdout
+
+    # rw result fetches them again, into another folder; --json names the files
+    r = rw(grid, here, "result", "img/cat.jpg", "x", "--out", "again", "--json")
+    assert r.returncode == 0, r.stderr
+    got = lines(r.stdout)
+    assert got["img/cat.jpg"] == {"id": "img/cat.jpg", "status": "done",
+                                  "files": ["again/img%2Fcat.jpg"]}
+    assert got["x"]["files"] == ["again/x.0", "again/x.1"]
+    assert (here / "again" / "img%2Fcat.jpg").read_bytes() == BLOB[::-1]
+
+
+def test_out_folder_whose_parent_is_missing_submits_nothing(grid: Cluster, here: Path) -> None:
+    before = submitted(grid)
+    r = rw(grid, here, "submit", "-p", "x", "--queue", "bytes", "--out", "no/such/folder")
+    assert r.returncode == 2 and b"its parent folder no/such does not exist" in r.stderr, r.stderr
+    assert not (here / "no").exists() and submitted(grid) == before
+
+
+def test_a_binary_result_shows_its_size_and_first_bytes_never_raw(grid: Cluster, here: Path) -> None:
+    (here / "jobs.json").write_text(json.dumps([
+        {"payload_b64": b64(BLOB), "id": "bin-1", "queue": "bytes"},
+        {"payload_b64": b64(b"J2[\x1bhi"), "id": "bin-esc", "queue": "bytes"},  # UTF-8, but an escape
+        {"payload": "plain text", "id": "bin-text", "queue": "bytes"},
+    ]))
+    r = rw(grid, here, "submit", "jobs.json")
+    assert r.returncode == 0, r.stderr
+    shown = r.stdout.decode().splitlines()  # UTF-8 text: nothing raw
+    assert "✓ bin-1  <binary, 260 bytes: e0ffd8fffffefdfc…>" in shown
+    assert "✓ bin-esc  <binary, 6 bytes: 69681b5b324a>" in shown
+    assert "✓ bin-text  txet nialp" in shown
+    assert b"\x1b" not in r.stdout and b"\x00" not in r.stdout
+
+    term = grid.rw_tty("result", "bin-1", "--broker", grid.clients, name="result")
+    assert term.wait(30) == 0
+    assert "✓ bin-1  <binary, 260 bytes: e0ffd8fffffefdfc…>" in term.lines()
+    assert b"\xd8\xff\xe0" not in term.log.read_bytes() and b"\x00" not in term.log.read_bytes()
