@@ -189,6 +189,9 @@ def worker(conf: WorkerConfig, target: str) -> None:
 @click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
 @click.option("-p", "--payload", "payloads", multiple=True, metavar="TEXT",
               help="Submit TEXT as a job (repeatable), instead of or besides a job file.")
+@click.option("--payload-file", "payload_files", multiple=True, metavar="PATH",
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="Submit the bytes of file PATH as a job (repeatable; '-': stdin).")
 @click.option("--queue", help="Queue for jobs that name none.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Time limit (seconds) for jobs that set none.")
@@ -200,17 +203,22 @@ def worker(conf: WorkerConfig, target: str) -> None:
 @click.option("--new-ids", is_flag=True,
               help="Give the file's jobs without an \"id\" fresh random ids: run them again "
                    "rather than attach to the jobs of an earlier run of the same file.")
+@click.option("--out", "out_dir", metavar="DIR",
+              help="Write each result to DIR/ID (several frames: DIR/ID.0, DIR/ID.1, ...) "
+                   "instead of printing it; DIR is created if its parent exists.")
 def submit(
-    conf: ClientConfig, jobfile: str | None, payloads: tuple[str, ...], queue: str | None,
-    timeout: float | None, tries: int | None, as_json: bool, no_progress: bool, no_wait: bool,
-    new_ids: bool,
+    conf: ClientConfig, jobfile: str | None, payloads: tuple[str, ...], payload_files: tuple[str, ...],
+    queue: str | None, timeout: float | None, tries: int | None, as_json: bool, no_progress: bool,
+    no_wait: bool, new_ids: bool, out_dir: str | None,
 ) -> None:
     """Submit the jobs in JOBFILE ('-' for stdin) and print each result as it arrives.
 
-    JOBFILE holds one JSON object, an array of them, or JSON Lines. Each job has a
-    "payload" and optionally "id", "queue", "timeout" (seconds) and "tries".
-    Results are printed in the order the jobs end, one line per job with its id
-    (--json: one object per line). Exits 1 if any job did not succeed.
+    JOBFILE holds one JSON object, an array of them, or JSON Lines. Each job has one of
+    "payload" (text or JSON), "payload_b64" (base64) or "payload_file" (a path relative
+    to JOBFILE's folder), the last two also as a list of frames, and optionally "id",
+    "queue", "timeout" (seconds) and "tries". Results are printed in the order the jobs
+    end, one line per job with its id (--json: one object per line); a result that is
+    not text shows as its size and first bytes. Exits 1 if any job did not succeed.
     """
     from . import jobfile as jf
     from . import protocol
@@ -222,15 +230,27 @@ def submit(
             protocol.check_queue(queue.encode())
         except RespWorkersError as exc:
             raise click.BadParameter(str(exc), param_hint="--queue") from None
+    if out_dir is not None and no_wait:
+        raise click.UsageError("--out writes results: it cannot go with --no-wait")
+    if payload_files.count("-") + (jobfile == "-") > 1:
+        raise click.UsageError("stdin can be read once: give '-' as JOBFILE or as one --payload-file")
+    budget = jf.Budget()  # the payloads read, job file and --payload-file together
     specs = [(jf.JobSpec(p.encode()), new_job_id()) for p in payloads]
+    origins: dict[str, str] = {}  # where jobs that are not in the job file came from, by id
+    for path in payload_files:
+        job_id = new_job_id()
+        specs.append((jf.JobSpec(jf.read_payload_file(path, budget)), job_id))
+        origins[job_id] = f"--payload-file {_source(path)}: "
     random_ids = {job_id for _, job_id in specs}  # ids the same command would not give again
     if jobfile is not None:
-        from_file = _read_jobs(jobfile, new_ids)
+        from_file = _read_jobs(jobfile, new_ids, budget.left)
         specs.extend(from_file)
         if new_ids:
             random_ids.update(job_id for spec, job_id in from_file if spec.id is None)
     if not specs:
-        raise click.UsageError("give a JOBFILE ('-' for stdin) or --payload TEXT")
+        raise click.UsageError("give a JOBFILE ('-' for stdin), --payload TEXT or --payload-file PATH")
+    if out_dir is not None:
+        _out_folder(out_dir)
     jobs: list[dict[str, Any]] = [
         {"payload": spec.payload, "id": job_id,
          "queue": spec.queue or queue or protocol.DEFAULT_QUEUE,
@@ -238,7 +258,7 @@ def submit(
          "tries": spec.tries if spec.tries is not None else tries} for spec, job_id in specs]
     ids: list[str] = [job["id"] for job in jobs]
 
-    out = Printer(as_json)
+    out = Printer(as_json, out_dir)
     phase = "checking"
     with Signals() as signals, Client.from_config(conf) as client:
         try:
@@ -247,7 +267,8 @@ def submit(
                     try:
                         client.validate(**job)
                     except (ValueError, ProtocolError) as exc:
-                        where = f"{_source(jobfile or '-')}: line {spec.line}: " if spec.line else ""
+                        where = (f"{_source(jobfile or '-')}: line {spec.line}: " if spec.line
+                                 else origins.get(job["id"], ""))
                         raise JobFileError(f"{where}{exc} (nothing was submitted)") from None
                 phase = "sending"
                 client.submit_many(jobs)
@@ -270,13 +291,37 @@ def submit(
         sys.exit(RET_JOBS_FAILED)
 
 
-def _read_jobs(path: str, new_ids: bool) -> list[tuple[JobSpec, str]]:
+def _out_folder(path: str) -> None:
+    """Create the --out folder if missing (only the last level), before anything is sent."""
+    import os
+
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        raise click.BadParameter(f"cannot create {path}: its parent folder {parent} does not exist",
+                                 param_hint="--out") from None
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {path}: {exc.strerror or exc}", param_hint="--out") from None
+    if not os.path.isdir(path):
+        raise click.BadParameter(f"{path} is not a folder", param_hint="--out")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write into {path}: permission denied", param_hint="--out")
+
+
+def _read_jobs(path: str, new_ids: bool, budget: int | None = None) -> list[tuple[JobSpec, str]]:
     """The jobs of a job file ('-': stdin), each with its id.
 
     A job without an "id" gets one derived from the file's bytes and its place in the
     file (random ones with ``new_ids``), so that re-running an interrupted submit of the
-    same file attaches to the jobs instead of running them again.
+    same file attaches to the jobs instead of running them again. Its ``payload_file``
+    paths are relative to its folder (stdin: the current one); ``budget``: how many
+    payload bytes it may still add up to.
     """
+    import os
+
     from . import jobfile as jf
     from .client import new_job_id
 
@@ -286,7 +331,9 @@ def _read_jobs(path: str, new_ids: bool) -> list[tuple[JobSpec, str]]:
         else:
             with open(path, "rb") as fh:
                 content = fh.read()
-        specs = jf.parse(content.decode("utf-8"), _source(path))
+        specs = jf.parse(content.decode("utf-8"), _source(path),
+                         base="" if path == "-" else os.path.dirname(path),
+                         budget=None if budget is None else jf.Budget(budget))
     except OSError as exc:
         raise JobFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -331,17 +378,24 @@ def _interrupted(client: Client, ids: list[str], out: Printer, sent: bool, rando
 @click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def result(conf: ClientConfig, job_ids: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
+@click.option("--out", "out_dir", metavar="DIR",
+              help="Write each result to DIR/ID (several frames: DIR/ID.0, DIR/ID.1, ...) "
+                   "instead of printing it; DIR is created if its parent exists.")
+def result(conf: ClientConfig, job_ids: tuple[str, ...], as_json: bool, no_progress: bool,
+           out_dir: str | None) -> None:
     """Wait for jobs submitted earlier (by anyone) and print their results as they arrive.
 
     One line per job, in the order the jobs end (--json: one object per line, with
-    its "id"). Exits 1 if any job did not succeed.
+    its "id"); a result that is not text shows as its size and first bytes. Exits 1
+    if any job did not succeed.
     """
     from .client import Client
     from .stream import Interrupted, Printer, Signals, follow, summary
 
     ids = _job_ids(job_ids)
-    out = Printer(as_json)
+    if out_dir is not None:
+        _out_folder(out_dir)
+    out = Printer(as_json, out_dir)
     with Signals() as signals, Client.from_config(conf) as client:
         try:
             follow(client, ids, out, signals, progress=not no_progress)

@@ -53,13 +53,20 @@ class JobResult:
         return b"".join(self.frames)
 
     def as_dict(self) -> dict[str, Any]:
+        """For JSON: a result as ``result`` (its frames joined) when that is UTF-8 text, else
+        as ``result_b64`` (standard base64); with several frames also ``result_frames_b64``,
+        each frame in base64. A job without a result has ``reason`` and ``error``."""
+        import base64
+
         out: dict[str, Any] = {"id": self.id, "status": self.status}
         if self.frames is not None:
-            text = b"".join(self.frames)
+            data = b"".join(self.frames)
             try:
-                out["result"] = text.decode()
+                out["result"] = data.decode()
             except UnicodeDecodeError:
-                out["result_hex"] = text.hex()
+                out["result_b64"] = base64.b64encode(data).decode("ascii")
+            if len(self.frames) > 1:
+                out["result_frames_b64"] = [base64.b64encode(f).decode("ascii") for f in self.frames]
         else:
             out["reason"] = self.reason
             out["error"] = self.error

@@ -9,12 +9,19 @@ progress bar of a batch goes to stderr. How a line is printed depends on where s
   ten times a second, so they scroll above the bar instead of garbling it (one rich
   print per line, each redrawing the bar, costs about a millisecond);
 - another terminal: rich's console, with colours.
+
+A result is shown as text only when it is UTF-8 text; any other bytes show as their size
+and first bytes in hex, never raw. With an output folder (``--out``) each result is
+written to files named after its job id instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import secrets
 import signal
 import sys
 import threading
@@ -28,11 +35,109 @@ from rich.text import Text
 
 from .client import Client, JobResult
 from .errors import RespWorkersError
+from .jobfile import size_text
 
 #: Seconds between two batches of lines printed above a progress bar.
 FLUSH_INTERVAL = 0.1
 #: After an interrupt, how long to wait for the broker to confirm jobs it may not hold yet.
 CONFIRM_WAIT = 2.0
+
+
+#: Bytes of a binary result shown in hex.
+PREVIEW = 8
+#: Characters that make a UTF-8 result binary for display: C0 and C1 control characters
+#: (terminal escapes among them), except tab and line ends.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Bytes a job id keeps in its file name; any other is percent-encoded.
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+#: The longest file name made from a job id, before ".<frame>": well under NAME_MAX (255).
+MAX_NAME = 200
+#: Frame files past this many are not all listed on a result's line.
+SHOW_FILES = 3
+
+
+def shown(data: bytes) -> str:
+    """A result as its line shows it: the text when it is UTF-8 text, else
+    ``<binary, N bytes: 8 bytes in hex…>``."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        pass
+    else:
+        if not _CONTROL.search(text):
+            return text
+    head = data[:PREVIEW].hex() + ("…" if len(data) > PREVIEW else "")
+    return f"<binary, {len(data)} byte{'' if len(data) == 1 else 's'}: {head}>"
+
+
+def file_name(job_id: str) -> str:
+    """A job id as a file name: one plain name, a different one for every id.
+
+    Each UTF-8 byte outside ``[A-Za-z0-9._-]`` is percent-encoded (``/`` becomes ``%2F``),
+    as is a leading ``.`` (no ``.``, ``..`` or hidden names) and the ``.`` of a trailing
+    ``.<digits>`` (those name the frames of a multi-frame result: ``<name>.0``, ``<name>.1``,
+    so they never clash with another job's single file). A name longer than
+    :data:`MAX_NAME` is cut and ends in ``~`` and 16 hex digits of the id's SHA-256.
+    """
+    raw = job_id.encode()
+    name = "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    digits = re.search(r"\.([0-9]+)$", name)
+    if digits:
+        name = f"{name[:digits.start()]}%2E{digits.group(1)}"
+    if len(name) > MAX_NAME:
+        head = name[:MAX_NAME - 17]
+        cut = head.rfind("%", len(head) - 2)  # not in the middle of an escape
+        if cut >= 0:
+            head = head[:cut]
+        name = f"{head}~{hashlib.sha256(raw).hexdigest()[:16]}"
+    return name
+
+
+def save(folder: str, job_id: str, frames: list[bytes]) -> list[str]:
+    """Write a result to ``folder``: ``<name>`` for one frame, ``<name>.0``, ``<name>.1``, ...
+    for several (:func:`file_name`); return the paths. Each file appears whole or not at
+    all (written aside, then renamed over any old one). OSError names the path."""
+    name = file_name(job_id)
+    frames = frames or [b""]
+    names = [name] if len(frames) == 1 else [f"{name}.{i}" for i in range(len(frames))]
+    paths = [os.path.join(folder, n) for n in names]
+    for path, data in zip(paths, frames):
+        _write(folder, path, data)
+    return paths
+
+
+def _write(folder: str, path: str, data: bytes) -> None:
+    tmp = os.path.join(folder, f".rw-{secrets.token_hex(8)}.tmp")  # no job's name starts with "."
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink(tmp)
+        raise OSError(exc.errno, exc.strerror, path) from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _files_text(paths: list[str], size: int) -> str:
+    if len(paths) == 1:
+        return f"-> {paths[0]} ({size_text(size)})"
+    listed = ", ".join(paths) if len(paths) <= SHOW_FILES else f"{paths[0]} … {paths[-1]}"
+    return f"-> {listed} ({len(paths)} files, {size_text(size)})"
 
 
 class Interrupted(Exception):
@@ -93,8 +198,9 @@ def _same_terminal(a: IO[str], b: IO[str]) -> bool:
 class Printer:
     """One line per job on stdout as it ends; notes (reconnects) on stderr."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, out_dir: str | None = None) -> None:
         self.as_json = as_json
+        self.out_dir = out_dir  #: write results to files here instead of printing them
         self.stdout = sys.stdout
         self.err = Console(stderr=True)
         self.tty = Console() if self.stdout.isatty() else None
@@ -110,12 +216,28 @@ class Printer:
     # ---------------------------------------------------------------- lines
     def outcome(self, r: JobResult) -> None:
         self.ended.add(r.id)
-        self.failed += not r.ok
+        paths: list[str] | None = None
+        trouble = ""
+        if r.ok and self.out_dir is not None:
+            try:
+                paths = save(self.out_dir, r.id, r.frames or [])
+            except OSError as exc:  # the job did its work: `rw result ID --out` may fetch it again
+                trouble = f"cannot write {exc.filename}: {exc.strerror or exc}"
+        self.failed += not r.ok or bool(trouble)
         if self.as_json:
-            self._line(json.dumps(r.as_dict()))
+            if r.ok and self.out_dir is not None:  # the files instead of the result
+                line: dict[str, object] = {"id": r.id, "status": r.status, "files": paths or []}
+                if trouble:
+                    line["error"] = trouble
+            else:
+                line = r.as_dict()
+            self._line(json.dumps(line))
+        elif trouble:
+            self._line(f"{r.id}  done, but {trouble}", "✗", "red")
+        elif paths is not None:
+            self._line(f"{r.id}  {_files_text(paths, sum(map(len, r.frames or [])))}", "✓", "green")
         elif r.ok:
-            body = b"".join(r.frames or []).decode("utf-8", "replace")
-            self._line(f"{r.id}  {body}", "✓", "green")
+            self._line(f"{r.id}  {shown(b''.join(r.frames or []))}", "✓", "green")
         else:
             summary = (r.error or "").strip().splitlines()  # an error text's first line
             self._line(f"{r.id}  {r.status} ({r.reason})" + (f": {summary[0]}" if summary else ""),

@@ -73,6 +73,15 @@ class Frames(Worker):
         return [f[::-1] for f in reversed(frames)]
 
 
+class Bytes(Worker):
+    """Answers with the payload's bytes reversed, whatever they are (binary jobs)."""
+
+    queues = ("bytes",)
+
+    def process(self, payload: bytes) -> bytes:
+        return payload[::-1]
+
+
 class NotAWorker:
     def process(self, payload: bytes) -> bytes:
         return payload
