@@ -504,6 +504,114 @@ def test_broker_host_outage_and_broker_restart_everyone_recovers_without_restart
     assert t_workers < 4 * EXPIRY + 5.0
 
 
+# ====================================================================== late messages
+LATE_HELLO_BUG = (
+    "respworkers bug: a HELLO a worker sent on a connection it has since left (no WELCOME in "
+    "time, so it reconnected; TCP still delivers the HELLO later) registers that dead "
+    "connection, and because it names the worker's slot, BrokerCore._replace_slot -> _supersede "
+    "drops the worker's live registration: the job it is running fails with worker-lost (a try "
+    "charged; with tries=1 the job fails) and is re-dispatched while it still runs. Proposed "
+    "fix: the worker sends a per-process incarnation and a per-connection counter in HELLO "
+    "info; the broker ignores (DISCONNECT, counted) a HELLO whose incarnation is that of the "
+    "slot's registered record and whose counter is lower."
+)
+LATE_VACATE_BUG = (
+    "respworkers bug: VACATE names only the slot, so a VACATE that reaches the broker after "
+    "the pool's restarted child has registered in that slot makes BrokerCore._vacate drop the "
+    "new, live child: its job fails with worker-lost (a try charged; with tries=1 the job "
+    "fails) and runs again elsewhere. Proposed fix: VACATE also names the incarnation of the "
+    "process that died (an optional frame), and the broker drops the slot's record only if it "
+    "is that incarnation."
+)
+
+
+def assert_ran_once_and_done(net: Net, outcome: dict[str, Any], totals: dict[str, int]) -> None:
+    """The one-try job ran once, on the live worker, and succeeded: nothing failed it."""
+    starts = [r for r in net.attempts() if r["ev"] == "start" and r["job"] == "one-try"]
+    assert outcome["status"] == "done", outcome
+    assert len(starts) == 1 and totals["retried"] == 0 and totals["failed"] == 0, (starts, totals)
+
+
+@pytest.mark.xfail(strict=True, reason=LATE_HELLO_BUG)
+def test_a_late_hello_from_a_connection_the_worker_left_does_not_evict_it(net: Net) -> None:
+    """A worker re-registers on a new connection after its HELLO on the previous one went
+    unanswered; that HELLO still reaches the broker later (TCP delivers what the kernel
+    accepted, even after the socket is closed with linger 0: measured in this lab). It
+    must not take the worker's slot away from the live connection."""
+    net.via_relay = True
+    net.configure(shaped=True)
+    net.broker()
+    net.relay()
+    pool = net.pool("workers-a", 1)
+    pid = pool.children()[0]
+    first = net.workers()[0]["id"]
+    go = net.root / "go"
+    driver = net.client([{"id": "one-try", "payload": "sleep:6", "tries": 1}], "one-try",
+                        wait_for=go)
+    wait_for(lambda: driver.events("start"), 15, what="the client driver")
+    route = str(PORTS["workers"] + RELAY_OFFSET)
+    held = 4.0
+    net.set_relay(0.0, 0.0, commands=[
+        # The next connection's HELLO (its first message after the handshake) is delayed
+        # 4 s, as if its segment were lost and retransmitted after a short outage ...
+        {"id": "late-hello", "do": "hold_next", "route": route, "seconds": held},
+        # ... and the worker stops hearing the broker, so it opens that next connection.
+        {"id": "deaf", "do": "deafen", "route": route, "seconds": 2.0},
+    ])
+    t0 = time.time()
+    # No WELCOME on the held connection: after HEARTBEAT x LIVENESS it opens another one.
+    wait_for(lambda: any(w["id"] != first and w["pid"] == pid for w in net.workers()), 10,
+             what="the worker to register again on a third connection")
+    registered = time.time() - t0
+    go.touch()  # one job, one try
+    wait_for(lambda: any(r["job"] == "one-try" for r in net.attempts()), 10, what="the job to start")
+    started = time.time() - t0
+    # The scenario: the held HELLO (sent at least HEARTBEAT x LIVENESS - HEARTBEAT after
+    # the worker went deaf) arrives while the job runs on the live connection.
+    assert started < EXPIRY - HEARTBEAT + held - 0.5, "the job started too late for this test"
+    outcome = driver.wait(30)[0]
+    totals = net.status()["totals"]  # type: ignore[index]
+    print(f"\n[late HELLO] re-registered {registered:.2f}s after the worker went deaf, job started "
+          f"at {started:.2f}s, the late HELLO arrived {EXPIRY - HEARTBEAT + held:.1f}s or later; "
+          f"outcome {outcome}")
+    assert_ran_once_and_done(net, outcome, totals)
+
+
+@pytest.mark.xfail(strict=True, reason=LATE_VACATE_BUG)
+def test_a_late_vacate_does_not_evict_the_process_that_replaced_the_dead_one(net: Net) -> None:
+    """A pool tells the broker that a child died (VACATE, on a connection of its own) and
+    restarts it; the new child registers in the same slot. If the VACATE reaches the broker
+    only after that (delayed as above), it must not drop the new, live child."""
+    net.via_relay = True
+    net.configure(shaped=True)
+    net.broker()
+    net.relay()
+    pool = net.pool("workers-a", 1)
+    dead = pool.children()[0]
+    go = net.root / "go"
+    driver = net.client([{"id": "one-try", "payload": "sleep:5", "tries": 1}], "one-try",
+                        wait_for=go)
+    wait_for(lambda: driver.events("start"), 15, what="the client driver")
+    route = str(PORTS["workers"] + RELAY_OFFSET)
+    # The pool's next connection is the one it sends VACATE on: held 3 s.
+    net.set_relay(0.0, 0.0, commands=[
+        {"id": "late-vacate", "do": "hold_next", "route": route, "seconds": 3.0}])
+    time.sleep(max(0.0, 2.2 - (time.time() - pool.popen_started)))  # restarted at once (pool.py)
+    t0 = time.time()
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: [w for w in net.workers() if w["pid"] != dead], 10,
+             what="the pool's new child to register")
+    go.touch()  # one job, one try, for the new child
+    wait_for(lambda: any(r["job"] == "one-try" for r in net.attempts()), 10, what="the job to start")
+    started = time.time() - t0
+    assert started < 2.5, "the job started too late for this test"  # the VACATE comes at 3 s
+    outcome = driver.wait(30)[0]
+    totals = net.status()["totals"]  # type: ignore[index]
+    print(f"\n[late VACATE] child killed at 0s, the new child started the job at {started:.2f}s, "
+          f"the late VACATE arrived at about 3s; outcome {outcome}")
+    assert_ran_once_and_done(net, outcome, totals)
+
+
 # ====================================================================== latency and loss
 def greedy_makespan(durations: list[float], workers: int, per_job: float = 0.0) -> float:
     """Makespan of on-demand dispatch in submission order (each job to the first worker
