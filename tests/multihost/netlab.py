@@ -255,6 +255,7 @@ class Lab:
         self.procs: list[subprocess.Popen] = []
         self.created = False
         self.destroyed = False
+        self.owner = os.getpid()  # a process forked from this one must not tear the lab down
         self._prev_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ life cycle
@@ -300,7 +301,7 @@ class Lab:
 
     def destroy(self) -> None:
         """Kill every process of the lab and delete its namespaces; safe to call again."""
-        if self.destroyed or not self.created:
+        if self.destroyed or not self.created or os.getpid() != self.owner:
             return
         self.destroyed = True
         for p in self.procs:
@@ -335,7 +336,7 @@ class Lab:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         prev = self._prev_handlers.get(signum, signal.SIG_DFL)
-        self.destroy()
+        self.destroy()  # only in the process that built the lab
         if callable(prev):
             prev(signum, frame)
         else:
