@@ -822,6 +822,7 @@ class Bye(NamedTuple):
 
 class Vacate(NamedTuple):
     slot: str
+    incarnation: str | None = None  #: the process that died; None: whichever is in the slot
 
 
 WorkerMessage = Union[Hello, WorkerResult, WorkerError, WorkerProgress, Return, Heartbeat, Bye,
@@ -910,9 +911,10 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
             raise ProtocolError("bad BYE", "takes no fields")
         return _BYE
     if cmd == VACATE:
-        if len(words) != 2:
-            raise ProtocolError("bad VACATE", "takes no fields, then the slot as one frame")
-        return Vacate(check_slot(_tail(frames, "VACATE")))
+        if len(words) != 2 or len(frames) not in (2, 3):
+            raise ProtocolError("bad VACATE", "takes no fields, then the slot and optionally "
+                                "the incarnation, one frame each")
+        return Vacate(check_slot(frames[1]), check_slot(frames[2]) if len(frames) == 3 else None)
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
@@ -953,8 +955,11 @@ def encode_return(job_id: str, attempt: int, token: bytes) -> list[bytes]:
     return [b"RWW3 RETURN %s %d %s" % (job_id.encode(), attempt, token)]
 
 
-def encode_vacate(slot: str) -> list[bytes]:
-    return [b"RWW3 VACATE", slot.encode()]
+def encode_vacate(slot: str, incarnation: str | None = None) -> list[bytes]:
+    frames = [b"RWW3 VACATE", slot.encode()]
+    if incarnation:
+        frames.append(incarnation.encode())
+    return frames
 
 
 HEARTBEAT_FRAMES = [b"RWW3 HEARTBEAT"]  #: both directions; never mutate

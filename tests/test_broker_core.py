@@ -815,6 +815,31 @@ def test_vacate_fails_the_attempt_of_the_slot_at_once(h):
     assert "died" in h.info("j1")["error"]
 
 
+def test_a_late_vacate_spares_the_process_that_replaced_the_dead_one(h):
+    h.hello(W1, info={"name": "w1", "slot": "s", "incarnation": "first"})
+    h.hello(W2, info={"name": "w2", "slot": "s", "incarnation": "second"})  # the restarted child
+    h.submit(C1, "j1", tries=1)
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]
+    h.core.on_worker(W3, p.encode_vacate("s", "first"))  # the pool's VACATE, delayed
+    assert h.worker_state(W2) == "busy" and h.info("j1")["state"] == "running"
+    h.core.on_worker(W3, p.encode_vacate("s", "second"))  # the second child died too
+    assert h.worker_state(W2) is None and h.info("j1")["state"] == "failed"
+
+
+def test_a_hello_from_a_connection_the_worker_left_does_not_evict_it(h):
+    # The worker said HELLO on connection 1, heard nothing, re-registered on connection 2;
+    # then HELLO 1 arrives (delayed by the network).
+    h.hello(W2, info={"name": "w", "slot": "s", "incarnation": "x", "conn": 2})
+    h.submit(C1, "j1", tries=1)
+    assert ids(h.jobs_to(W2)) == [("j1", 1)]
+    h.hello(W1, info={"name": "w", "slot": "s", "incarnation": "x", "conn": 1})
+    assert h.to_worker(W1) == [p.Disconnect("stale HELLO")]
+    assert h.worker_state(W2) == "busy" and h.info("j1")["state"] == "running"
+    assert h.snap()["bad_messages"] == {"workers: HELLO from a connection the worker has left": 1}
+    h.hello(W3, info={"name": "w", "slot": "s", "incarnation": "x", "conn": 3})  # a newer one
+    assert h.worker_state(W2) is None and h.worker_state(W3) is not None
+
+
 def test_slot_reconnect_with_the_same_attempt_keeps_the_job(h):
     h.hello(W1, info={"name": "w", "slot": "host:1:0"})
     h.submit(C1, "j1", timeout=10.0)

@@ -399,6 +399,9 @@ def test_return_heartbeat_bye_vacate_round_trip():
     assert p.BYE_FRAMES == [b"RWW3 BYE"]
     assert p.encode_vacate("h:1:0:ab") == [b"RWW3 VACATE", b"h:1:0:ab"]
     assert p.decode_worker(p.encode_vacate("h:1:0:ab")) == p.Vacate("h:1:0:ab")
+    frames = p.encode_vacate("h:1:0:ab", "inc9")  # naming the process that died
+    assert frames == [b"RWW3 VACATE", b"h:1:0:ab", b"inc9"]
+    assert p.decode_worker(frames) == p.Vacate("h:1:0:ab", "inc9")
 
 
 @pytest.mark.parametrize(
@@ -479,6 +482,8 @@ def test_return_heartbeat_bye_vacate_round_trip():
         ([b"RWW3 VACATE"], "bad VACATE"),
         ([b"RWW3 VACATE", b""], "bad slot"),
         ([b"RWW3 VACATE x", b"slot"], "bad VACATE"),
+        ([b"RWW3 VACATE", b"slot", b"inc", b"more"], "bad VACATE"),
+        ([b"RWW3 VACATE", b"slot", b""], "bad slot"),
     ],
 )
 def test_decode_worker_rejects(frames, reason):

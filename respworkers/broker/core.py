@@ -406,14 +406,14 @@ class BrokerCore:
                     self.give_back(w)
                     w.stopping = True
             elif isinstance(msg, protocol.Vacate):
-                self.vacate(msg.slot)
+                self.vacate(msg.slot, msg.incarnation)
             else:  # Bye: a job it holds crossed its goodbye and was never started
                 self.give_back(w)
                 self.drop_worker(w, "said goodbye")
         elif isinstance(msg, protocol.Hello):
             self.hello(wid, msg)
         elif isinstance(msg, protocol.Vacate):
-            self.vacate(msg.slot)  # a pool, which never registers
+            self.vacate(msg.slot, msg.incarnation)  # a pool, which never registers
         elif not isinstance(msg, protocol.Bye):
             # Not registered (typically: this broker restarted, or ZeroMQ reconnected the
             # worker's socket under a new routing id). Nothing it says counts until it has
@@ -437,6 +437,11 @@ class BrokerCore:
             # attempt. Slots are secret, so only a pool's own processes can do either.
             old = self.workers.in_slot(w.slot)
             if old is not None and old.wid != wid:
+                if old.stale(w):  # the process is registered on a newer connection
+                    self.count_bad("workers", ProtocolError(
+                        "HELLO from a connection the worker has left", w.name))
+                    self.send_worker(wid, protocol.encode_disconnect("stale HELLO"))
+                    return
                 self._supersede(old, msg, "was replaced by a new process")
         self.workers.add(w)
         self.send_worker(wid, self._welcome)
@@ -474,10 +479,12 @@ class BrokerCore:
             old.release()
         self.drop_worker(old, why)
 
-    def vacate(self, slot: str) -> None:
-        """A pool saw the process in ``slot`` die: fail its attempt now, not at heartbeat expiry."""
+    def vacate(self, slot: str, incarnation: str | None = None) -> None:
+        """A pool saw the process in ``slot`` die: fail its attempt now, not at heartbeat
+        expiry. A VACATE naming another process than the slot's (it was delayed, and the
+        pool's new process has registered since) changes nothing."""
         w = self.workers.in_slot(slot)
-        if w is not None:
+        if w is not None and (incarnation is None or w.incarnation in (None, incarnation)):
             self.counters.lost_workers += 1
             self.drop_worker(w, "died (its pool saw it exit)")
 

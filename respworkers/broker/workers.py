@@ -22,6 +22,7 @@ class WorkerRec:
     __slots__ = (
         "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
         "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
+        "incarnation", "conn",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -45,6 +46,16 @@ class WorkerRec:
         self.registered = now
         slot = info.get("slot")
         self.slot = slot if isinstance(slot, str) else None
+        incarnation = info.get("incarnation")
+        self.incarnation = incarnation if isinstance(incarnation, str) else None
+        conn = info.get("conn")
+        self.conn = conn if isinstance(conn, int) and not isinstance(conn, bool) else 0
+
+    def stale(self, new: WorkerRec) -> bool:
+        """Whether ``new`` (a HELLO for this record's slot) came from a connection this very
+        process left before it registered on this record's: a HELLO delayed in the network."""
+        return (self.incarnation is not None and new.incarnation == self.incarnation
+                and new.conn < self.conn)
 
     @property
     def state(self) -> str:

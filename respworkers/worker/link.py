@@ -70,6 +70,7 @@ class BrokerLink:
         # must reconnect first it may be lost with the old socket, so it goes again.
         self.unconfirmed: Answer | None = None
         self.bad_messages = 0
+        self.connections = 0
         self._bad_log = RateLimitedLog(log)
 
     # ------------------------------------------------------------------ connection
@@ -88,6 +89,8 @@ class BrokerLink:
         d.connect(self.cfg.broker)
         self.dealer = d
         self.poller.register(d, zmq.POLLIN)
+        self.connections += 1
+        self.info["conn"] = self.connections
         if self.unconfirmed is not None:
             job_id, attempt, token, answer = self.unconfirmed
             self.send(protocol.encode_hello(self.queues, self.info, job_id, attempt, token))

@@ -61,8 +61,8 @@ def _summary(exc: BaseException) -> str:
 
 
 def _child_main(
-    target: str, cfg: WorkerConfig, queues: tuple[str, ...], slot: str, parent: int, level: int,
-    report: Connection,
+    target: str, cfg: WorkerConfig, queues: tuple[str, ...], slot: str, incarnation: str,
+    parent: int, level: int, report: Connection,
 ) -> None:
     os.setpgrp()  # leave the terminal's process group: Ctrl-C goes to the parent only
     logging.getLogger().setLevel(level)  # handlers come from the parent (fork) or default
@@ -76,7 +76,8 @@ def _child_main(
     try:
         from .runner import Runner
 
-        runner = Runner(import_target(target), cfg, queues, slot=slot, parent_pid=parent)
+        runner = Runner(import_target(target), cfg, queues, slot=slot, parent_pid=parent,
+                        incarnation=incarnation)
         runner.install_signal_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         code = runner.run(on_ready=ready)
@@ -106,6 +107,9 @@ class Slot:
     restart_at: float = 0.0
     backoff: float = 0.5
     ready: bool = False
+    #: The process now in the slot (new at each start): a VACATE names it, so that one
+    #: arriving late never evicts the process that replaced the dead one.
+    incarnation: str = ""
 
 
 class Pool:
@@ -128,13 +132,14 @@ class Pool:
 
     def _start(self, slot: Slot) -> None:
         reader, writer = self.mp.Pipe(duplex=False)
+        slot.incarnation = secrets.token_hex(8)
         # Children inherit blocked signals and unblock them once their handlers are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             p = self.mp.Process(
                 target=_child_main,
-                args=(self.target, self.cfg, self.queues, slot.name, os.getpid(),
-                      logging.getLogger().getEffectiveLevel(), writer),
+                args=(self.target, self.cfg, self.queues, slot.name, slot.incarnation,
+                      os.getpid(), logging.getLogger().getEffectiveLevel(), writer),
                 name=f"rw-worker-{slot.index}",
                 daemon=False,
             )
@@ -148,12 +153,12 @@ class Pool:
         slot.started = time.monotonic()
         log.info("started worker process %s in slot %d", p.pid, slot.index)
 
-    def _signal_children(self) -> None:
+    def _signal_children(self, signum: int) -> None:
         for slot in self.slots:
             p = slot.process
             if p is not None and p.pid is not None and p.exitcode is None:
                 try:
-                    os.kill(p.pid, signal.SIGTERM)
+                    os.kill(p.pid, signum)
                 except ProcessLookupError:
                     pass
 
@@ -185,7 +190,8 @@ class Pool:
             secure_client(sock, self.keys)
             sock.connect(self.cfg.broker)
             for slot in slots:
-                sock.send_multipart(protocol.encode_vacate(slot.name), zmq.NOBLOCK)
+                sock.send_multipart(protocol.encode_vacate(slot.name, slot.incarnation),
+                                    zmq.NOBLOCK)
             sock.close()
         except zmq.ZMQError as exc:
             log.warning("could not tell the broker that a worker died: %s", exc)
@@ -247,7 +253,10 @@ class Pool:
                 else:
                     log.warning("forcing: workers hand their jobs back to the broker")
                 forwarded += 1
-                self._signal_children()
+                # Two pending signals of one number are one: a child not scheduled between
+                # two kill() calls would see one stop, not two. It counts SIGINT as SIGTERM,
+                # so the signals alternate and never merge.
+                self._signal_children(signal.SIGTERM if forwarded % 2 else signal.SIGINT)
             now = time.monotonic()
             self._reap(now)
             if not self.signals:

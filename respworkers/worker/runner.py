@@ -79,6 +79,7 @@ class Runner:
         slot: str | None = None,
         parent_pid: int | None = None,
         ctx: zmq.Context[Any] | None = None,
+        incarnation: str | None = None,
     ) -> None:
         self.worker_cls = worker_cls
         self.cfg = cfg
@@ -93,6 +94,9 @@ class Runner:
             "version": __version__,
             "heartbeat": cfg.heartbeat,
             "slot": slot or uuid.uuid4().hex,
+            # This process, and (``conn``, set per connection) which of its connections a
+            # HELLO came from: the broker ignores one from a connection already left.
+            "incarnation": incarnation or uuid.uuid4().hex,
         }
         for key in ("backoff", "backoff_max"):  # the class's retry delays, for the broker
             value = getattr(worker_cls, key, None)
