@@ -196,6 +196,20 @@ def worker(conf: WorkerConfig, target: str) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Time limit (seconds) for jobs that set none.")
 @click.option("--tries", type=click.IntRange(min=1), help="Tries for jobs that set none.")
+@click.option("--priority", type=click.IntRange(0, 9),
+              help="0..9, higher runs first (default 5), for jobs that set none.")
+@click.option("--delay", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Run the jobs no sooner than this many seconds from now.")
+@click.option("--eta", metavar="TIME",
+              help="Run the jobs no sooner than TIME (ISO 8601, e.g. 2026-12-01T09:00:00Z).")
+@click.option("--expires", metavar="SECONDS|TIME",
+              help="A job not started by then (seconds from now, or a time) ends expired.")
+@click.option("--tenant", metavar="NAME",
+              help="Whose jobs these are: tenants take turns within a queue (fair share).")
+@click.option("--backoff", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Delay before a retry, doubling per attempt (0: retry at once).")
+@click.option("--backoff-max", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Longest delay before a retry.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-wait", is_flag=True,
@@ -208,7 +222,9 @@ def worker(conf: WorkerConfig, target: str) -> None:
                    "instead of printing it; DIR is created if its parent exists.")
 def submit(
     conf: ClientConfig, jobfile: str | None, payloads: tuple[str, ...], payload_files: tuple[str, ...],
-    queue: str | None, timeout: float | None, tries: int | None, as_json: bool, no_progress: bool,
+    queue: str | None, timeout: float | None, tries: int | None, priority: int | None,
+    delay: float | None, eta: str | None, expires: str | None, tenant: str | None,
+    backoff: float | None, backoff_max: float | None, as_json: bool, no_progress: bool,
     no_wait: bool, new_ids: bool, out_dir: str | None,
 ) -> None:
     """Submit the jobs in JOBFILE ('-' for stdin) and print each result as it arrives.
@@ -216,9 +232,12 @@ def submit(
     JOBFILE holds one JSON object, an array of them, or JSON Lines. Each job has one of
     "payload" (text or JSON), "payload_b64" (base64) or "payload_file" (a path relative
     to JOBFILE's folder), the last two also as a list of frames, and optionally "id",
-    "queue", "timeout" (seconds) and "tries". Results are printed in the order the jobs
+    "queue", "timeout" (seconds), "tries", "priority", "delay" (seconds), "eta" (a time),
+    "expires" (seconds or a time), "tenant", "backoff" and "backoff_max" (seconds); a
+    job's own fields win over the options. Results are printed in the order the jobs
     end, one line per job with its id (--json: one object per line); a result that is
-    not text shows as its size and first bytes. Exits 1 if any job did not succeed.
+    not text shows as its size and first bytes. A single job's progress shows while it
+    runs. Exits 1 if any job did not succeed.
     """
     from . import jobfile as jf
     from . import protocol
@@ -230,6 +249,8 @@ def submit(
             protocol.check_queue(queue.encode())
         except RespWorkersError as exc:
             raise click.BadParameter(str(exc), param_hint="--queue") from None
+    defaults = _option_flags(priority=priority, delay=delay, eta=eta, expires=expires,
+                             tenant=tenant, backoff=backoff, backoff_max=backoff_max)
     if out_dir is not None and no_wait:
         raise click.UsageError("--out writes results: it cannot go with --no-wait")
     if payload_files.count("-") + (jobfile == "-") > 1:
@@ -252,7 +273,7 @@ def submit(
     if out_dir is not None:
         _out_folder(out_dir)
     jobs: list[dict[str, Any]] = [
-        {"payload": spec.payload, "id": job_id,
+        {**_own_options(spec.options, defaults), "payload": spec.payload, "id": job_id,
          "queue": spec.queue or queue or protocol.DEFAULT_QUEUE,
          "timeout": spec.timeout if spec.timeout is not None else timeout,
          "tries": spec.tries if spec.tries is not None else tries} for spec, job_id in specs]
@@ -273,6 +294,7 @@ def submit(
                 phase = "sending"
                 client.submit_many(jobs)
                 phase = "sent"
+                _warn_unserved(conf, {job["queue"] for job in jobs}, out)
                 if no_wait:
                     client.wait_confirmed(ids)
             if no_wait:
@@ -289,6 +311,48 @@ def submit(
     summary(out, len(ids))
     if out.failed:
         sys.exit(RET_JOBS_FAILED)
+
+
+def _option_flags(**given: Any) -> dict[str, Any]:
+    """``rw submit``'s job options that were given, checked now (a usage error names the flag)."""
+    from .options import job_options, parse_expiry, parse_time
+
+    flags = {k: v for k, v in given.items() if v is not None}
+    try:
+        if "eta" in flags:
+            flags["eta"] = parse_time(flags["eta"], "--eta")
+        if "expires" in flags:
+            flags["expires"] = parse_expiry(flags["expires"], "--expires")
+        job_options(**flags, label=lambda k: "--" + k.replace("_", "-"))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return flags
+
+
+def _own_options(own: tuple[tuple[str, Any], ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A job file's options over the flags'; a job's own delay or eta replaces both flags."""
+    merged = dict(defaults)
+    mine = dict(own)
+    if "delay" in mine or "eta" in mine:
+        merged.pop("delay", None)
+        merged.pop("eta", None)
+    merged.update(mine)
+    return merged
+
+
+def _warn_unserved(conf: ClientConfig, queues: set[str], out: Printer) -> None:
+    """Say at once when no worker serves a queue the jobs went to: otherwise they wait,
+    silently. Asked of the status endpoint; if it does not answer, nothing is said."""
+    from .client import fetch_status
+
+    try:
+        snap = fetch_status(conf.status, min(1.0, conf.request_timeout), keys=_keys(conf, "client"))
+    except RespWorkersError:
+        return
+    known = snap.get("queues") or {}
+    for name in sorted(queues):
+        if not (known.get(name) or {}).get("workers"):
+            out.say(f"no worker serves queue {name!r} yet; waiting", "yellow")
 
 
 def _out_folder(path: str) -> None:
@@ -509,6 +573,102 @@ def cancel(conf: ClientConfig, job_ids: tuple[str, ...]) -> None:
                 click.echo(f"{job_id}: {info['state']}")
     if missing:
         sys.exit(RET_JOBS_FAILED)
+
+
+_STATES = ("queued", "scheduled", "running", "done", "failed", "cancelled", "expired")
+
+
+@cli.command()
+@configured("client", "broker")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+@click.option("--state", type=click.Choice(_STATES), help="Only jobs in this state.")
+@click.option("--queue", metavar="NAME", help="Only jobs of this queue.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Most jobs to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per job.")
+def jobs(conf: ClientConfig, state: str | None, queue: str | None, limit: int, as_json: bool) -> None:
+    """List the jobs the broker holds, newest first: id, queue, state, tries, age, error."""
+    from .client import Client
+    from .status import render_jobs
+
+    with Client.from_config(conf) as client:
+        found = client.jobs(state=state, queue=queue, limit=limit)
+    if as_json:
+        for job in found:
+            click.echo(json.dumps(job))
+        return
+    if not found:
+        click.echo("no jobs" + (f" {state}" if state else "") + (f" in queue {queue!r}" if queue else ""),
+                   err=True)
+        return
+    if sys.stdout.isatty():
+        _console().print(render_jobs(found))
+    else:  # a pipe: whole ids, columns apart by two spaces, nothing cut
+        from .status import jobs_lines
+
+        click.echo("\n".join(jobs_lines(found)))
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID...]")
+@configured("client", "broker")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+@click.option("--failed", "every", flag_value="failed",
+              help="Every failed job the broker holds (with --queue: of that queue).")
+@click.option("--expired", "every", flag_value="expired", help="Every expired job.")
+@click.option("--cancelled", "every", flag_value="cancelled", help="Every cancelled job.")
+@click.option("--queue", metavar="NAME", help="With --failed/--expired/--cancelled: only this queue.")
+def requeue(conf: ClientConfig, job_ids: tuple[str, ...], every: str | None, queue: str | None) -> None:
+    """Run failed, cancelled or expired jobs again, under the same ids, with fresh tries.
+
+    Their earlier outcome stays in their history (rw inspect). Exits 1 if a job was
+    unknown or could not be requeued.
+    """
+    from .client import Client
+
+    if bool(job_ids) == bool(every):
+        raise click.UsageError("give JOB_IDs or one of --failed, --expired, --cancelled")
+    if queue is not None and not every:
+        raise click.UsageError("--queue goes with --failed, --expired or --cancelled")
+    ids = _job_ids(job_ids)
+    with Client.from_config(conf) as client:
+        if every:
+            ids = [j["id"] for j in client.jobs(state=every, queue=queue, limit=10**9)]
+            if not ids:
+                click.echo(f"no {every} jobs" + (f" in queue {queue!r}" if queue else ""), err=True)
+                return
+        report = client.requeue(ids)
+    done = report["requeued"]
+    click.echo(f"requeued {len(done)} job{'' if len(done) == 1 else 's'}")
+    for job_id in report["unknown"]:
+        click.echo(f"{job_id}: unknown", err=True)
+    for job_id, why in report["skipped"].items():
+        click.echo(f"{job_id}: not requeued ({why})", err=True)
+    if report["unknown"] or report["skipped"]:
+        sys.exit(RET_JOBS_FAILED)
+
+
+@cli.command()
+@click.argument("queue")
+@configured("client", "broker")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+def purge(conf: ClientConfig, queue: str, yes: bool) -> None:
+    """Cancel every job waiting in QUEUE (queued or scheduled); running ones go on."""
+    from . import protocol
+    from .client import Client
+
+    try:
+        protocol.check_queue(queue.encode())
+    except ProtocolError as exc:
+        raise click.BadParameter(exc.detail, param_hint="QUEUE") from None
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("purge asks for confirmation: give --yes when not at a terminal")
+        click.confirm(f"Cancel every job waiting in queue {queue!r}?", abort=True, err=True)
+    with Client.from_config(conf) as client:
+        n = client.purge(queue)
+    click.echo(f"cancelled {n} job{'' if n == 1 else 's'} waiting in queue {queue!r}")
 
 
 @cli.command()

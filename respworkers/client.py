@@ -288,6 +288,12 @@ class Client:
                 return
             self._wait_step(deadline)
 
+    def follow_progress(self, job_id: str) -> None:
+        """Ask for the job's progress reports without iterating :meth:`watch`: each goes to
+        :attr:`on_progress` as it arrives, while this client waits for anything."""
+        self.session.watch(job_id)
+        self._flush()
+
     @property
     def on_progress(self) -> Callable[[str, dict[str, Any]], None] | None:
         """Called with (job id, report) for every progress report of a watched job."""

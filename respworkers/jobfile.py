@@ -18,9 +18,10 @@ from typing import Any, Callable, Union
 
 from . import protocol
 from .errors import JobFileError, ProtocolError
-from .options import check_timeout, check_tries
+from .options import OPTION_FIELDS, check_timeout, check_tries, job_options, parse_expiry, parse_time
 
-FIELDS = ("payload", "payload_b64", "payload_file", "id", "queue", "timeout", "tries")
+FIELDS = ("payload", "payload_b64", "payload_file", "id", "queue", "timeout", "tries",
+          *OPTION_FIELDS)
 #: A job has exactly one of these.
 PAYLOAD_FIELDS = ("payload", "payload_b64", "payload_file")
 #: The most payload bytes one ``rw submit`` reads (job file and ``--payload-file`` together):
@@ -40,6 +41,8 @@ class JobSpec:
     timeout: float | None = None
     tries: int | None = None
     line: int = 0
+    #: priority, delay, eta, expires, tenant, backoff, backoff_max: those the job sets
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 class _Lines:
@@ -196,6 +199,10 @@ def _name(obj: dict[str, Any], key: str, check: Callable[[bytes], str], where: s
         raise JobFileError(f"{where}: field {key!r}: {exc.detail}") from None
 
 
+def _field(name: str) -> str:
+    return f"field {name!r}"
+
+
 def _check(obj: Any, where: str, line: int, base: str, budget: Budget) -> JobSpec:
     if not isinstance(obj, dict):
         raise JobFileError(f"{where}: a job must be a JSON object, got {type(obj).__name__}")
@@ -210,9 +217,15 @@ def _check(obj: Any, where: str, line: int, base: str, budget: Budget) -> JobSpe
     try:
         timeout = check_timeout(obj.get("timeout"), "field 'timeout'")
         tries = check_tries(obj.get("tries"), "field 'tries'")
+        options = {k: obj[k] for k in OPTION_FIELDS if obj.get(k) is not None}
+        if "eta" in options:
+            options["eta"] = parse_time(options["eta"], "field 'eta'")
+        if "expires" in options:
+            options["expires"] = parse_expiry(options["expires"], "field 'expires'")
+        job_options(**options, label=_field)  # checked now, made relative when sent
     except ValueError as exc:
         raise JobFileError(f"{where}: {exc}") from None
-    return JobSpec(payload, job_id, queue, timeout, tries, line)
+    return JobSpec(payload, job_id, queue, timeout, tries, line, tuple(options.items()))
 
 
 def content_ids(content: bytes) -> Callable[[int], str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .protocol import Options  # noqa: F401 - the return type, imported lazily at run time
@@ -61,41 +61,97 @@ def _moment(value: Any, what: str, now: float) -> float:
     return max(0.0, at - now)
 
 
+def parse_time(value: Any, what: str) -> datetime | float:
+    """A time as people write it in a job file or a flag: ISO 8601 (``2026-12-01T09:00``,
+    ``...Z`` or ``...+01:00``; without a zone: local time) or epoch seconds."""
+    if isinstance(value, (datetime, int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+        except ValueError:
+            pass
+    raise ValueError(f"{what} must be a time such as 2026-12-01T09:00:00Z (ISO 8601) or epoch "
+                     f"seconds, got {value!r}")
+
+
+def parse_expiry(value: Any, what: str) -> datetime | timedelta | float | None:
+    """``expires``: seconds from now (a number), or a time (ISO 8601 text or a datetime)."""
+    if value is None or isinstance(value, (datetime, timedelta)):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            moment = parse_time(value, what)
+            return moment if isinstance(moment, datetime) else None
+    raise ValueError(f"{what} must be seconds from now or a time (ISO 8601), got {value!r}")
+
+
+#: The options a job may set besides its time limit and tries, as job files and flags name them.
+OPTION_FIELDS = ("priority", "delay", "eta", "expires", "tenant", "backoff", "backoff_max")
+
+
 def job_options(
     *, timeout: Any = None, tries: Any = None, priority: Any = None, delay: Any = None,
     eta: Any = None, expires: Any = None, tenant: Any = None, backoff: Any = None,
-    backoff_max: Any = None, now: float | None = None, what: str = "",
+    backoff_max: Any = None, now: float | None = None,
+    label: Callable[[str], str] = str, what: str = "",
 ) -> Options:
     """A job's options, checked, with times made relative (the broker counts from when it
     takes the job in, so no clocks need to agree). ``expires`` is seconds from now (a number
-    or a timedelta) or a time (a datetime); ``eta`` a time; ``delay`` seconds."""
+    or a timedelta) or a time (a datetime); ``eta`` a time; ``delay`` seconds. ``label``
+    names an option in messages (a job file says ``field 'delay'``, the CLI ``--delay``);
+    ``what``, if given, goes in front of them (``job 'x': ...``)."""
+    try:
+        return _job_options(timeout, tries, priority, delay, eta, expires, tenant, backoff,
+                            backoff_max, time.time() if now is None else now, label)
+    except ValueError as exc:
+        if what:
+            raise ValueError(f"{what}: {exc}") from None
+        raise
+
+
+def _job_options(timeout: Any, tries: Any, priority: Any, delay: Any, eta: Any, expires: Any,
+                 tenant: Any, backoff: Any, backoff_max: Any, now: float,
+                 label: Callable[[str], str]) -> Options:
+    from .errors import ProtocolError
     from .protocol import MAX_PRIORITY, NO_OPTIONS, Options, check_name
 
-    prefix = f"{what}: " if what else ""
-    now = time.time() if now is None else now
     if delay is not None and eta is not None:
-        raise ValueError(f"{prefix}give delay or eta, not both")
+        raise ValueError(f"give {label('delay')} or {label('eta')}, not both")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
                                  or not 0 <= priority <= MAX_PRIORITY):
-        raise ValueError(f"{prefix}priority must be a whole number from 0 to {MAX_PRIORITY}, "
+        raise ValueError(f"{label('priority')} must be a whole number from 0 to {MAX_PRIORITY}, "
                          f"got {priority!r}")
     if tenant is not None:
         if not isinstance(tenant, str):
-            raise ValueError(f"{prefix}tenant must be a name, got {tenant!r}")
-        check_name(tenant.encode(), "tenant")
-    wait = _moment(eta, f"{prefix}eta", now) if eta is not None else _seconds(delay, f"{prefix}delay")
+            raise ValueError(f"{label('tenant')} must be a name, got {tenant!r}")
+        try:
+            check_name(tenant.encode(), "tenant")
+        except ProtocolError as exc:
+            raise ValueError(f"{label('tenant')}: {exc.detail}") from None
+    wait = (_moment(eta, label("eta"), now) if eta is not None
+            else _seconds(delay, label("delay")))
     if isinstance(expires, datetime):
-        expires_in: float | None = _moment(expires, f"{prefix}expires", now)
+        expires_in: float | None = _moment(expires, label("expires"), now)
     else:
-        expires_in = _seconds(expires, f"{prefix}expires")
+        expires_in = _seconds(expires, label("expires"))
     opts = Options(
-        timeout=check_timeout(timeout, f"{prefix}timeout"),
-        tries=check_tries(tries, f"{prefix}tries"),
+        timeout=check_timeout(timeout, label("timeout")),
+        tries=check_tries(tries, label("tries")),
         priority=priority,
         delay=wait or None,
         expires=expires_in,
         tenant=tenant or None,
-        backoff=_seconds(backoff, f"{prefix}backoff"),
-        backoff_max=_seconds(backoff_max, f"{prefix}backoff_max"),
+        backoff=_seconds(backoff, label("backoff")),
+        backoff_max=_seconds(backoff_max, label("backoff_max")),
     )
     return NO_OPTIONS if opts == NO_OPTIONS else opts

@@ -164,7 +164,7 @@ class Session:
         self.on_event: Callable[[str], None] | None = None  # progress notes, e.g. reconnects
         # Jobs' progress, for those being watched: the latest, and what arrived since looked at.
         self.progress: dict[str, dict[str, Any]] = {}
-        self.progress_news: deque[tuple[str, dict[str, Any]]] = deque()
+        self.progress_news: deque[tuple[str, dict[str, Any]]] = deque(maxlen=10_000)
         self.watching: set[str] = set()
         self.on_progress: Callable[[str, dict[str, Any]], None] | None = None
         # Requests answered by one reply of their own kind (JOBS, REQUEUE, PURGE): the broker
@@ -306,6 +306,9 @@ class Session:
         if result.id in self.pending:
             self.done[result.id] = result
             del self.pending[result.id]
+            if self.watching:
+                self.watching.discard(result.id)
+                self.progress.pop(result.id, None)
         return False
 
     def _result(self, reply: protocol.Result) -> bool:

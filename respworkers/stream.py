@@ -240,7 +240,8 @@ class Printer:
             self._line(f"{r.id}  {shown(b''.join(r.frames or []))}", "✓", "green")
         else:
             summary = (r.error or "").strip().splitlines()  # an error text's first line
-            self._line(f"{r.id}  {r.status} ({r.reason})" + (f": {summary[0]}" if summary else ""),
+            why = f" ({r.reason})" if r.reason and r.reason != r.status else ""
+            self._line(f"{r.id}  {r.status}{why}" + (f": {summary[0]}" if summary else ""),
                        "✗", "red")
 
     def say(self, text: str, style: str = "") -> None:
@@ -334,6 +335,9 @@ def follow(client: Client, ids: list[str], out: Printer, signals: Signals,
     """
     client.on_event = out.note
     results = _each(client.results(ids), signals)
+    if progress and len(ids) == 1 and out.err.is_terminal:
+        _follow_one(client, ids[0], out, results)
+        return
     if not (progress and len(ids) > 1 and out.err.is_terminal):
         for r in results:
             out.outcome(r)
@@ -352,6 +356,34 @@ def follow(client: Client, ids: list[str], out: Printer, signals: Signals,
                 bar.update(task, advance=1, failed=out.failed)
         finally:
             out.bar_stopping()
+
+
+def _follow_one(client: Client, job_id: str, out: Printer, results: Iterator[JobResult]) -> None:
+    """One job: a spinner on stderr, and its progress (fraction, message) as the worker
+    reports it."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=out.err,
+                  transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+        task = bar.add_task(job_id, total=None, note="")
+
+        def seen(watched: str, report: dict[str, object]) -> None:
+            fraction = report.get("fraction")
+            known = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+            bar.update(task, total=1.0 if known else None,
+                       completed=float(fraction) if known else 0.0,  # type: ignore[arg-type]
+                       note=str(report.get("message") or "")[:60])
+
+        client.on_progress = seen
+        client.follow_progress(job_id)
+        out.bar_started(bar.console)
+        try:
+            for r in results:
+                out.outcome(r)
+        finally:
+            out.bar_stopping()
+            client.on_progress = None
 
 
 def summary(out: Printer, total: int) -> None:

@@ -47,8 +47,9 @@ def view(reply: p.ClientReply) -> R:
         return R(p.REFUSED, reply.job_id, [reply.code.encode(), reply.text.encode()])
     if kind is p.Info:
         return R(p.INFO, reply.job_id, [], reply.info)
-    if kind in (p.Cancelled, p.Unknown):
-        return R(p.CANCELLED if kind is p.Cancelled else p.UNKNOWN, reply.job_id, [])
+    if kind in (p.Cancelled, p.Unknown, p.Expired):
+        return R({p.Cancelled: p.CANCELLED, p.Unknown: p.UNKNOWN, p.Expired: p.EXPIRED}[kind],
+                 reply.job_id, [])
     if kind is p.Pong:
         return R(p.PONG, "", [reply.broker_id.encode()], reply.limits)
     if kind is p.Invalid:
@@ -1871,3 +1872,26 @@ def test_jobs_running_at_a_restart_are_held_back_exactly_heartbeat_times_livenes
     assert h.jobs_to(W1) == []
     h.at(T0 + 3.0)
     assert ids(h.jobs_to(W1)) == [("held", 1)]
+
+
+def test_a_job_due_to_expire_at_once_expires_without_touching_its_queue(h):
+    h.hello(W1)
+    h.submit(C1, "busy")
+    h.core.on_client(C1, p.encode_submit("now", p.DEFAULT_QUEUE, p.Options(expires=0.0), [b"x"]))
+    h.core.flush()
+    assert h.info("now")["state"] == "expired"
+    assert (p.EXPIRED, "now", []) in outcome(h.to_client(C1))
+    assert h.snap()["queues"]["default"]["queued"] == 0
+
+
+def test_a_retry_due_after_the_expiry_expires(h):
+    h.hello(W1)
+    h.core.on_client(C1, p.encode_submit("j", p.DEFAULT_QUEUE, p.Options(expires=10.0), [b"x"]))
+    h.core.flush()
+    assert ids(h.jobs_to(W1)) == [("j", 1)]
+    h.advance(11.0)  # it started in time: a running job never expires
+    assert h.info("j")["state"] == "running"
+    h.error(W1, "j", 1, "boom")  # its retry would start after the expiry
+    info = h.info("j")
+    assert info["state"] == "expired" and "attempt 2 of 3 not started" in info["error"]
+    assert h.jobs_to(W1) == []

@@ -8,7 +8,7 @@ from __future__ import annotations
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from .model import REQUEUABLE, Job, JobState
+from .model import DONE, REQUEUABLE, Job, JobState
 
 if TYPE_CHECKING:
     from .core import BrokerCore
@@ -25,7 +25,7 @@ _STATES = {s.value for s in JobState}
 
 def row(job: Job, now_wall: float) -> dict[str, Any]:
     """One job in a listing: what `rw jobs` shows."""
-    summary = (job.error or "").strip().split("\n", 1)[0]
+    summary = "" if job.state is DONE else (job.error or "").strip().split("\n", 1)[0]
     return {"id": job.id, "queue": job.queue, "state": job.state.value, "attempt": job.attempt,
             "tries": job.tries, "priority": job.priority, "tenant": job.tenant or None,
             "age": round(now_wall - job.created, 3), "error": summary[:200] or None}
@@ -82,7 +82,7 @@ def requeue(core: BrokerCore, job_ids: list[str]) -> dict[str, Any]:
         if len(core.jobs) - len(core.finished) >= cfg.max_queued:
             skipped[job_id] = "broker full"
             continue
-        summary = (job.error or "").strip().split("\n", 1)[0][:500]
+        summary = "" if job.state is DONE else (job.error or "").strip().split("\n", 1)[0][:500]
         history = job.history or []
         history.append({"state": job.state.value, "reason": job.reason or None,
                         "error": summary or None, "attempts": job.attempt,

@@ -606,11 +606,11 @@ class BrokerCore:
     # ================================================================== dispatch
     def _expired(self, job: Job) -> bool:
         """A waiting job past its expiry ends ``expired`` instead of running (checked at
-        dispatch as well as by the timetable, which may be a turn late)."""
+        dispatch as well as by the timetable, which may be a turn late). A retry due after
+        the expiry ends so too: stale work is not done."""
         if job.expires_at and job.expires_at <= self.wall and job.state is not RUNNING:
             self._unwait(job)
-            self.finish(job, EXPIRED, protocol.FAIL_EXPIRED,
-                        f"not started within {job.expires_at - job.created:g}s of submission")
+            self._expire(job)
             return True
         return False
 
@@ -621,7 +621,8 @@ class BrokerCore:
         job.worker = None
         if front:  # a retry or a give-back: the journal must know the attempt count
             self.journal.attempted(job)
-        if job.expires_at and self._expired(job):
+        if job.expires_at and job.expires_at <= self.wall:
+            self._expire(job)  # not in its queue yet: nothing to take out
             return
         q = self.queues.get(job.queue)
         while q is not None and q.ready:
@@ -664,8 +665,7 @@ class BrokerCore:
                 return False
             self.queues.taken(best)
             if best.expires_at and best.expires_at <= self.wall:
-                best.state = QUEUED  # taken out: _expired need not unqueue it again
-                self._expire_taken(best)
+                self._expire(best)  # taken out of its queue already
                 continue
             self._assign(best, w)
             return True
@@ -674,9 +674,12 @@ class BrokerCore:
         """``rw requeue``: an ended job (reset by admin.requeue) waits to run again."""
         self._enqueue(job, front=False)
 
-    def _expire_taken(self, job: Job) -> None:
+    def _expire(self, job: Job) -> None:
+        """End a job that waits nowhere (taken out of its queue, or not in it yet) expired."""
+        within = f"within {job.expires_at - job.created:g}s of submission"
         self.finish(job, EXPIRED, protocol.FAIL_EXPIRED,
-                    f"not started within {job.expires_at - job.created:g}s of submission")
+                    f"attempt {job.attempt + 1} of {job.tries} not started {within}" if job.attempt
+                    else f"not started {within}")
 
     def _offer(self, job: Job) -> None:
         """A retry waited long enough for a worker that had not tried it: any idle worker

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .. import protocol
-from .model import DONE, FAILED, Job, Waiter
+from .model import DONE, EXPIRED, FAILED, Job, Waiter
 
 SendFn = Callable[[bytes, list[bytes]], None]
 
@@ -53,6 +53,8 @@ class Notifier:
             self.send(client, protocol.encode_result(job.bid, job.result or [b""]))
         elif state is FAILED:
             self.send(client, protocol.encode_failed(job.bid, job.reason, job.error))
+        elif state is EXPIRED:
+            self.send(client, protocol.encode_expired(job.bid))
         else:
             self.send(client, protocol.encode_cancelled(job.bid))
 
