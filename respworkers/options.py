@@ -36,6 +36,10 @@ def check_tries(value: Any, what: str = "tries") -> int | None:
     return value
 
 
+#: The longest delay, expiry or backoff (seconds): what the protocol's milliseconds carry.
+MAX_SECONDS = 999_999_999
+
+
 def _seconds(value: Any, what: str, allow_zero: bool = True) -> float | None:
     """A duration: None, a number of seconds, or a datetime.timedelta."""
     if value is None:
@@ -47,6 +51,8 @@ def _seconds(value: Any, what: str, allow_zero: bool = True) -> float | None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{what} must be {'0 or more' if allow_zero else 'more than 0'} seconds, "
                          f"got {value!r}")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{what} must be at most {MAX_SECONDS} seconds (31 years), got {value!r}")
     return float(value)
 
 
@@ -58,6 +64,9 @@ def _moment(value: Any, what: str, now: float) -> float:
         at = float(value)
     else:
         raise ValueError(f"{what} must be a datetime or epoch seconds, got {value!r}")
+    if at - now > MAX_SECONDS:
+        raise ValueError(f"{what} must be within {MAX_SECONDS} seconds (31 years) from now, "
+                         f"got {value!r}")
     return max(0.0, at - now)
 
 

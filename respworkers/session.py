@@ -186,7 +186,7 @@ class Session:
             protocol.Unknown: self._unknown,
             protocol.Pong: self._pong,
             protocol.Resync: self._resync_asked,
-            protocol.Invalid: self._ignore,
+            protocol.Invalid: self._invalid,
         }
 
     def _note(self, text: str) -> None:
@@ -385,8 +385,11 @@ class Session:
     def _resync_asked(self, reply: protocol.Resync) -> bool:
         return True  # the broker dropped outcomes for us while we did not read
 
-    def _ignore(self, reply: protocol.Invalid) -> bool:
-        return False
+    def _invalid(self, reply: protocol.Invalid) -> bool:
+        """The broker could not read something this client sent (it checks every job first,
+        so client and broker disagree on the protocol): say so, never wait in silence."""
+        raise ProtocolError("message refused by the broker", f"{reply.reason} (is this client's "
+                            "respworkers the broker's version?)")
 
     def resync(self) -> None:
         """A broker that may not know what we sent: re-send what it may not have, ask about

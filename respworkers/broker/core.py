@@ -145,7 +145,7 @@ class BrokerCore:
                 continue
             if job.payload is None:
                 job.payload = [b""]
-            if job.expires_at:
+            if job.expires_at and not job.started:  # a job that started in time may finish
                 self.timetable.add(job.expires_at, Due.EXPIRE, job)
             if job.state is RUNNING:
                 job.attempt = max(0, job.attempt - 1)
@@ -158,6 +158,9 @@ class BrokerCore:
                 counts["scheduled"] += 1
             else:
                 self.queues.push(job, front=bool(job.tried))
+                if job.tried:  # a retry waits a while for a worker that has not tried it
+                    job.retry_since = self.wall
+                    self.timetable.add(self.wall + self.policy.elsewhere_wait, Due.OFFER, job)
                 counts["queued"] += 1
         ended.sort(key=lambda j: j.finished)
         for job in ended:

@@ -165,7 +165,7 @@ COLUMNS = ("seq", "id", "queue", "timeout", "tries", "attempt", "state", "payloa
            "tenant", "not_before", "expires_at", "backoff", "backoff_max", "progress", "history")
 #: The columns a change after submission rewrites, in the order of :func:`change_row`.
 CHANGING = ("state", "attempt", "result", "reason", "error", "tried", "started", "finished",
-            "tokens", "not_before", "progress", "history")
+            "tokens", "not_before", "expires_at", "progress", "history")
 
 _LEN = struct.Struct(">I")
 
@@ -208,7 +208,7 @@ def change_row(job: Job) -> tuple[Any, ...]:
     return (
         job.state.value, job.attempt, pack_frames(job.result) if job.result is not None else None,
         job.reason, job.error, "\n".join(job.tried), job.started, job.finished,
-        pack_tokens(job.tokens), job.not_before,
+        pack_tokens(job.tokens), job.not_before, job.expires_at,
         json.dumps(job.progress) if job.progress else "",
         json.dumps(job.history) if job.history else "",
     )
@@ -217,11 +217,11 @@ def change_row(job: Job) -> tuple[Any, ...]:
 def full_row(job: Job) -> tuple[Any, ...]:
     """Every :data:`COLUMNS` value of a job, as it is now."""
     (state, attempt, result, reason, error, tried, started, finished, tokens, not_before,
-     progress, history) = change_row(job)
+     expires_at, progress, history) = change_row(job)
     return (job.seq, job.id, job.queue, job.timeout, job.tries, attempt, state,
             None if job.payload is None else pack_frames(job.payload), result, reason, error,
             tried, job.created, started, finished, tokens, job.priority, job.tenant, not_before,
-            job.expires_at, job.backoff, job.backoff_max, progress, history)
+            expires_at, job.backoff, job.backoff_max, progress, history)
 
 
 def from_row(row: tuple[Any, ...]) -> Job:
