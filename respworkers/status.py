@@ -90,17 +90,18 @@ def render(snap: dict[str, Any]) -> Group:
     timed = any(q.get("scheduled") or q.get("oldest_wait") for _, q in rows)
     shared = any(q.get("tenants") for _, q in rows)
     columns = ["queue", "queued"] + (["oldest waits", "scheduled"] if timed else []) + [
-        "running", "workers", "idle"] + (["waiting per tenant"] if shared else [])
+        "running", "workers", "idle"] + (["tenants"] if shared else [])
     for col in columns:
-        queues.add_column(col, justify="left" if col in ("queue", "waiting per tenant") else "right")
+        queues.add_column(col, justify="left" if col in ("queue", "tenants") else "right")
     for name, q in rows:
+        # Jobs wait and nobody serves the queue: "none", in red, where the count would be.
         warn = (q.get("queued") or q.get("scheduled")) and not q.get("workers")
-        cells: list[Any] = [
-            Text(name + ("  (no worker serves it)" if warn else ""), style="red" if warn else ""),
-            str(q.get("queued", 0))]
+        cells: list[Any] = [Text(name, style="red" if warn else ""), str(q.get("queued", 0))]
         if timed:
             cells += [_dur(q.get("oldest_wait")), str(q.get("scheduled", 0))]
-        cells += [str(q.get("running", 0)), str(q.get("workers", 0)), str(q.get("idle", 0))]
+        cells += [str(q.get("running", 0)),
+                  Text("none", style="bold red") if warn else str(q.get("workers", 0)),
+                  str(q.get("idle", 0))]
         if shared:
             tenants = q.get("tenants") or {}
             cells.append(", ".join(f"{t} {n}" for t, n in list(tenants.items())[:5])
