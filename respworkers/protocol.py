@@ -1,4 +1,4 @@
-"""The respworkers wire protocol (RWP/2): the only module that builds, parses and validates frames.
+"""The respworkers wire protocol (RWP/3): the only module that builds, parses and validates frames.
 
 docs/protocol.md is the normative text; this module is its executable form. Every
 ``decode_*`` function takes the frames as received (after the ROUTER identity has
@@ -192,6 +192,32 @@ def _json_object(raw: bytes, what: str, limit: int = MAX_INFO_BYTES) -> dict[str
     if not isinstance(value, dict):
         raise ProtocolError(f"bad {what}", "not a JSON object")
     return value
+
+
+def _progress_report(raw: bytes) -> dict[str, Any]:
+    """A worker's PROGRESS JSON, checked field by field and bounded as the broker will send
+    it on (UTF-8, compact): ``fraction`` 0..1, ``message`` text, ``meta`` an object. The
+    broker adds ``at`` and ``attempt``; the whole stays under MAX_INFO_BYTES for clients."""
+    report = _json_object(raw, "progress", MAX_PROGRESS_BYTES)
+    fraction = report.get("fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 <= fraction <= 1):
+        raise ProtocolError("bad progress", "fraction must be a number from 0 to 1")
+    message = report.get("message")
+    if message is not None and not isinstance(message, str):
+        raise ProtocolError("bad progress", "message must be text")
+    meta = report.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ProtocolError("bad progress", "meta must be a JSON object")
+    kept = {k: report[k] for k in ("fraction", "message", "meta") if report.get(k) is not None}
+    try:
+        size = len(json.dumps(kept, ensure_ascii=False, allow_nan=False,
+                              separators=(",", ":")).encode())
+    except ValueError:  # NaN or Infinity from a number too large for a float
+        raise ProtocolError("bad progress", "numbers must be finite") from None
+    if size > MAX_PROGRESS_BYTES:
+        raise ProtocolError("bad progress", f"larger than {MAX_PROGRESS_BYTES} bytes as UTF-8 JSON")
+    return kept
 
 
 def _text(raw: bytes) -> str:
@@ -475,7 +501,8 @@ def _decode_submits(words: list[bytes], frames: list[bytes]) -> SubmitMany:
     """``RWC3 SUBMITS`` then ``<id> <queue> <options> <frames>`` per job; the payload frames
     of all jobs follow the line, in order."""
     return SubmitMany([
-        Submit(check_job_id(job_id), check_queue(queue), decode_options(options), payload)
+        Submit(check_job_id(job_id), check_queue(queue),
+               NO_OPTIONS if options == b"-" else decode_options(options), payload)
         for (job_id, queue, options), payload in _unbatch(words, frames, 4, "bad SUBMITS", MAX_BATCH)])
 
 
@@ -571,7 +598,10 @@ def encode_expired(job_id: bytes) -> list[bytes]:
 
 
 def encode_progress(job_id: bytes, progress: dict[str, Any]) -> list[bytes]:
-    return [b"RWC3 PROGRESS " + job_id, json.dumps(progress).encode()]
+    """A report checked by the worker decoder: at most MAX_PROGRESS_BYTES plus the broker's
+    ``at`` and ``attempt``, so well under a client's MAX_INFO_BYTES."""
+    return [b"RWC3 PROGRESS " + job_id,
+            json.dumps(progress, ensure_ascii=False, separators=(",", ":")).encode()]
 
 
 def encode_jobs_page(page: dict[str, Any]) -> list[bytes]:
@@ -884,9 +914,7 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
         if len(words) != 5:
             raise ProtocolError("bad PROGRESS", "needs id, attempt and token, then one JSON frame")
         return WorkerProgress(check_job_id(words[2]), _uint(words[3], "attempt", 1),
-                              check_token(words[4]),
-                              _json_object(_tail(frames, "PROGRESS"), "progress",
-                                           MAX_PROGRESS_BYTES))
+                              check_token(words[4]), _progress_report(_tail(frames, "PROGRESS")))
     if cmd == HELLO:
         if len(words) not in (3, 6):
             raise ProtocolError("bad HELLO", "needs queues, then optionally job id, attempt and token")
@@ -1018,13 +1046,24 @@ def encode_welcome(
     return [b"RWW3 WELCOME", json.dumps(info).encode()]
 
 
+#: (timeout, queue, priority, tries) -> their words in JOB: most jobs share a few of these,
+#: and formatting them once is the cheapest part of the broker's hot path to save.
+_JOB_WORDS: dict[tuple[float, bytes, int, int], tuple[bytes, bytes]] = {}
+
+
 def encode_job(
     job_id: bytes, attempt: int, timeout: float, token: bytes, queue: bytes, priority: int,
     tries: int, created: float, payload: list[bytes],
 ) -> list[bytes]:
-    return [b"RWW3 JOB %s %d %d %s %s %d %d %d" % (
-        job_id, attempt, max(1, round(timeout * 1000)), token, queue, priority, tries,
-        round(created * 1000)), *payload]
+    key = (timeout, queue, priority, tries)
+    words = _JOB_WORDS.get(key)
+    if words is None:
+        if len(_JOB_WORDS) >= 4096:
+            _JOB_WORDS.clear()
+        words = _JOB_WORDS[key] = (b"%d" % max(1, round(timeout * 1000)),
+                                   b"%s %d %d" % (queue, priority, tries))
+    return [b"RWW3 JOB %s %d %s %s %s %d" % (
+        job_id, attempt, words[0], token, words[1], round(created * 1000)), *payload]
 
 
 def encode_abandon(job_id: bytes, attempt: int, why: str) -> list[bytes]:

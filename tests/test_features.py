@@ -126,6 +126,7 @@ def list_jobs(h: Harness, **query: Any) -> dict[str, Any]:
 
 def requeue(h: Harness, *job_ids: str) -> dict[str, Any]:
     h.core.on_client(C3, p.encode_requeue(list(job_ids)))
+    h.core.flush()  # REQUEUED is sent once the change is journaled
     (report,) = replies(h, C3)
     assert isinstance(report, p.Requeued)
     return report.report
@@ -606,6 +607,23 @@ def test_abandon_when_a_running_job_is_cancelled():
     assert replies(h, C1) == [p.Cancelled("j")]
 
 
+def test_abandon_at_hello_for_a_claimed_job_that_ended_meanwhile():
+    h = Harness()
+    h.hello(W1)
+    sub(h, "j")
+    h.job_to(W1)
+    token = h.token("j", 1)
+    h.ref(C2, p.CANCEL, "j")
+    h.core.drop_worker(h.core.workers.get(W1), "went away")  # it reconnects, job in hand
+    h.to_worker(W1)
+    h.hello(W1, job_id="j", attempt=1, token=token)
+    assert abandons(h, W1) == [p.Abandon("j", 1, "cancelled")]
+    h.hello(W2, job_id="gone", attempt=1, token=b"0" * 32)
+    assert abandons(h, W2) == [p.Abandon("gone", 1, "unknown")]
+    h.result(W1, "j", 1, token=token)  # it answers anyway: dropped
+    assert h.info("j")["state"] == "cancelled" and h.snap()["totals"]["duplicates"] == 1
+
+
 def test_no_abandon_for_a_job_that_ends_while_nobody_runs_it():
     h = Harness()
     h.hello(W1)
@@ -657,6 +675,28 @@ def test_progress_latest_wins_only_from_the_holder_and_reaches_watchers():
     h.result(W2, "j", 2)
     h.core.on_client(C1, p.encode_watch("j"))  # ended: the last report, no more watching
     assert [r.progress["fraction"] for r in replies(h, C1) if isinstance(r, p.Progress)] == [0.1]
+
+
+def test_progress_is_bounded_as_sent_and_checked_field_by_field():
+    h = Harness()
+    h.hello(W1)
+    sub(h, "j")
+    h.job_to(W1)
+    h.core.on_client(C2, p.encode_watch("j"))
+    # Raw UTF-8 under the limit stays under it as sent on to clients (no ASCII escapes).
+    emoji = "\U0001F600" * 1000  # 4000 bytes of UTF-8, 12000 as ASCII escapes
+    token = h.token("j", 1)
+    h.core.on_worker(W1, p.encode_worker_progress(
+        "j", 1, token, p.json.dumps({"message": emoji}, ensure_ascii=False).encode()))
+    (news,) = h.raw_to_client(C2)
+    assert len(news[1]) < p.MAX_INFO_BYTES and p.decode_reply(news).progress["message"] == emoji
+    bad_before = sum(h.snap()["bad_messages"].values())
+    for report in ({"fraction": 2}, {"fraction": "half"}, {"message": 5}, {"meta": [1]},
+                   {"meta": {"n": 1e400}}, {"meta": {"n": [1e5] * 500}}):
+        body = p.json.dumps(report).encode() if "1e400" not in str(report) else b'{"meta":{"n":1e400}}'
+        h.core.on_worker(W1, p.encode_worker_progress("j", 1, token, body))
+    assert h.raw_to_client(C2) == [] and h.info("j")["progress"]["message"] == emoji
+    assert sum(h.snap()["bad_messages"].values()) == bad_before + 6
 
 
 def test_unwait_stops_progress_reports():
@@ -768,6 +808,42 @@ def test_requeue_runs_ended_jobs_again_with_fresh_tries_and_keeps_their_history(
     h.result(W1, "failed", 1, payload=[b"third time"])
     assert h.info("failed")["state"] == "done"
     assert requeue(h, "failed") == {"requeued": [], "unknown": [], "skipped": {"failed": "done"}}
+
+
+def test_an_attempt_from_before_a_requeue_cannot_end_the_requeued_job():
+    h = Harness()
+    h.hello(W1)
+    h.hello(W2)
+    sub(h, "j")
+    h.job_to(W1)
+    old = h.token("j", 1)
+    h.ref(C2, p.CANCEL, "j")  # W1 is told to abandon, but answers anyway, later
+    assert requeue(h, "j")["requeued"] == ["j"]
+    h.job_to(W2)
+    assert h.info("j")["state"] == "running"
+    h.result(W1, "j", 1, payload=(b"stale",), token=old)
+    info = h.info("j")
+    assert (info["state"], info["worker"]) == ("running", "w2")  # W2's attempt is the one
+    assert h.snap()["totals"]["duplicates"] == 1
+    h.result(W2, "j", 1, payload=(b"fresh",))
+    assert h.core.jobs["j"].result == [b"fresh"]
+
+
+def test_requeued_is_told_only_after_the_commit_and_refused_while_the_journal_fails():
+    h = Harness()
+    sub(h, "a", queue="later-q")
+    sub(h, "b", queue="later-q")
+    h.ref(C2, p.CANCEL, "a")
+    h.ref(C2, p.CANCEL, "b")
+    h.core.on_client(C3, p.encode_requeue(["a"]))
+    assert replies(h, C3) == []  # not journaled yet
+    h.core.flush()
+    assert [r.report["requeued"] for r in replies(h, C3)] == [["a"]]
+    h.core.commits.problem = "disk full"  # as the journal's write errors set it
+    h.core.on_client(C3, p.encode_requeue(["b"]))
+    (report,) = replies(h, C3)  # nothing changed: told at once
+    assert report.report["skipped"] == {"b": "journal unavailable: disk full"}
+    assert h.info("b")["state"] == "cancelled"
 
 
 def test_purge_cancels_queued_and_scheduled_jobs_but_not_running_ones():

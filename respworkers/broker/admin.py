@@ -82,6 +82,9 @@ def requeue(core: BrokerCore, job_ids: list[str]) -> dict[str, Any]:
         if len(core.jobs) - len(core.finished) >= cfg.max_queued:
             skipped[job_id] = "broker full"
             continue
+        if core.commits.problem is not None:
+            skipped[job_id] = f"journal unavailable: {core.commits.problem}"
+            continue
         summary = "" if job.state is DONE else (job.error or "").strip().split("\n", 1)[0][:500]
         history = job.history or []
         history.append({"state": job.state.value, "reason": job.reason or None,

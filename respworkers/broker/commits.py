@@ -39,7 +39,8 @@ class GroupCommit:
         self._retry_at = 0.0
 
     def pending(self) -> bool:
-        return bool(self.notifier.unconfirmed) or self.journal.dirty()
+        return (bool(self.notifier.unconfirmed) or bool(self.notifier.durable_replies)
+                or self.journal.dirty())
 
     def maybe(self, now: float) -> None:
         """Once per loop turn: commit now, or set :attr:`due` for when to."""

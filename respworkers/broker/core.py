@@ -226,7 +226,12 @@ class BrokerCore:
         elif isinstance(req, protocol.ListJobs):
             self.send_client(client, protocol.encode_jobs_page(admin.list_jobs(self, req.query)))
         elif isinstance(req, protocol.Requeue):
-            self.send_client(client, protocol.encode_requeued(admin.requeue(self, req.job_ids)))
+            # Told only once journaled, as ACCEPTED is; refused while the journal fails.
+            report = admin.requeue(self, req.job_ids)
+            if report["requeued"]:
+                self.notifier.reply_when_durable(client, protocol.encode_requeued(report))
+            else:
+                self.send_client(client, protocol.encode_requeued(report))
         elif isinstance(req, protocol.Purge):
             cancelled, left = admin.purge(self, req.queue)
             self.send_client(client, protocol.encode_purged(req.queue, cancelled, left))
@@ -455,7 +460,11 @@ class BrokerCore:
         self.holders[msg.token] = w
         job = self.jobs.get(msg.job_id)
         if job is None or job.state in ENDED:
-            return  # its answer will match its claim and be dropped, uncounted
+            # Over while it was away: it stops now; an answer it sends anyway is dropped.
+            self.counters.abandoned += 1
+            self.send_worker(wid, protocol.encode_abandon(
+                msg.job_id.encode(), msg.attempt, job.state.value if job else "unknown"))
+            return
         if job.tokens is None or job.tokens.get(msg.token) != msg.attempt:
             # Not an attempt this broker (or its journal) sent: a forgery, or a dispatch that
             # a broker crash kept out of the journal. Its answer will be dropped.
@@ -503,25 +512,36 @@ class BrokerCore:
         """The worker answered or gave back its attempt: it holds nothing now, and the
         attempt's token can no longer be used."""
         job = w.job
+        token = w.token
         if job is not None and job.tokens is not None:
-            job.tokens.pop(w.token, None)
-        if self.holders.get(w.token) is w:
-            del self.holders[w.token]
+            job.tokens.pop(token, None)
+        holders = self.holders
+        if holders.get(token) is w:
+            del holders[token]
         w.release()
         return job
 
     def _answered(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError) -> None:
         """RESULT or ERROR from the worker holding that attempt: apply it, then the worker
         is ready (JOB, or ACK when nothing waits) or leaving (ACK)."""
-        ok = isinstance(msg, protocol.WorkerResult)
-        if not self._holds(w, msg, "RESULT" if ok else "ERROR"):
+        ok = msg.__class__ is protocol.WorkerResult
+        if not (w.token == msg.token and w.job_id == msg.job_id and w.attempt == msg.attempt):
+            self._holds(w, msg, "RESULT" if ok else "ERROR")  # counts it
             return
-        holder = w.job is not None and w.job.worker is w
-        job = self._close_attempt(w)
+        job = w.job
+        holder = job is not None and job.worker is w
+        # An attempt the job no longer knows (it ended, or ended and was requeued since)
+        # changes nothing: the job's live attempts are exactly its tokens.
+        live = job is not None and job.tokens is not None and w.token in job.tokens
+        self._close_attempt(w)
+        if not live:
+            job = None
         if isinstance(msg, protocol.WorkerResult):
             w.done += 1
             if job is not None:
                 self._result(job, w, msg.payload)
+            else:
+                self.counters.duplicates += 1
         elif msg.then == "abandoned":  # it stopped as told (ABANDON): not an error
             if job is not None and job.state is RUNNING and holder:
                 self._back_in_queue(job)  # cannot happen: only ended jobs are abandoned
@@ -572,14 +592,15 @@ class BrokerCore:
         job = w.job
         if job is None or job.state is not RUNNING or job.worker is not w:
             return  # an attempt that timed out reports nothing any more
-        report: dict[str, Any] = {k: progress[k] for k in ("fraction", "message", "meta")
-                                  if k in progress}
+        report = dict(progress)  # checked and bounded by the protocol decoder
         report["at"] = round(self.wall, 3)
         report["attempt"] = w.attempt
         job.progress = report
         self.journal.attempted(job)
-        for client in job.watchers or ():
-            self.send_client(client, protocol.encode_progress(job.bid, report))
+        if job.watchers:
+            frames = protocol.encode_progress(job.bid, report)
+            for client in job.watchers:
+                self.send_client(client, frames)
 
     def revoke_worker(self, wid: bytes) -> None:
         """Its key was revoked: forget it now. Its job goes back to the queue, uncharged
@@ -650,14 +671,15 @@ class BrokerCore:
     def _ready(self, w: WorkerRec) -> bool:
         """The worker asked for a job: give it the next one it serves (True), or park it as
         idle (False). Of its queues: the highest priority first, then the oldest job."""
+        by_name = self.queues.by_name
         while True:
             best: Job | None = None
             for name in w.queues:
-                q = self.queues.get(name)
+                q = by_name.get(name)
                 if q is None or not q.depth:
                     continue
-                job = q.head(self.queues.weight)
-                if job is not None and self.policy.waits_for_another(
+                job = q.head()
+                if job is not None and job.tried and self.policy.waits_for_another(
                         job, w.name, q, self.workers, self.wall):
                     job = q.retry_for(w.name, RETRY_SCAN)  # leave it; take other work
                 if job is not None and (best is None or (-job.priority, job.seq)
@@ -698,11 +720,13 @@ class BrokerCore:
 
     def _assign(self, job: Job, w: WorkerRec) -> None:
         """Dispatch: a new attempt, with a new token and a deadline."""
-        self.workers.unready(w)
+        if w.ready:
+            self.workers.unready(w)
         job.attempt += 1
         job.state = RUNNING
         job.worker = w
-        job.retry_since = 0.0
+        if job.retry_since:
+            job.retry_since = 0.0
         if not job.started:
             job.started = self.wall
         job.tried.append(w.name)
@@ -761,9 +785,12 @@ class BrokerCore:
         job.tokens = None  # no attempt of an ended job can change it
         job.finished = self.wall
         job.reason = reason
-        job.not_before = 0.0
-        job.retry_since = 0.0
-        job.watchers = None
+        if job.not_before:
+            job.not_before = 0.0
+        if job.retry_since:
+            job.retry_since = 0.0
+        if job.watchers is not None:
+            job.watchers = None
         if error:
             job.error = error
         if state is DONE:

@@ -19,6 +19,7 @@ class Notifier:
         self.send = send
         self.outbox: dict[bytes, list[Job]] = {}  # batched results waiting for the turn's end
         self.unconfirmed: list[tuple[bytes, bytes]] = []  # (client, job id) to confirm
+        self.durable_replies: list[tuple[bytes, list[bytes]]] = []  # sent after the commit
 
     # ------------------------------------------------------------------ waiters
     @staticmethod
@@ -82,8 +83,17 @@ class Notifier:
         """Confirm with the next commit (never before: ACCEPTED means journaled)."""
         self.unconfirmed.append((client, job.bid))
 
+    def reply_when_durable(self, client: bytes, frames: list[bytes]) -> None:
+        """A reply that says something was changed (REQUEUED): only once it is journaled."""
+        self.durable_replies.append((client, frames))
+
     def send_accepted(self) -> None:
-        """After a commit: one ACCEPTED per client, naming every job it confirms."""
+        """After a commit: one ACCEPTED per client, naming every job it confirms; then the
+        replies that waited for the commit."""
+        if self.durable_replies:
+            for client, frames in self.durable_replies:
+                self.send(client, frames)
+            self.durable_replies.clear()
         if not self.unconfirmed:
             return
         batches: dict[bytes, list[bytes]] = {}

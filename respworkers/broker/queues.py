@@ -18,25 +18,23 @@ broker stopped are *held* apart for a while, so their workers can claim them.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .model import Job
 
 if TYPE_CHECKING:
     from .workers import WorkerRec
 
-PRIORITIES = range(9, -1, -1)  # highest first
-
-
 class Lane:
     """A FIFO of ``(qtoken, job)`` entries, some stale; ``live`` counts the others."""
 
-    __slots__ = ("entries", "live", "tenant")
+    __slots__ = ("entries", "live", "tenant", "level")
 
-    def __init__(self, tenant: str | None) -> None:
+    def __init__(self, tenant: str | None, level: Level) -> None:
         self.entries: deque[tuple[int, Job]] = deque()
         self.live = 0
         self.tenant = tenant  # None for the retries lane
+        self.level = level  # so that taking a job out needs no lookups
 
     def head(self) -> Job | None:
         entries = self.entries
@@ -49,75 +47,79 @@ class Lane:
 
 
 class Level:
-    """The jobs of one priority within a queue."""
+    """The jobs of one priority within a queue: a retry lane, then the tenants' lanes in
+    turn. A tenant's lane is in ``tenants`` exactly while it is in ``turns``; one that
+    empties leaves both when its turn comes."""
 
-    __slots__ = ("retries", "tenants", "turns", "credit", "depth")
+    __slots__ = ("priority", "queue", "retries", "tenants", "turns", "credit", "depth")
 
-    def __init__(self) -> None:
-        self.retries = Lane(None)
+    def __init__(self, queue: Queue, priority: int) -> None:
+        self.priority = priority
+        self.queue = queue
+        self.retries = Lane(None, self)
         self.tenants: dict[str, Lane] = {}
-        self.turns: deque[str] = deque()  # tenants with jobs, in turn (some may have emptied)
-        self.credit = 0  # jobs the tenant whose turn it is may still take in a row
+        self.turns: deque[Lane] = deque()  # the tenants' lanes, whose turn it is first
+        self.credit = 0  # jobs the tenant whose turn it is may still take (0: its turn begins)
         self.depth = 0
 
-    def head(self, weight: Callable[[str], int]) -> Job | None:
+    def head(self) -> Job | None:
         """The job this level hands out next: a retry, else the tenant whose turn it is."""
-        job = self.retries.head()
-        if job is not None:
-            return job
-        turns, tenants = self.turns, self.tenants
+        if self.retries.live:
+            return self.retries.head()
+        turns = self.turns
         while turns:
-            lane = tenants.get(turns[0])
-            job = lane.head() if lane is not None else None
-            if job is not None:
-                if self.credit <= 0:
-                    self.credit = weight(turns[0])
-                return job
+            lane = turns[0]
+            if lane.live:
+                token, job = lane.entries[0]
+                return job if job.qtoken == token else lane.head()
             # Its lane emptied (cancelled, claimed): it leaves the turn until it has jobs.
-            tenants.pop(turns.popleft(), None)
+            turns.popleft()
+            del self.tenants[lane.tenant]  # type: ignore[arg-type]
             self.credit = 0
         return None
 
 
 class Queue:
-    __slots__ = ("name", "levels", "depth", "ready", "serving", "scheduled")
+    __slots__ = ("name", "levels", "order", "depth", "ready", "serving", "scheduled")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.levels: dict[int, Level] = {}
+        self.order: list[Level] = []  # the levels, highest priority first
         self.depth = 0  # live entries, all levels
         self.ready: dict[bytes, WorkerRec] = {}  # idle workers, longest idle first
         self.serving = 0  # registered workers serving this queue
         self.scheduled: dict[str, Job] = {}  # waiting for their time (delay, eta, backoff)
 
-    def head(self, weight: Callable[[str], int]) -> Job | None:
+    def head(self) -> Job | None:
         """The job handed out next: highest priority first (then as its level says)."""
-        if not self.depth:
-            return None
-        for priority in PRIORITIES:
-            level = self.levels.get(priority)
-            if level is not None and level.depth:
-                job = level.head(weight)
-                if job is not None:
-                    return job
+        if self.depth:
+            for level in self.order:
+                if level.depth:
+                    return level.head()
         return None
+
+    def level(self, priority: int) -> Level:
+        level = self.levels.get(priority)
+        if level is None:
+            level = self.levels[priority] = Level(self, priority)
+            self.order.append(level)
+            self.order.sort(key=lambda lv: -lv.priority)
+        return level
 
     def retry_for(self, name: str, scan: int) -> Job | None:
         """Work a worker that already tried the head retry may take instead: another retry it
         has not tried (a bounded look), else the next new job; by priority."""
-        for priority in PRIORITIES:
-            level = self.levels.get(priority)
-            if level is None or not level.depth:
+        for level in self.order:
+            if not level.depth:
                 continue
             for i, (token, job) in enumerate(level.retries.entries):
                 if job.qtoken == token and name not in job.tried:
                     return job
                 if i >= scan:
                     break
-            turns, tenants = level.turns, level.tenants
-            for tenant in turns:
-                lane = tenants.get(tenant)
-                fresh = lane.head() if lane is not None else None
+            for lane in level.turns:
+                fresh = lane.head()
                 if fresh is not None:
                     return fresh
         return None
@@ -134,7 +136,7 @@ class Queue:
                     out[job.tenant] = out.get(job.tenant, 0) + 1
         return out
 
-    def oldest(self, weight: Callable[[str], int]) -> float | None:
+    def oldest(self) -> float | None:
         """Submission time of the oldest job waiting here (lane heads only: lanes are FIFO)."""
         created = [job.created for level in self.levels.values()
                    for lane in (level.retries, *level.tenants.values())
@@ -149,8 +151,7 @@ class Queues:
         self.by_name: dict[str, Queue] = {}
         self.held: dict[str, Job] = {}  # running at the previous broker's end: claimable
         self.release_at = 0.0  # when held jobs queue again
-        self._weights = weights or {}
-        self.weight: Callable[[str], int] = lambda tenant: self._weights.get(tenant, 1)
+        self._weights = weights or {}  # jobs per turn, by tenant (1 if not named)
 
     def get(self, name: str) -> Queue | None:
         return self.by_name.get(name)
@@ -168,10 +169,8 @@ class Queues:
     def push(self, job: Job, front: bool) -> None:
         """Queue a job: a retry or a give-back (``front``) first in its priority's retry
         lane, a new job last in its tenant's lane."""
-        q = self.require(job.queue)
-        level = q.levels.get(job.priority)
-        if level is None:
-            level = q.levels[job.priority] = Level()
+        q = self.by_name.get(job.queue) or self.require(job.queue)
+        level = q.levels.get(job.priority) or q.level(job.priority)
         job.qtoken += 1
         lane: Lane | None
         if front:
@@ -180,8 +179,8 @@ class Queues:
         else:
             lane = level.tenants.get(job.tenant)
             if lane is None:
-                lane = level.tenants[job.tenant] = Lane(job.tenant)
-                level.turns.append(job.tenant)
+                lane = level.tenants[job.tenant] = Lane(job.tenant, level)
+                level.turns.append(lane)
             lane.entries.append((job.qtoken, job))
         lane.live += 1
         job.lane = lane
@@ -190,7 +189,7 @@ class Queues:
 
     def remove(self, job: Job) -> None:
         """Take a queued (or held) job out, wherever it is: O(1)."""
-        if self.held.pop(job.id, None) is not None:
+        if self.held and self.held.pop(job.id, None) is not None:
             return
         job.qtoken += 1  # its entry is stale from now on
         lane: Lane = job.lane
@@ -198,26 +197,46 @@ class Queues:
         lane.live -= 1
         if not lane.live:
             lane.entries.clear()  # nothing live left: drop the stale entries at once
-        q = self.by_name[job.queue]
-        q.levels[job.priority].depth -= 1
+        level = lane.level
+        level.depth -= 1
+        q = level.queue
         q.depth -= 1
         if not q.depth:
             q.levels.clear()
+            q.order.clear()
             self.forget_if_unused(q)
 
     def taken(self, job: Job) -> None:
         """The job at a level's head was handed out: the tenant's turn may pass."""
         lane: Lane = job.lane
-        self.remove(job)
-        if lane.tenant is None:
-            return
-        q = self.by_name.get(job.queue)
-        level = q.levels.get(job.priority) if q is not None else None
-        if level is None or not level.turns or level.turns[0] != lane.tenant:
-            return
+        if self.held:
+            self.remove(job)
+        else:  # remove(), inline: this is the broker's hot path
+            job.qtoken += 1
+            job.lane = None
+            lane.live -= 1
+            entries = lane.entries
+            if not lane.live:
+                entries.clear()
+            elif entries[0][1] is job:  # it was at the head (it nearly always is)
+                entries.popleft()
+            level = lane.level
+            level.depth -= 1
+            q = level.queue
+            q.depth -= 1
+            if not q.depth:
+                q.levels.clear()
+                q.order.clear()
+                self.forget_if_unused(q)
+        level = lane.level
+        turns = level.turns
+        if len(turns) < 2 or turns[0] is not lane:
+            return  # a retry, or one tenant alone: no turns to take
+        if level.credit <= 0:  # its turn begins
+            level.credit = self._weights.get(lane.tenant, 1)  # type: ignore[arg-type]
         level.credit -= 1
         if level.credit <= 0 or not lane.live:
-            level.turns.rotate(-1)  # next tenant's turn; an empty lane leaves at its turn
+            turns.rotate(-1)  # the next tenant's turn; an empty lane leaves at its turn
             level.credit = 0
 
     def schedule(self, job: Job) -> None:

@@ -91,14 +91,13 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
                                 "idle": 0, "oldest_wait": None}
         return e
 
-    weight = core.queues.weight
     for name, q in core.queues.by_name.items():
         if q.depth or q.scheduled:
             e = entry(name)
             e["queued"] = q.depth
             e["scheduled"] = len(q.scheduled)
         if q.depth:
-            oldest = q.oldest(weight)
+            oldest = q.oldest()
             e["oldest_wait"] = round(wall - oldest, 3) if oldest is not None else None
             tenants = q.waiting_per_tenant()
             if len(tenants) > 1 or "" not in tenants:  # only when someone names tenants
