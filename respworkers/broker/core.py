@@ -532,10 +532,15 @@ class BrokerCore:
         holder = job is not None and job.worker is w
         # An attempt the job no longer knows (it ended, or ended and was requeued since)
         # changes nothing: the job's live attempts are exactly its tokens.
-        live = job is not None and job.tokens is not None and w.token in job.tokens
-        self._close_attempt(w)
-        if not live:
+        token = w.token
+        tokens = job.tokens if job is not None else None
+        if tokens is not None and tokens.pop(token, None) is not None:
+            pass  # live: its token is spent now
+        else:
             job = None
+        if self.holders.get(token) is w:  # _close_attempt(), inline: the hot path
+            del self.holders[token]
+        w.release()
         if isinstance(msg, protocol.WorkerResult):
             w.done += 1
             if job is not None:

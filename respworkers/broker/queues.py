@@ -214,9 +214,9 @@ class Queues:
         else:  # remove(), inline: this is the broker's hot path
             job.qtoken += 1
             job.lane = None
-            lane.live -= 1
+            live = lane.live = lane.live - 1
             entries = lane.entries
-            if not lane.live:
+            if not live:
                 entries.clear()
             elif entries[0][1] is job:  # it was at the head (it nearly always is)
                 entries.popleft()
@@ -228,15 +228,17 @@ class Queues:
                 q.levels.clear()
                 q.order.clear()
                 self.forget_if_unused(q)
+        turns = lane.level.turns
+        if len(turns) > 1 and turns[0] is lane:  # not a retry, nor a tenant alone
+            self._turn_taken(lane)
+
+    def _turn_taken(self, lane: Lane) -> None:
         level = lane.level
-        turns = level.turns
-        if len(turns) < 2 or turns[0] is not lane:
-            return  # a retry, or one tenant alone: no turns to take
         if level.credit <= 0:  # its turn begins
             level.credit = self._weights.get(lane.tenant, 1)  # type: ignore[arg-type]
         level.credit -= 1
         if level.credit <= 0 or not lane.live:
-            turns.rotate(-1)  # the next tenant's turn; an empty lane leaves at its turn
+            level.turns.rotate(-1)  # the next tenant's turn; an empty lane leaves at its turn
             level.credit = 0
 
     def schedule(self, job: Job) -> None:
