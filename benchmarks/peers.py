@@ -93,7 +93,7 @@ def rww3_worker(back: str, sockets: int = 1) -> None:
                     frames = recv(s, NOBLOCK)
                 except zmq.Again:
                     break
-                words = frames[0].split(b" ")  # RWW3 JOB id attempt timeout token
+                words = frames[0].split(b" ")  # RWW3 JOB id attempt timeout token ...
                 if words[1] == job:
                     send(s, [b"RWW3 RESULT %s %s %s 1" % (words[2], words[3], words[5]),
                              answer(frames[1])])
@@ -298,7 +298,7 @@ def _warm_up_raw(socks: list[zmq.Socket], wires: list[Wire], expect: int) -> Non
                     send(s, [b"", PID])
                 else:
                     send(s, protocol.encode_submit(f"{w.prefix}warm{rounds}-{j}", "default",
-                                                   None, None, [PID]))
+                                                   None, [PID]))
             got = 0
             while got < k:
                 for r in w.results(recv(s)):

@@ -22,7 +22,7 @@ from .errors import (
     Retry,
     TimeLimit,
 )
-from .worker.base import Worker
+from .worker.base import JobContext, JobOutcome, Worker
 
 __all__ = [
     "BrokerUnavailable",
@@ -31,7 +31,9 @@ __all__ = [
     "ConfigError",
     "Fail",
     "Interrupt",
+    "JobContext",
     "JobFailed",
+    "JobOutcome",
     "JobResult",
     "ProtocolError",
     "Refused",

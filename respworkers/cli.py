@@ -155,31 +155,81 @@ def broker(conf: BrokerConfig) -> None:
 
 
 # ================================================================================= worker
-@cli.command()
-@click.argument("target")
-@configured("worker", "broker", "processes", "queues", "log_level")
-@click.option("--broker", metavar="ENDPOINT", help="The broker's workers endpoint.")
-@click.option("-n", "--processes", type=int, help="Number of worker processes.")
-@click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
-              help="Queue to serve (repeatable); overrides the class's `queues`.")
-@click.option("--log-level", help="debug, info, warning or error.")
-def worker(conf: WorkerConfig, target: str) -> None:
-    """Run a pool of worker processes for TARGET (module:Class, a respworkers.Worker)."""
-    _logging(conf.log_level)
-    from .config import queue_list
-    from .targets import import_target
-    from .worker.pool import run_pool
-
-    cls = import_target(target)
-    _keys(conf, "worker")  # a bad key fails here, not once per child process
+def _pool_size(ctx: click.Context, param: click.Parameter, value: str | None
+               ) -> tuple[int, int] | None:
+    """``-n 4`` (a fixed pool) or ``-n 2:8`` (autoscaling between 2 and 8)."""
+    if value is None:
+        return None
+    low, colon, high = value.partition(":")
     try:
-        serve = conf.queues or queue_list(cls.queues)
+        lo, hi = int(low), int(high if colon else low)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give N or MIN:MAX, e.g. 4 or 2:8") from None
+    if lo < 1 or hi < lo:
+        raise click.BadParameter(f"{value!r}: need 1 <= MIN <= MAX")
+    return (lo, hi) if colon else (0, hi)
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
+@configured("worker", "broker", "queues", "max_jobs_per_child", "max_memory_per_child",
+            "scale_down_after", "log_level")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's workers endpoint.")
+@click.option("-n", "--processes", "size", metavar="N|MIN:MAX", callback=_pool_size,
+              help="Worker processes: N, or MIN:MAX to grow with the work and shrink when idle.")
+@click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
+              help="Queue to serve (repeatable); overrides the class's `queues` (one class only).")
+@click.option("--max-jobs-per-child", type=int, metavar="N",
+              help="Replace a process after N jobs (0: never).")
+@click.option("--max-memory-per-child", type=int, metavar="MB",
+              help="Replace a process once it uses more than MB of resident memory after a job.")
+@click.option("--scale-down-after", type=float, metavar="SECONDS",
+              help="With -n MIN:MAX: retire a process idle this long (default 30).")
+@click.option("--reload", is_flag=True, default=False,
+              help="Restart the processes when a .py file under this folder changes (development).")
+@click.option("--log-level", help="debug, info, warning or error.")
+def worker(conf: WorkerConfig, targets: tuple[str, ...], size: tuple[int, int] | None,
+           reload: bool) -> None:
+    """Run a pool of worker processes for each TARGET: MODULE:CLASS (a respworkers.Worker), or
+    MODULE for every Worker class defined in it. With several classes, each serves its own
+    queues and a job runs in the class of its queue."""
+    _logging(conf.log_level)
+    import dataclasses
+
+    from .config import queue_list
+    from .targets import import_targets
+    from .worker.pool import run_pool
+    from .worker.runner import routes
+
+    classes = import_targets(targets)
+    if size is not None:
+        conf = dataclasses.replace(conf, min_processes=size[0], processes=size[1])
+    if reload:
+        conf = dataclasses.replace(conf, reload=True)
+    if conf.min_processes > conf.processes:
+        raise ConfigError(f"[worker] min_processes ({conf.min_processes}) is more than "
+                          f"processes ({conf.processes})")
+    _keys(conf, "worker")  # a bad key fails here, not once per child process
+    if len(classes) > 1 and conf.queues:
+        raise click.UsageError("-q/--queue (or [worker] queues) applies to one worker class; "
+                               "with several, each serves its own `queues`")
+    for cls in classes:
+        try:
+            queue_list(cls.queues)
+        except ValueError as exc:
+            raise TargetError(f"{cls.__module__}:{cls.__qualname__}.queues = {cls.queues!r}: "
+                              f"{exc}") from None
+    try:
+        serve = conf.queues or (queue_list(classes[0].queues) if len(classes) == 1
+                                else tuple(routes(classes, ())))
     except ValueError as exc:
-        raise TargetError(f"{target!r}: {cls.__name__}.queues = {cls.queues!r}: {exc}") from None
+        raise TargetError(str(exc)) from None
+    names = ", ".join(f"{c.__module__}:{c.__qualname__}" for c in classes)
+    size_text = (f"{conf.min_processes}..{conf.processes}" if conf.min_processes
+                 else str(conf.processes))
     logging.getLogger(__name__).info(
-        "%d x %s serving %s, broker %s", conf.processes, target, ",".join(serve), conf.broker,
-    )
-    sys.exit(run_pool(target, conf, serve))
+        "%s x %s serving %s, broker %s", size_text, names, ",".join(serve), conf.broker)
+    sys.exit(run_pool(targets, conf, tuple(serve)))
 
 
 # ================================================================================= submit

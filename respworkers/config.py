@@ -143,6 +143,12 @@ def _size(value: Any) -> int:
     return value
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
 def _log_level(value: Any) -> str:
     levels = ("debug", "info", "warning", "error")
     if not isinstance(value, str) or value.lower() not in levels:
@@ -196,6 +202,13 @@ class BrokerConfig:
 class WorkerConfig:
     broker: str = field(default=DEFAULT_WORKERS, metadata=_check(_endpoint, "endpoint"))
     processes: int = field(default=1, metadata=_check(_int_at_least(1), "count"))
+    # --- autoscaling (README: Pools): with min_processes, `processes` is the most ---
+    min_processes: int = field(default=0, metadata=_check(_int_at_least(0), "count"))
+    scale_down_after: float = field(default=30.0, metadata=_check(_positive_float, "seconds"))
+    # --- recycling: 0 means never ---
+    max_jobs_per_child: int = field(default=0, metadata=_check(_int_at_least(0), "count"))
+    max_memory_per_child: int = field(default=0, metadata=_check(_int_at_least(0), "MB"))
+    reload: bool = field(default=False, metadata=_check(_flag, "flag"))
     queues: tuple[str, ...] = field(default=(), metadata=_check(queue_list, "queues"))
     heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))

@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 import traceback
+from collections.abc import Sequence
+from types import ModuleType
 
 from .errors import TargetError
 from .worker.base import Worker
@@ -55,18 +57,46 @@ def _import_failure(target: str, module_name: str, exc: Exception) -> str:
     return "\n".join([f"{head}: {type(exc).__name__}: {exc}", *lines])
 
 
+def _import_module(target: str, module_name: str) -> ModuleType:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        raise TargetError(_import_failure(target, module_name, exc)) from None
+
+
+def import_targets(targets: Sequence[str]) -> list[type[Worker]]:
+    """Every Worker class the targets name: ``module:Class``, or ``module`` for each Worker
+    subclass defined in that module (not imported into it), in the order defined."""
+    found: list[type[Worker]] = []
+    for target in targets:
+        if ":" in target:
+            classes = [import_target(target)]
+        else:
+            if not target or not all(part.isidentifier() for part in target.split(".")):
+                raise TargetError(f"{target!r}: expected MODULE:CLASS or MODULE, for example "
+                                  "mypkg.jobs:Resize or mypkg.jobs")
+            module = _import_module(target, target)
+            classes = [obj for obj in vars(module).values()
+                       if isinstance(obj, type) and issubclass(obj, Worker) and obj is not Worker
+                       and obj.__module__ == module.__name__ and obj.overrides_processing()]
+            if not classes:
+                raise TargetError(f"{target!r}: the module defines no respworkers.Worker "
+                                  "subclass that overrides process or process_multipart")
+        found.extend(c for c in classes if c not in found)
+    if not found:
+        raise TargetError("name at least one worker target (MODULE:CLASS or MODULE)")
+    return found
+
+
 def import_target(target: str) -> type[Worker]:
     """Return the Worker subclass named by ``package.module:Class`` (dotted attributes allowed)."""
     module_name, sep, attr_path = target.partition(":")
     if not sep or not module_name or not attr_path:
         raise TargetError(f"{target!r}: expected MODULE:CLASS, for example mypkg.jobs:Resize")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise TargetError(_import_failure(target, module_name, exc)) from None
+    module = _import_module(target, module_name)
     obj: object = module
     for part in attr_path.split("."):
         try:

@@ -241,7 +241,8 @@ def test_live_status_ctrl_c_while_the_broker_is_away_leaves_no_stray_lines(clust
         ("jobs_fixtures:Missing", "has no attribute 'Missing'"),
         ("jobs_fixtures:NotAWorker", "not a subclass of respworkers.Worker"),
         ("jobs_fixtures:Lazy", "overrides neither process nor process_multipart"),
-        ("jobs_fixtures", "expected MODULE:CLASS"),
+        ("jobs-fixtures", "expected MODULE:CLASS or MODULE"),
+        ("jobs_fixtures", "is served by both"),  # every Worker class of the module
     ],
 )
 def test_bad_worker_target_fails_at_once(cluster: Cluster, target: str, message: str) -> None:

@@ -25,8 +25,12 @@ from .queues import Queue
 from .workers import WorkerRec, Workers
 
 
-def _seconds(info: dict[str, Any] | None, key: str) -> float | None:
+def _seconds(info: dict[str, Any] | None, key: str, queue: str) -> float | None:
+    """The worker class's setting: one number, or one per queue (a worker process that runs
+    several classes)."""
     value = info.get(key) if info else None
+    if isinstance(value, dict):
+        value = value.get(queue)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         return None
     return float(value)
@@ -46,14 +50,14 @@ class RetryPolicy:
         info = worker.info if worker is not None else None
         base = job.backoff
         if base is None:
-            base = _seconds(info, "backoff")
+            base = _seconds(info, "backoff", job.queue)
         if base is None:
             base = self.backoff
         if base <= 0:
             return 0.0
         cap = job.backoff_max
         if cap is None:
-            cap = _seconds(info, "backoff_max")
+            cap = _seconds(info, "backoff_max", job.queue)
         if cap is None:
             cap = self.backoff_max
         exponent = min(max(job.attempt - 1, 0), 60)

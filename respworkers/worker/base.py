@@ -23,6 +23,17 @@ class JobContext(NamedTuple):
         return self.attempt >= self.tries
 
 
+class JobOutcome(NamedTuple):
+    """How an attempt ended, for :meth:`Worker.after_job`."""
+
+    #: ``done``; ``error`` (an exception: the broker retries it while tries are left);
+    #: ``retry`` (``Retry``); ``fail`` (``Fail``); ``cancelled`` (the job ended elsewhere
+    #: and ``Cancelled`` stopped it); ``time-limit`` (``TimeLimit``).
+    status: str
+    exception: BaseException | None
+    seconds: float  #: how long ``process`` ran
+
+
 ProgressSink = Callable[[Optional[float], Optional[str], dict[str, Any]], None]
 
 
@@ -57,7 +68,20 @@ class Worker:
         """Called once in the worker process before the first job."""
 
     def teardown(self) -> None:
-        """Called once when the worker process stops cleanly."""
+        """Called once when the worker process stops cleanly (a warm stop, a recycle)."""
+
+    # Hooks around each attempt, called in the worker process, in the job's thread. An
+    # exception in ``before_job`` fails the attempt as one in ``process`` would; one in
+    # ``after_job`` or ``on_failure`` is logged and changes nothing (the outcome stands).
+    # The answer leaves after them, so keep them quick.
+    def before_job(self, job: JobContext) -> None:
+        """Before ``process``: open a tracing span, bind log context, reset a metric."""
+
+    def on_failure(self, job: JobContext, exc: BaseException) -> None:
+        """``process`` (or ``before_job``) raised ``exc`` (not ``Cancelled``): report it."""
+
+    def after_job(self, job: JobContext, outcome: JobOutcome) -> None:
+        """After every attempt, whatever its outcome."""
 
     def progress(self, fraction: float | None = None, message: str | None = None,
                  **meta: Any) -> None:

@@ -1,4 +1,6 @@
-"""``rw worker``: supervise N worker processes, restart the ones that die, stop them warmly.
+"""``rw worker``: supervise worker processes, restart the ones that die, stop them warmly;
+recycle them after N jobs or past a memory limit, grow and shrink the pool with the work,
+restart them when the code changes (``--reload``).
 
 Each child runs in its own process group, so a Ctrl-C in the terminal reaches
 only this parent, which forwards one SIGTERM per signal it receives: the first
@@ -11,11 +13,21 @@ re-dispatched without waiting for heartbeats to expire or for the child's restar
 Slots are secret (random per pool), so no other peer can end a child's attempt.
 A target that keeps failing at start-up (import or ``setup()``) stops the pool with
 exit code 2 and the reason, instead of being restarted forever.
+
+**Autoscaling** (``-n MIN:MAX``): each child keeps two shared numbers, the seconds it has
+spent in jobs and when its current job started, so the parent sees how busy every child
+is without a message per job. Once a second, if every child was busy at least
+GROW_BUSY of the last second (on-demand dispatch keeps a child busy only while jobs wait
+for it), the pool grows by half its size (at least one) up to MAX. A child that has run
+no job for ``scale_down_after`` seconds is retired with a warm stop (one per second),
+down to MIN. A retired or recycled child says goodbye after its job in hand: nothing is
+lost and no try is charged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -26,8 +38,10 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -36,8 +50,9 @@ import zmq
 from .. import protocol
 from ..config import WorkerConfig
 from ..security import client_keys, secure_client
-from ..targets import import_target
+from ..targets import import_targets
 from ..util import WakePipe
+from .runner import EXIT_RECYCLE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,13 @@ START_FAILURE_WINDOW = 60.0
 VACATE_LINGER_MS = 500
 EXIT_START_FAILED = 78
 RET_START_FAILED = 2
+#: Autoscaling: how often the pool looks, and how busy every child must have been to grow.
+SCALE_EVERY = 1.0
+GROW_BUSY = 0.85
+#: --reload: how often files are looked at, and which folders are never looked into.
+RELOAD_EVERY = 1.0
+_NOT_SOURCE = {".git", ".hg", ".venv", "venv", "node_modules", "__pycache__", ".mypy_cache",
+               ".ruff_cache", ".pytest_cache", ".tox", "build", "dist"}
 
 
 def _summary(exc: BaseException) -> str:
@@ -61,8 +83,8 @@ def _summary(exc: BaseException) -> str:
 
 
 def _child_main(
-    target: str, cfg: WorkerConfig, queues: tuple[str, ...], slot: str, incarnation: str,
-    parent: int, level: int, report: Connection,
+    targets: list[str], cfg: WorkerConfig, queues: tuple[str, ...], slot: str, incarnation: str,
+    parent: int, level: int, report: Connection, busy: Any,
 ) -> None:
     os.setpgrp()  # leave the terminal's process group: Ctrl-C goes to the parent only
     logging.getLogger().setLevel(level)  # handlers come from the parent (fork) or default
@@ -76,8 +98,8 @@ def _child_main(
     try:
         from .runner import Runner
 
-        runner = Runner(import_target(target), cfg, queues, slot=slot, parent_pid=parent,
-                        incarnation=incarnation)
+        runner = Runner(import_targets(targets), cfg, queues, slot=slot, parent_pid=parent,
+                        incarnation=incarnation, busy=busy)
         runner.install_signal_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         code = runner.run(on_ready=ready)
@@ -110,18 +132,37 @@ class Slot:
     #: The process now in the slot (new at each start): a VACATE names it, so that one
     #: arriving late never evicts the process that replaced the dead one.
     incarnation: str = ""
+    #: Shared with the child: [seconds spent in finished jobs, start of the job in hand or 0].
+    busy: Any = None
+    busy_seen: float = 0.0  #: busy seconds at the last look
+    last_busy: float = 0.0  #: when the child was last seen working (or started)
+    retiring: bool = False  #: warm-stopped to shrink the pool: not restarted
+    restart_now: bool = False  #: warm-stopped to be replaced at once (reload)
+
+    def busy_seconds(self, now: float) -> float:
+        total, since = float(self.busy[0]), float(self.busy[1])
+        return total + (now - since if since else 0.0)
 
 
 class Pool:
-    def __init__(self, target: str, cfg: WorkerConfig, queues: tuple[str, ...]) -> None:
-        self.target = target
+    def __init__(self, targets: Sequence[str], cfg: WorkerConfig, queues: tuple[str, ...]) -> None:
+        self.targets = list(targets)
         self.cfg = cfg
         self.queues = queues
         self.signals = 0
-        prefix = f"{socket.gethostname()}:{os.getpid()}"
-        self.slots = [Slot(i, f"{prefix}:{i}:{secrets.token_hex(8)}") for i in range(cfg.processes)]
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self.mp: Any = multiprocessing.get_context(method)  # fork where there is one
+        self._prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self._next_index = 0
+        self.low = cfg.min_processes or cfg.processes  #: the pool's size range
+        self.high = cfg.processes
+        self.slots = [self._new_slot() for _ in range(self.low)]
+        # fork where there is one (children start fast, with the target imported); a fresh
+        # interpreter per child when reloading, so that each one imports the code anew.
+        method = ("fork" if "fork" in multiprocessing.get_all_start_methods() and not cfg.reload
+                  else "spawn")
+        self.mp: Any = multiprocessing.get_context(method)
+        self._next_scale = 0.0
+        self._sources = self._source_times() if cfg.reload else {}
+        self._next_scan = 0.0
         self.keys = client_keys(cfg.secret_key, cfg.broker_key, "worker")
         self.start_failures: deque[float] = deque()
         self.failure: str | None = None  #: why the pool gave up, if it did
@@ -130,16 +171,24 @@ class Pool:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
 
+    def _new_slot(self) -> Slot:
+        index = self._next_index
+        self._next_index += 1
+        return Slot(index, f"{self._prefix}:{index}:{secrets.token_hex(8)}")
+
     def _start(self, slot: Slot) -> None:
         reader, writer = self.mp.Pipe(duplex=False)
         slot.incarnation = secrets.token_hex(8)
+        slot.busy = self.mp.RawArray("d", 2)
+        slot.busy_seen = 0.0
+        slot.restart_now = False
         # Children inherit blocked signals and unblock them once their handlers are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             p = self.mp.Process(
                 target=_child_main,
-                args=(self.target, self.cfg, self.queues, slot.name, slot.incarnation,
-                      os.getpid(), logging.getLogger().getEffectiveLevel(), writer),
+                args=(self.targets, self.cfg, self.queues, slot.name, slot.incarnation,
+                      os.getpid(), logging.getLogger().getEffectiveLevel(), writer, slot.busy),
                 name=f"rw-worker-{slot.index}",
                 daemon=False,
             )
@@ -150,7 +199,7 @@ class Pool:
         slot.process = p
         slot.report = reader
         slot.ready = False
-        slot.started = time.monotonic()
+        slot.started = slot.last_busy = time.monotonic()
         log.info("started worker process %s in slot %d", p.pid, slot.index)
 
     def _signal_children(self, signum: int) -> None:
@@ -216,6 +265,23 @@ class Pool:
             if self.signals:
                 log.info("worker process %s exited (%s)", p.pid, p.exitcode)
                 continue
+            if slot.retiring:
+                log.info("worker process %s retired (%d left)", p.pid,
+                         sum(s.process is not None for s in self.slots))
+                self.slots.remove(slot)
+                continue
+            if (p.exitcode == EXIT_RECYCLE or slot.restart_now) and slot.ready:
+                # It said goodbye after its last answer: nothing to vacate, no back-off.
+                log.info("worker process %s %s; starting a fresh one", p.pid,
+                         "recycled" if p.exitcode == EXIT_RECYCLE else "stopped to reload")
+                slot.restart_at = now
+                continue
+            if self.cfg.reload and not slot.ready:
+                # Broken code while developing: wait for the next change, do not give up.
+                log.error("worker process failed to start: %s; waiting for a change",
+                          failure or f"exit code {p.exitcode}")
+                slot.restart_at = math.inf
+                continue
             dead.append(slot)
             lived = now - slot.started
             if not slot.ready:
@@ -236,6 +302,90 @@ class Pool:
         if dead and self.failure is None:
             self._vacate(dead)
 
+    # ------------------------------------------------------------------ autoscaling
+    def _scale(self, now: float) -> None:
+        """Grow while every child is busy, retire one that has been idle long enough."""
+        if now < self._next_scale:
+            return
+        window = now - (self._next_scale - SCALE_EVERY) if self._next_scale else SCALE_EVERY
+        self._next_scale = now + SCALE_EVERY
+        live = [s for s in self.slots if s.process is not None and not s.retiring]
+        all_busy = bool(live)
+        for slot in live:
+            total = slot.busy_seconds(now)
+            worked = total - slot.busy_seen
+            slot.busy_seen = total
+            if worked > 0 or slot.busy[1]:
+                slot.last_busy = now
+            if not slot.ready or worked < GROW_BUSY * min(window, SCALE_EVERY):
+                all_busy = False
+        size = len(live)
+        if all_busy and size < self.high:
+            grow = min(self.high - size, max(1, size // 2))
+            log.info("all %d worker processes busy: starting %d more", size, grow)
+            for _ in range(grow):
+                slot = self._new_slot()
+                self.slots.append(slot)
+                self._start(slot)
+            return
+        idle = [s for s in live if s.ready and now - s.last_busy >= self.cfg.scale_down_after]
+        if idle and size > self.low:
+            slot = min(idle, key=lambda s: s.last_busy)
+            assert slot.process is not None and slot.process.pid is not None
+            log.info("worker process %s idle for %.0fs: retiring it", slot.process.pid,
+                     now - slot.last_busy)
+            slot.retiring = True
+            try:
+                os.kill(slot.process.pid, signal.SIGTERM)  # a warm stop: its job, if any, ends first
+            except ProcessLookupError:
+                pass
+
+    # ------------------------------------------------------------------ reload
+    def _source_times(self) -> dict[str, float]:
+        """Modification times of the Python files under the working directory."""
+        times: dict[str, float] = {}
+        stack = [Path.cwd()]
+        while stack and len(times) < 20_000:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name not in _NOT_SOURCE and not entry.name.startswith("."):
+                            stack.append(Path(entry.path))
+                    elif entry.name.endswith(".py"):
+                        times[entry.path] = entry.stat().st_mtime
+                except OSError:
+                    continue
+        return times
+
+    def _check_sources(self, now: float) -> None:
+        if now < self._next_scan:
+            return
+        self._next_scan = now + RELOAD_EVERY
+        times = self._source_times()
+        changed = sorted(p for p in times.keys() | self._sources.keys()
+                         if times.get(p) != self._sources.get(p))
+        self._sources = times
+        if not changed:
+            return
+        log.info("%s changed: restarting the worker processes (each finishes its job first)",
+                 os.path.relpath(changed[0]) + (f" and {len(changed) - 1} more" if len(changed) > 1
+                                                else ""))
+        for slot in self.slots:
+            p = slot.process
+            if p is None:
+                slot.restart_at = now  # one that failed to start tries the new code
+            elif p.pid is not None and not slot.retiring:
+                slot.restart_now = True
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         self.wake.catch_signals()
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -243,6 +393,7 @@ class Pool:
         for slot in self.slots:
             self._start(slot)
         forwarded = 0
+        scaling = self.high > self.low
         while True:
             if self.failure is not None and not self.signals:
                 log.error("%s; stopping the pool", self.failure)
@@ -263,12 +414,23 @@ class Pool:
                 for slot in self.slots:
                     if slot.process is None and now >= slot.restart_at and self.failure is None:
                         self._start(slot)
+                if scaling:
+                    self._scale(now)
+                if self.cfg.reload:
+                    self._check_sources(now)
             alive = [s for s in self.slots if s.process is not None]
             if self.signals and not alive:
                 log.info("all worker processes stopped")
                 return RET_START_FAILED if self.failure else 0
             waiting = [s.restart_at for s in self.slots if s.process is None and not self.signals]
+            if not self.signals:
+                if scaling:
+                    waiting.append(self._next_scale)
+                if self.cfg.reload:
+                    waiting.append(self._next_scan)
             timeout = max(0.0, min(waiting) - now) if waiting else None
+            if timeout == math.inf:
+                timeout = None
             handles: list[object] = [self.wake.fileno()]
             for s in alive:
                 assert s.process is not None
@@ -279,9 +441,9 @@ class Pool:
             self.wake.drain()
 
 
-def run_pool(target: str, cfg: WorkerConfig, queues: tuple[str, ...]) -> int:
-    """Entry point of ``rw worker`` (the target has already been checked by the caller)."""
-    pool = Pool(target, cfg, queues)
+def run_pool(targets: Sequence[str], cfg: WorkerConfig, queues: tuple[str, ...]) -> int:
+    """Entry point of ``rw worker`` (the targets have already been checked by the caller)."""
+    pool = Pool(targets, cfg, queues)
     code = pool.run()
     if pool.failure:
         print(f"rw: {pool.failure}", file=sys.stderr)

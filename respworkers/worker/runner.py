@@ -24,22 +24,26 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any, Callable
 
 import zmq
 
 from .. import __version__, protocol
-from ..config import WorkerConfig
+from ..config import WorkerConfig, queue_list
 from ..errors import Cancelled, Fail, Interrupt, Retry, TimeLimit
 from ..security import client_keys
-from .base import JobContext, Worker
+from .base import JobContext, JobOutcome, Worker
 from .base import __file__ as base_file
 from .link import HUNG_FACTOR, HUNG_GRACE, BrokerLink
 
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 75
+#: A process that left to be replaced (max_jobs_per_child, max_memory_per_child): its pool
+#: starts a fresh one at once, without the back-off it gives a process that died.
+EXIT_RECYCLE = 76
 
 #: Sent to the job's thread to raise Cancelled or TimeLimit in it (its handler raises).
 INTERRUPT_SIGNAL = signal.SIGUSR1
@@ -48,6 +52,18 @@ PROGRESS_INTERVAL = 0.25
 MAX_PROGRESS_MESSAGE = 500
 
 _LIBRARY_FILES = {__file__, base_file}
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (Linux), else its peak (where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 #: Longest error text sent to the broker; the end of a traceback is what matters.
@@ -68,20 +84,49 @@ def _error_text() -> str:
     return f"{head}\n{text}"
 
 
+def routes(classes: Sequence[type[Worker]], queues: Sequence[str]) -> dict[str, type[Worker]]:
+    """Which class runs the jobs of each queue served. One class serves every queue given
+    (``rw worker -q`` may override its own); several serve their own, which must not
+    overlap, so that a job's queue names exactly one class."""
+    if len(classes) == 1:
+        return {q: classes[0] for q in queues}
+    out: dict[str, type[Worker]] = {}
+    for cls in classes:
+        for q in queue_list(cls.queues):
+            other = out.get(q)
+            if other is not None and other is not cls:
+                raise ValueError(f"queue {q!r} is served by both {other.__qualname__} and "
+                                 f"{cls.__qualname__}: give each class its own queues")
+            out[q] = cls
+    return out
+
+
+def _per_queue(table: dict[str, type[Worker]], key: str) -> float | dict[str, float] | None:
+    """A class setting for HELLO: one number when one class serves every queue, else per queue."""
+    values = {q: getattr(cls, key, None) for q, cls in table.items()}
+    if len(set(table.values())) == 1:
+        value = next(iter(values.values()), None)
+        return None if value is None else float(value)
+    per = {q: float(v) for q, v in values.items() if v is not None}
+    return per or None
+
+
 class Runner:
-    """Runs one Worker instance against the broker until told to stop."""
+    """Runs the Worker classes of one process against the broker until told to stop."""
 
     def __init__(
         self,
-        worker_cls: type[Worker],
+        worker_cls: type[Worker] | Sequence[type[Worker]],
         cfg: WorkerConfig,
         queues: tuple[str, ...],
         slot: str | None = None,
         parent_pid: int | None = None,
         ctx: zmq.Context[Any] | None = None,
         incarnation: str | None = None,
+        busy: Any = None,
     ) -> None:
-        self.worker_cls = worker_cls
+        self.classes = [worker_cls] if isinstance(worker_cls, type) else list(worker_cls)
+        self.routes = routes(self.classes, queues)
         self.cfg = cfg
         self.parent_pid = parent_pid
         self._own_ctx = ctx is None
@@ -90,7 +135,7 @@ class Runner:
             "name": f"{socket.gethostname()}:{os.getpid()}",
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "class": f"{worker_cls.__module__}.{worker_cls.__qualname__}",
+            "class": ",".join(f"{c.__module__}.{c.__qualname__}" for c in self.classes),
             "version": __version__,
             "heartbeat": cfg.heartbeat,
             "slot": slot or uuid.uuid4().hex,
@@ -98,10 +143,10 @@ class Runner:
             # HELLO came from: the broker ignores one from a connection already left.
             "incarnation": incarnation or uuid.uuid4().hex,
         }
-        for key in ("backoff", "backoff_max"):  # the class's retry delays, for the broker
-            value = getattr(worker_cls, key, None)
+        for key in ("backoff", "backoff_max"):  # the classes' retry delays, for the broker
+            value = _per_queue(self.routes, key)
             if value is not None:
-                info[key] = float(value)
+                info[key] = value
         self.link = BrokerLink(cfg, queues, info, client_keys(cfg.secret_key, cfg.broker_key,
                                                               "worker"), self.ctx)
         # The watchman's view of the job in hand, kept apart from the link: it times the job
@@ -125,6 +170,14 @@ class Runner:
         self._progress_seq = 0
         self._progress_sent = 0
         self._progress_next = 0.0
+        self._soft_limit = True  # the job's class says whether TimeLimit is raised
+        self._instances: dict[str, Worker] = {}  # by queue
+        self._first: Worker | None = None
+        self.jobs_done = 0
+        self.exit_code = 0  # EXIT_RECYCLE once this process has done its share
+        # Shared with the pool, which scales on it: [seconds in finished jobs, start of the
+        # job in hand or 0]; two stores per job, no message.
+        self._busy = busy
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -192,15 +245,19 @@ class Runner:
         self.link.wake.wake()
 
     # ------------------------------------------------------------------ jobs
-    def _run_job(self, worker: Worker) -> bool:
+    def _run_job(self) -> bool:
         """Run the job just received, in this thread, and answer it. False: leave now."""
         link = self.link
         msg = link.next
         assert msg is not None
         link.next = None
-        worker.job = JobContext(msg.job_id, msg.attempt, msg.timeout, msg.queue, msg.priority,
-                                msg.tries, msg.created)
+        worker = self._instances.get(msg.queue) or self._first
+        assert worker is not None
+        job = JobContext(msg.job_id, msg.attempt, msg.timeout, msg.queue, msg.priority,
+                         msg.tries, msg.created)
+        worker.job = job
         self._job = msg
+        self._soft_limit = type(worker).soft_time_limit
         self._job_budget = HUNG_FACTOR * msg.timeout + HUNG_GRACE
         self._job_ran = 0.0
         self._soft_told = False
@@ -208,14 +265,21 @@ class Runner:
         self._job_over = False
         self._job_running.set()
         then, after, retry = "", None, False
+        failure: BaseException | None = None
         link.baton.release()  # the watchman may now keep the link alive
+        started = time.monotonic()
+        busy = self._busy
+        if busy is not None:
+            busy[1] = started
         try:
+            worker.before_job(job)
             frames = worker.process_multipart(msg.payload)
             self._job_over = True  # no interrupt from here on
             out = protocol.as_frames(frames, self._result_what)
             ok = True
         except BaseException as exc:
             self._job_over = True
+            failure = exc
             out, ok = [_error_text().encode()], False
             if isinstance(exc, Retry):
                 retry = True
@@ -224,7 +288,13 @@ class Runner:
             elif isinstance(exc, Fail):
                 then = "fail"
         finally:
-            self._job_over = True  # before waiting for the baton: the job is not hung
+            self._job_over = True  # the job is not hung; the hooks run on, watched
+        try:
+            self._hooks(worker, job, failure, time.monotonic() - started)
+        finally:
+            if busy is not None:
+                busy[0] += time.monotonic() - started
+                busy[1] = 0.0
             link.baton.acquire()
             self._job_running.clear()
             worker.job = None
@@ -236,7 +306,8 @@ class Runner:
                     ctypes.pythonapi.PyThreadState_SetAsyncExc(
                         ctypes.c_ulong(self._job_thread), None)
         link.job = None
-        ready = link.read_stops() == 0  # a stop asked for during the job: this answer is the last
+        # A stop asked for during the job, or time to recycle: this answer is the last.
+        ready = link.read_stops() == 0 and not self._recycle_due()
         size = sum(map(len, out))
         if ok and link.max_message_size and size > link.max_message_size:
             ok, out = False, [
@@ -262,6 +333,50 @@ class Runner:
         link.answer((msg.job_id, msg.attempt, msg.token, answer))
         return ready
 
+    @staticmethod
+    def _hooks(worker: Worker, job: JobContext, failure: BaseException | None,
+               seconds: float) -> None:
+        """``on_failure`` then ``after_job``; what they raise is logged, never the outcome."""
+        if failure is None:
+            status = "done"
+        elif isinstance(failure, Cancelled):
+            status = "cancelled"
+        elif isinstance(failure, TimeLimit):
+            status = "time-limit"
+        elif isinstance(failure, Retry):
+            status = "retry"
+        elif isinstance(failure, Fail):
+            status = "fail"
+        else:
+            status = "error"
+        if failure is not None and status != "cancelled":
+            try:
+                worker.on_failure(job, failure)
+            except Exception:
+                log.exception("on_failure hook of %s raised", type(worker).__name__)
+        try:
+            worker.after_job(job, JobOutcome(status, failure, seconds))
+        except Exception:
+            log.exception("after_job hook of %s raised", type(worker).__name__)
+
+    def _recycle_due(self) -> bool:
+        """After a job: has this process done its share (``max_jobs_per_child``) or grown too
+        big (``max_memory_per_child``)? Then it leaves warmly and its pool starts a fresh one."""
+        self.jobs_done += 1
+        cfg = self.cfg
+        why = ""
+        if cfg.max_jobs_per_child and self.jobs_done >= cfg.max_jobs_per_child:
+            why = f"after {self.jobs_done} jobs (max_jobs_per_child)"
+        elif cfg.max_memory_per_child:
+            rss = resident_mb()
+            if rss > cfg.max_memory_per_child:
+                why = (f"at {rss:.0f} MB resident, over max_memory_per_child "
+                       f"{cfg.max_memory_per_child} MB")
+        if why:
+            log.info("recycling this worker process %s", why)
+            self.exit_code = EXIT_RECYCLE
+        return bool(why)
+
     # ------------------------------------------------------------------ watchman
     def _watch(self) -> None:
         """While a job runs: beats, the broker's messages, forced stops, hung jobs. Idle, it
@@ -280,7 +395,7 @@ class Runner:
                 if not self.link.baton.acquire(blocking=False):
                     continue
                 try:
-                    if self._job_running.is_set() and not self._job_over:
+                    if self._job_running.is_set():
                         self._watch_job(now)
                 finally:
                     self.link.baton.release()
@@ -294,7 +409,7 @@ class Runner:
             link.send(protocol.encode_return(*link.job))
             link.send(protocol.BYE_FRAMES)
             self._leave(0)
-        job = self._job
+        job = self._job if not self._job_over else None  # interrupts: only in process()
         if link.abandon is not None and job is not None:
             if not self._interrupted_at:
                 self._interrupted_at = now
@@ -307,7 +422,7 @@ class Runner:
                 link.send(protocol.BYE_FRAMES)
                 self._leave(EXIT_HUNG)
         elif (not self._soft_told and job is not None and self._job_ran > job.timeout
-              and self.worker_cls.soft_time_limit):
+              and self._soft_limit):
             self._soft_told = True
             self._raise_in_job(TimeLimit, f"job {job.job_id} reached its time limit of "
                                f"{job.timeout:g}s (attempt {job.attempt})")
@@ -337,13 +452,16 @@ class Runner:
     # ------------------------------------------------------------------ main loop
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Serve jobs until stopped; ``on_ready`` is called once ``setup()`` has succeeded."""
-        worker = self.worker_cls()
-        worker._progress_sink = self._report_progress
+        made = {cls: cls() for cls in self.classes}
+        self._instances = {q: made[cls] for q, cls in self.routes.items()}
+        self._first = made[self.classes[0]]
         self._job_thread = threading.get_ident()
-        worker.setup()
+        for worker in made.values():
+            worker._progress_sink = self._report_progress
+            worker.setup()
         if on_ready is not None:
             on_ready()
-        self._result_what = f"{type(worker).__name__}'s result"
+        self._result_what = "the result"
         link = self.link
         link.baton.acquire()
         link.connect()
@@ -361,22 +479,23 @@ class Runner:
                 if link.stops:  # jobs run in line: here none is in hand, so leave now
                     log.info("stopping")
                     self._leave_warmly()
-                    return 0
+                    return self.exit_code
                 if link.dealer in events:
                     link.read()
-                    if link.next is not None and not self._run_job(worker):
+                    if link.next is not None and not self._run_job():
                         self._leave_warmly()
-                        return 0
+                        return self.exit_code
                 if now >= link.next_beat:
                     link.beat(now, self.parent_pid)
         finally:
             self._ended.set()
             self._job_running.set()  # wake the watchman so it sees the end
             watchman.join(1.0)
-            try:
-                worker.teardown()
-            except Exception:
-                log.exception("teardown failed")
+            for worker in made.values():
+                try:
+                    worker.teardown()
+                except Exception:
+                    log.exception("teardown of %s failed", type(worker).__name__)
             link.close()
             link.wake.close()
             if self._own_ctx:
