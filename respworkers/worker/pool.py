@@ -11,6 +11,10 @@ re-dispatched without waiting for heartbeats to expire or for the child's restar
 Slots are secret (random per pool), so no other peer can end a child's attempt.
 A target that keeps failing at start-up (import or ``setup()``) stops the pool with
 exit code 2 and the reason, instead of being restarted forever.
+
+A child the broker drained (``rw drain``) finishes its job, says BYE and exits with
+:data:`EXIT_DRAINED`: the pool does not replace it, and once every child is drained the
+pool exits 0.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ START_FAILURE_WINDOW = 60.0
 #: How long the parent waits for a VACATE to reach the broker.
 VACATE_LINGER_MS = 500
 EXIT_START_FAILED = 78
+#: A child that stopped because the broker drained it: not replaced.
+EXIT_DRAINED = 79
 RET_START_FAILED = 2
 
 
@@ -81,6 +87,8 @@ def _child_main(
         runner.install_signal_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         code = runner.run(on_ready=ready)
+        if code == 0 and runner.link.draining:
+            code = EXIT_DRAINED
     except BaseException as exc:  # reported through logging, not as a raw traceback
         if isinstance(exc, SystemExit):
             raise
@@ -110,6 +118,7 @@ class Slot:
     #: The process now in the slot (new at each start): a VACATE names it, so that one
     #: arriving late never evicts the process that replaced the dead one.
     incarnation: str = ""
+    drained: bool = False  #: its process left because the broker drained it: no restart
 
 
 class Pool:
@@ -213,6 +222,11 @@ class Pool:
                 slot.report.close()
                 slot.report = None
             slot.process = None
+            if p.exitcode == EXIT_DRAINED:
+                slot.drained = True
+                log.info("worker process %s in slot %d was drained; not replacing it",
+                         p.pid, slot.index)
+                continue
             if self.signals:
                 log.info("worker process %s exited (%s)", p.pid, p.exitcode)
                 continue
@@ -261,13 +275,15 @@ class Pool:
             self._reap(now)
             if not self.signals:
                 for slot in self.slots:
-                    if slot.process is None and now >= slot.restart_at and self.failure is None:
+                    if (slot.process is None and now >= slot.restart_at and self.failure is None
+                            and not slot.drained):
                         self._start(slot)
             alive = [s for s in self.slots if s.process is not None]
-            if self.signals and not alive:
+            if not alive and (self.signals or all(s.drained for s in self.slots)):
                 log.info("all worker processes stopped")
                 return RET_START_FAILED if self.failure else 0
-            waiting = [s.restart_at for s in self.slots if s.process is None and not self.signals]
+            waiting = [s.restart_at for s in self.slots
+                       if s.process is None and not self.signals and not s.drained]
             timeout = max(0.0, min(waiting) - now) if waiting else None
             handles: list[object] = [self.wake.fileno()]
             for s in alive:
