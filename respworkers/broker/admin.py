@@ -143,14 +143,14 @@ def pause(core: BrokerCore, queue: str) -> tuple[int, bool]:
 
 
 def resume(core: BrokerCore, queue: str) -> tuple[int, int, bool]:
-    """Hand out ``queue``'s jobs again, at once to its idle workers (one look at each).
-    Returns (jobs dispatched now, jobs still queued, whether it changed)."""
+    """Hand out ``queue``'s jobs again, at once to its idle workers (one look at each; none
+    if it was not paused: they had their chance). Returns (jobs dispatched now, jobs still queued, whether it changed)."""
     changed = core.queues.resume(queue)
     if changed:
         core.journal.queue_paused(queue, False)
     dispatched = 0
     q = core.queues.get(queue)
-    if q is not None and q.depth:
+    if changed and q is not None and q.depth:
         for w in list(q.ready.values()):
             if w.ready and w.alive(core.now) and core.offer_work(w):
                 dispatched += 1
