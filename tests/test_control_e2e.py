@@ -132,3 +132,28 @@ def test_pause_and_resume_from_the_cli_keep_and_count_jobs_across_a_restart(clus
     assert snap["paused"] == [] and not snap["queues"].get("q", {}).get("paused")
     out = cluster.run("resume", "q", "-c", conf)
     assert "queue 'q' was not paused: 0 jobs sent to idle workers, 0 still queued" in out.stdout
+
+
+def test_a_drained_child_still_stops_warmly_when_its_pool_is_stopped(cluster: Cluster) -> None:
+    cluster.broker()
+    pool = cluster.pool(n=1)
+    conf = config(cluster)
+    release = cluster.root / "release"
+    with cluster.client() as c:
+        job = c.submit(f"wait:{release}", tries=1)
+        busy = wait_for(lambda: [w for w in cluster.snapshot()["workers"] if w["job"] == job], 10,
+                        what="the worker to run the job")[0]
+        assert cluster.run("drain", busy["name"], "-c", conf).returncode == 0
+        wait_for(lambda: "asked this worker to drain" in pool.output(), 10,
+                 what="the worker to read the DRAIN")
+        pool.signal(signal.SIGTERM)  # the pool forwards it: with the drain, still one warm stop
+        wait_for(lambda: "stopping: each worker finishes" in pool.output(), 10,
+                 what="the pool to take the signal")
+        time.sleep(0.5)  # a forced stop would have handed the job back by now
+        info = c.query(job)
+        assert info is not None and info["state"] == "running"
+        release.touch()
+        assert pid_of(c.result(job, timeout=15)) == busy["pid"]
+    assert pool.wait(15) == 0
+    totals = cluster.snapshot()["totals"]
+    assert (totals["done"], totals["retried"], totals["lost_workers"]) == (1, 0, 0)
