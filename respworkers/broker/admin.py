@@ -144,7 +144,8 @@ def pause(core: BrokerCore, queue: str) -> tuple[int, bool]:
 
 def resume(core: BrokerCore, queue: str) -> tuple[int, int, bool]:
     """Hand out ``queue``'s jobs again, at once to its idle workers (one look at each; none
-    if it was not paused: they had their chance). Returns (jobs dispatched now, jobs still queued, whether it changed)."""
+    if it was not paused: they had their chance). Returns (jobs dispatched now, jobs still
+    queued, whether it changed)."""
     changed = core.queues.resume(queue)
     if changed:
         core.journal.queue_paused(queue, False)
