@@ -383,3 +383,31 @@ def test_the_null_journal_keeps_nothing_so_a_memory_broker_forgets_pauses():
     h = Harness()
     pause(h, "q")
     assert h.core.journal.paused_queues() == []
+
+
+# ================================================================================================
+# how rw status shows it
+# ================================================================================================
+
+
+def test_status_marks_paused_queues_and_draining_workers():
+    from test_status import text_of
+
+    from respworkers.status import render
+
+    h = Harness()
+    h.hello(W1, queues=("q",))
+    h.hello(W2, queues=("q",))
+    sub(h, "j", queue="q")
+    pause(h, "q")
+    pause(h, "spare")
+    sub(h, "k", queue="q")
+    drain(h, workers=("w1",))
+    shown = text_of(render(h.snap()))
+    assert "paused queues (nothing dispatched, jobs kept): q, spare" in shown
+    assert "draining: 1 worker leaving after their job in hand" in shown
+    assert "drained 1" in shown
+    rows = {line.split()[1]: line for line in shown.splitlines() if line.startswith("│ ")}
+    assert "paused" in rows["q"] and "paused" in rows["spare"]
+    assert "draining" in rows["w1"] and " j " in rows["w1"]
+    assert "idle" in rows["w2"]
