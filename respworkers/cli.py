@@ -401,7 +401,9 @@ def _warn_unserved(conf: ClientConfig, queues: set[str], out: Printer) -> None:
         return
     known = snap.get("queues") or {}
     for name in sorted(queues):
-        if not (known.get(name) or {}).get("workers"):
+        if (known.get(name) or {}).get("paused"):
+            out.say(f"queue {name!r} is paused: its jobs wait until `rw resume {name}`", "yellow")
+        elif not (known.get(name) or {}).get("workers"):
             out.say(f"no worker serves queue {name!r} yet; waiting", "yellow")
 
 
@@ -719,6 +721,106 @@ def purge(conf: ClientConfig, queue: str, yes: bool) -> None:
     with Client.from_config(conf) as client:
         n = client.purge(queue)
     click.echo(f"cancelled {n} job{'' if n == 1 else 's'} waiting in queue {queue!r}")
+
+
+def _queues(queues: tuple[str, ...]) -> list[str]:
+    """Queue names without repeats, each checked before the broker is asked."""
+    from . import protocol
+
+    names = list(dict.fromkeys(queues))
+    for name in names:
+        try:
+            protocol.check_queue(name.encode())
+        except ProtocolError as exc:
+            raise click.BadParameter(exc.detail, param_hint="QUEUE") from None
+    return names
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job{'' if n == 1 else 's'}"
+
+
+@cli.command()
+@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
+@configured("client", "broker")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+def pause(conf: ClientConfig, queues: tuple[str, ...]) -> None:
+    """Stop handing out jobs from QUEUE until `rw resume`, losing none.
+
+    The queue still takes jobs and keeps them; scheduled jobs still come due and
+    expiries still apply; running jobs finish. A worker serving other queues too
+    still gets their jobs. Pausing survives a broker restart.
+    """
+    from .client import Client
+
+    with Client.from_config(conf) as client:
+        for name in _queues(queues):
+            paused = client.pause(name)
+            click.echo(f"paused queue {name!r}: {_jobs(paused.queued)} queued stay queued"
+                       if paused.changed else
+                       f"queue {name!r} was paused already ({_jobs(paused.queued)} queued)")
+
+
+@cli.command()
+@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
+@configured("client", "broker")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+def resume(conf: ClientConfig, queues: tuple[str, ...]) -> None:
+    """Hand out jobs from a paused QUEUE again (idle workers get them at once)."""
+    from .client import Client
+
+    with Client.from_config(conf) as client:
+        for name in _queues(queues):
+            resumed = client.resume(name)
+            head = f"resumed queue {name!r}" if resumed.changed else f"queue {name!r} was not paused"
+            click.echo(f"{head}: {_jobs(resumed.dispatched)} sent to idle workers, "
+                       f"{resumed.queued} still queued")
+
+
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[WORKER...]")
+@configured("client", "broker")
+@click.option("--broker", metavar="ENDPOINT", help="The broker's clients endpoint.")
+@click.option("--host", "hosts", multiple=True, metavar="HOST",
+              help="Every worker of this host (repeatable).")
+@click.option("--all", "everyone", is_flag=True, help="Every registered worker.")
+@click.option("--json", "as_json", is_flag=True, help="Print the broker's report as JSON.")
+def drain(conf: ClientConfig, names: tuple[str, ...], hosts: tuple[str, ...], everyone: bool,
+          as_json: bool) -> None:
+    """Ask workers to finish their job in hand and leave (a warm stop, as SIGTERM).
+
+    WORKER is a name as `rw status` shows it (host:pid). An idle worker leaves at
+    once, a busy one once it has delivered its result; no job is lost and none is
+    charged a try. A pool does not replace a drained process, and exits 0 once all
+    its processes are drained. Exits 1 if a name or host matched no worker.
+    """
+    from .client import Client
+
+    if everyone and (names or hosts):
+        raise click.UsageError("--all drains every worker: give it without WORKER or --host")
+    if not (everyone or names or hosts):
+        raise click.UsageError("give WORKER names (as rw status shows them), --host HOST or --all")
+    try:
+        from . import protocol
+
+        protocol.decode_client(protocol.encode_drain(names, hosts, everyone))
+    except ProtocolError as exc:
+        raise click.UsageError(exc.detail) from None
+    with Client.from_config(conf) as client:
+        report = client.drain(names, hosts=hosts, everyone=everyone)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for w in report.get("asked", []):
+            job = w.get("job")
+            click.echo(f"{w.get('name')}: draining; " + (
+                f"leaves once job {job} is done" if job else "idle, leaves now"))
+        if everyone and not report.get("asked"):
+            click.echo("no workers registered", err=True)
+        for name in report.get("unknown", []):
+            click.echo(f"{name}: no such worker or host", err=True)
+    if report.get("unknown"):
+        sys.exit(RET_JOBS_FAILED)
 
 
 @cli.command()

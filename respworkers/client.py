@@ -345,6 +345,30 @@ class Client:
             if not purged.left or not purged.cancelled:
                 return total
 
+    def pause(self, queue: str) -> protocol.Paused:
+        """Dispatch nothing from ``queue`` until :meth:`resume`; it keeps taking jobs. The
+        reply says how many jobs wait in it and whether this call paused it (``changed``)."""
+        protocol.check_queue(queue.encode())
+        reply: protocol.Paused = self._admin(protocol.Paused, protocol.encode_pause(queue))
+        return reply
+
+    def resume(self, queue: str) -> protocol.Resumed:
+        """Dispatch from ``queue`` again; idle workers get its jobs at once (``dispatched``)."""
+        protocol.check_queue(queue.encode())
+        reply: protocol.Resumed = self._admin(protocol.Resumed, protocol.encode_resume(queue))
+        return reply
+
+    def drain(self, workers: Iterable[str] = (), *, hosts: Iterable[str] = (),
+              everyone: bool = False) -> dict[str, Any]:
+        """Ask workers (names as ``rw status`` shows them, every worker of ``hosts``, or
+        ``everyone``) to finish the job in hand and leave, as on SIGTERM. Returns
+        {"asked": [{"name", "job"}], "unknown": [names and hosts that matched none]}."""
+        frames = protocol.encode_drain(list(dict.fromkeys(workers)), list(dict.fromkeys(hosts)),
+                                       everyone)
+        protocol.decode_client(frames)  # a bad selector is the caller's mistake: ProtocolError
+        reply: protocol.Draining = self._admin(protocol.Draining, frames)
+        return reply.report
+
     def _admin(self, reply_type: type, frames: list[bytes]) -> Any:
         if not self.session.link.last_heard:
             self._first_contact()

@@ -37,6 +37,9 @@ WATCH = b"WATCH"  #: send this client the job's progress as it changes
 JOBS = b"JOBS"  #: list the jobs the broker holds (a page)
 REQUEUE = b"REQUEUE"  #: run ended jobs again under the same id
 PURGE = b"PURGE"  #: cancel the queued jobs of a queue
+PAUSE = b"PAUSE"  #: dispatch nothing from a queue (it keeps taking jobs)
+RESUME = b"RESUME"  #: dispatch from a paused queue again
+DRAIN = b"DRAIN"  #: (client) ask workers to finish their job and leave; (broker) tell one to
 QUERY = b"QUERY"
 CANCEL = b"CANCEL"
 PING = b"PING"
@@ -51,6 +54,9 @@ EXPIRED = b"EXPIRED"
 PROGRESS = b"PROGRESS"
 REQUEUED = b"REQUEUED"
 PURGED = b"PURGED"
+PAUSED = b"PAUSED"
+RESUMED = b"RESUMED"
+DRAINING = b"DRAINING"
 REFUSED = b"REFUSED"
 INFO = b"INFO"
 UNKNOWN = b"UNKNOWN"
@@ -102,6 +108,7 @@ MAX_WORKER_QUEUES = 64  #: queues one worker may serve
 MAX_BATCH = 1000  #: jobs in one SUBMITS, ids in one WAIT
 MAX_TOKEN_BYTES = 64  #: attempt tokens (the broker sends 32 hex digits)
 MAX_SLOT_BYTES = 200
+MAX_NAME_BYTES = 200  #: a worker or host name in DRAIN (the broker keeps 80 characters of a name)
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _EMPTY = b""
@@ -376,6 +383,27 @@ class Purge(NamedTuple):
     queue: str
 
 
+class Pause(NamedTuple):
+    """Dispatch nothing from this queue until RESUME; it still takes and keeps jobs."""
+
+    queue: str
+
+
+class Resume(NamedTuple):
+    """Dispatch from this paused queue again (idle workers get its jobs at once)."""
+
+    queue: str
+
+
+class Drain(NamedTuple):
+    """Ask workers to finish the job in hand and leave: by name, every worker of a host, or
+    all of them (``everyone``). Names and hosts nobody has are reported, not refused."""
+
+    workers: tuple[str, ...]
+    hosts: tuple[str, ...]
+    everyone: bool
+
+
 class Ping(NamedTuple):
     pass
 
@@ -388,7 +416,7 @@ class SubmitMany(NamedTuple):
 
 
 ClientRequest = Union[Submit, SubmitMany, Plain, Query, Cancel, Wait, Unwait, Watch, ListJobs,
-                      Requeue, Purge, Ping]
+                      Requeue, Purge, Pause, Resume, Drain, Ping]
 
 
 def _line(frames: list[bytes], version: bytes) -> list[bytes]:
@@ -450,10 +478,15 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
         if len(words) != 2:
             raise ProtocolError("bad JOBS", "takes no fields, then one JSON frame")
         return ListJobs(_json_object(_tail(frames, "JOBS"), "query"))
-    if cmd == PURGE:
+    if cmd in (PURGE, PAUSE, RESUME):
         if len(words) != 3 or len(frames) != 1:
-            raise ProtocolError("bad PURGE", "needs exactly one queue")
-        return Purge(check_queue(words[2]))
+            raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one queue")
+        queue = check_queue(words[2])
+        return Purge(queue) if cmd == PURGE else Pause(queue) if cmd == PAUSE else Resume(queue)
+    if cmd == DRAIN:
+        if len(words) != 2:
+            raise ProtocolError("bad DRAIN", "takes no fields, then one JSON frame")
+        return _drain_selector(_json_object(_tail(frames, "DRAIN"), "selector"))
     if cmd in (QUERY, CANCEL):
         if len(words) != 3 or len(frames) != 1:
             raise ProtocolError(f"bad {cmd.decode()}", "needs exactly one job id")
@@ -464,6 +497,29 @@ def decode_client(frames: list[bytes]) -> ClientRequest:
             raise ProtocolError("bad PING", "takes no fields")
         return _PING
     raise ProtocolError("unknown command", repr(cmd[:20]))
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+            isinstance(v, str) and 0 < len(v.encode("utf-8", "replace")) <= MAX_NAME_BYTES
+            for v in value):
+        raise ProtocolError("bad selector", f"{key} must be a list of names of "
+                            f"1..{MAX_NAME_BYTES} bytes")
+    return tuple(dict.fromkeys(value))
+
+
+def _drain_selector(selector: dict[str, Any]) -> Drain:
+    """DRAIN's JSON: ``workers`` (names, as the status shows them), ``hosts``, ``all``."""
+    everyone = selector.get("all")
+    if everyone is not None and not isinstance(everyone, bool):
+        raise ProtocolError("bad selector", "all must be true or false")
+    drain = Drain(_names(selector.get("workers"), "workers"), _names(selector.get("hosts"), "hosts"),
+                  bool(everyone))
+    if not (drain.workers or drain.hosts or drain.everyone):
+        raise ProtocolError("bad selector", "names no worker: give workers, hosts or all")
+    return drain
 
 
 def _batch(head: bytes, entries: list[tuple[bytes, list[bytes]]]) -> list[bytes]:
@@ -552,6 +608,27 @@ def encode_purge(queue: str) -> list[bytes]:
     return [b"RWC3 PURGE " + queue.encode()]
 
 
+def encode_pause(queue: str) -> list[bytes]:
+    return [b"RWC3 PAUSE " + queue.encode()]
+
+
+def encode_resume(queue: str) -> list[bytes]:
+    return [b"RWC3 RESUME " + queue.encode()]
+
+
+def encode_drain(workers: list[str] | tuple[str, ...] = (), hosts: list[str] | tuple[str, ...] = (),
+                 everyone: bool = False) -> list[bytes]:
+    """DRAIN with its selector (only the keys that select something are written)."""
+    selector: dict[str, Any] = {}
+    if workers:
+        selector["workers"] = list(workers)
+    if hosts:
+        selector["hosts"] = list(hosts)
+    if everyone:
+        selector["all"] = True
+    return [b"RWC3 DRAIN", json.dumps(selector).encode()]
+
+
 def encode_unwait(job_ids: list[str]) -> list[bytes]:
     if not 1 <= len(job_ids) <= MAX_BATCH:
         raise ValueError(f"UNWAIT names 1..{MAX_BATCH} jobs, not {len(job_ids)}")
@@ -614,6 +691,18 @@ def encode_requeued(report: dict[str, Any]) -> list[bytes]:
 
 def encode_purged(queue: str, cancelled: int, left: int) -> list[bytes]:
     return [b"RWC3 PURGED %s %d %d" % (queue.encode(), cancelled, left)]
+
+
+def encode_paused(queue: str, queued: int, changed: bool) -> list[bytes]:
+    return [b"RWC3 PAUSED %s %d %d" % (queue.encode(), queued, changed)]
+
+
+def encode_resumed(queue: str, dispatched: int, queued: int, changed: bool) -> list[bytes]:
+    return [b"RWC3 RESUMED %s %d %d %d" % (queue.encode(), dispatched, queued, changed)]
+
+
+def encode_draining(report: dict[str, Any]) -> list[bytes]:
+    return [b"RWC3 DRAINING", json.dumps(report).encode()]
 
 
 def encode_refused(job_id: str, code: str, text: str) -> list[bytes]:
@@ -695,6 +784,25 @@ class Purged(NamedTuple):
     left: int  #: still waiting: ask again to go on
 
 
+class Paused(NamedTuple):
+    """The queue is paused: its jobs wait (``queued`` of them now) until RESUME."""
+
+    queue: str
+    queued: int
+    changed: bool  #: this request paused it (False: it was paused already)
+
+
+class Resumed(NamedTuple):
+    queue: str
+    dispatched: int  #: jobs sent to idle workers at once
+    queued: int  #: still waiting for a worker
+    changed: bool  #: this request resumed it (False: it was not paused)
+
+
+class Draining(NamedTuple):
+    report: dict[str, Any]  #: asked (name, job in hand or null), unknown (names and hosts)
+
+
 class Refused(NamedTuple):
     job_id: str
     code: str  #: shutdown, journal, limit or full
@@ -725,7 +833,8 @@ class Resync(NamedTuple):
 
 
 ClientReply = Union[Accepted, Result, Results, Failed, Cancelled, Expired, Refused, Info, Unknown,
-                    Pong, Invalid, Resync, Progress, JobsPage, Requeued, Purged]
+                    Pong, Invalid, Resync, Progress, JobsPage, Requeued, Purged, Paused, Resumed,
+                    Draining]
 
 _RESYNC = Resync()
 
@@ -753,15 +862,25 @@ def decode_reply(frames: list[bytes]) -> ClientReply:
         if len(words) != 2 or len(frames) != 1:
             raise ProtocolError("bad reply", "RESYNC takes no fields")
         return _RESYNC
-    if cmd in (JOBS, REQUEUED):
+    if cmd in (JOBS, REQUEUED, DRAINING):
         if len(words) != 2:
             raise ProtocolError("bad reply", f"{cmd.decode()} takes no fields, then JSON")
         report = _json_object(_tail(frames, cmd.decode()), "report", MAX_REPLY_INFO_BYTES)
-        return JobsPage(report) if cmd == JOBS else Requeued(report)
+        return (JobsPage(report) if cmd == JOBS else Requeued(report) if cmd == REQUEUED
+                else Draining(report))
     if cmd == PURGED:
         if len(words) != 5 or len(frames) != 1:
             raise ProtocolError("bad reply", "PURGED needs queue, cancelled and left")
         return Purged(check_queue(words[2]), _uint(words[3], "count"), _uint(words[4], "count"))
+    if cmd == PAUSED:
+        if len(words) != 5 or len(frames) != 1:
+            raise ProtocolError("bad reply", "PAUSED needs queue, queued and changed")
+        return Paused(check_queue(words[2]), _uint(words[3], "count"), _flag(words[4], "changed"))
+    if cmd == RESUMED:
+        if len(words) != 6 or len(frames) != 1:
+            raise ProtocolError("bad reply", "RESUMED needs queue, dispatched, queued and changed")
+        return Resumed(check_queue(words[2]), _uint(words[3], "count"), _uint(words[4], "count"),
+                       _flag(words[5], "changed"))
     if len(words) < 3:
         raise ProtocolError("bad reply", f"{cmd[:20]!r} without job id")
     job_id = check_job_id(words[2])
@@ -1035,7 +1154,15 @@ class Disconnect(NamedTuple):
     reason: str
 
 
-BrokerMessage = Union[Welcome, Dispatch, Abandon, Ack, Heartbeat, Disconnect]
+class DrainOrder(NamedTuple):
+    """DRAIN from the broker: finish the job in hand (if any), answer it, say BYE and leave,
+    as on a first SIGTERM."""
+
+
+BrokerMessage = Union[Welcome, Dispatch, Abandon, Ack, Heartbeat, Disconnect, DrainOrder]
+
+_DRAIN_ORDER = DrainOrder()
+DRAIN_FRAMES = [b"RWW3 DRAIN"]  #: broker -> worker; never mutate
 
 
 def encode_welcome(
@@ -1122,6 +1249,10 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
         if len(words) != 2 or len(frames) > 2:
             raise ProtocolError("bad DISCONNECT", "takes no fields and at most a reason frame")
         return Disconnect(_text(frames[1]) if len(frames) > 1 else "")
+    if cmd == DRAIN:
+        if len(words) != 2 or len(frames) != 1:
+            raise ProtocolError("bad DRAIN", "takes no fields or frames")
+        return _DRAIN_ORDER
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 

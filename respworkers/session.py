@@ -167,7 +167,8 @@ class Session:
         self.progress_news: deque[tuple[str, dict[str, Any]]] = deque(maxlen=10_000)
         self.watching: set[str] = set()
         self.on_progress: Callable[[str, dict[str, Any]], None] | None = None
-        # Requests answered by one reply of their own kind (JOBS, REQUEUE, PURGE): the broker
+        # Requests answered by one reply of their own kind (JOBS, REQUEUE, PURGE, PAUSE,
+        # RESUME, DRAIN): the broker
         # answers a client's requests in order, so replies fill the oldest slot of the kind.
         self.requests: dict[type, deque[list[Any]]] = {}
         self._handlers: dict[type, Callable[[Any], bool]] = {
@@ -181,6 +182,9 @@ class Session:
             protocol.JobsPage: self._admin_reply,
             protocol.Requeued: self._admin_reply,
             protocol.Purged: self._admin_reply,
+            protocol.Paused: self._admin_reply,
+            protocol.Resumed: self._admin_reply,
+            protocol.Draining: self._admin_reply,
             protocol.Refused: self._refused,
             protocol.Info: self._answer,
             protocol.Unknown: self._unknown,
@@ -337,7 +341,8 @@ class Session:
                 self.on_progress(reply.job_id, reply.progress)
         return False
 
-    def _admin_reply(self, reply: protocol.JobsPage | protocol.Requeued | protocol.Purged) -> bool:
+    def _admin_reply(self, reply: protocol.JobsPage | protocol.Requeued | protocol.Purged
+                     | protocol.Paused | protocol.Resumed | protocol.Draining) -> bool:
         slots = self.requests.get(type(reply))
         if slots:
             slots.popleft().append(reply)

@@ -22,7 +22,8 @@ def _dur(seconds: float | None) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
-_STATE_STYLE = {"busy": "yellow", "idle": "green", "stopping": "magenta", "waiting": "dim"}
+_STATE_STYLE = {"busy": "yellow", "idle": "green", "stopping": "magenta", "waiting": "dim",
+                "draining": "cyan"}
 
 
 def render(snap: dict[str, Any]) -> Group:
@@ -50,12 +51,21 @@ def render(snap: dict[str, Any]) -> Group:
         f"since start: submitted {t.get('submitted', 0)}  done {t.get('done', 0)}  "
         f"retried {t.get('retried', 0)}  failed {t.get('failed', 0)}  "
         f"cancelled {t.get('cancelled', 0)}"
-        + (f"  expired {t['expired']}" if t.get("expired") else "") + "\n"
+        + (f"  expired {t['expired']}" if t.get("expired") else "")
+        + (f"  drained {t['drained']}" if t.get("drained") else "") + "\n"
     )
     head.append(
         f"rates/s: submitted {r.get('submitted', 0):.1f}  done {r.get('done', 0):.1f}  "
         f"failed {r.get('failed', 0):.1f}"
     )
+    paused = snap.get("paused") or []
+    draining = sum(1 for w in snap.get("workers", []) if w.get("state") == "draining")
+    if paused:
+        head.append("\npaused queues (nothing dispatched, jobs kept): " + ", ".join(paused[:10])
+                    + (f", +{len(paused) - 10} more" if len(paused) > 10 else ""), style="bold yellow")
+    if draining:
+        head.append(f"\ndraining: {draining} worker{'' if draining == 1 else 's'} leaving after "
+                    "their job in hand", style="cyan")
     sec = snap.get("security") or {}
     if sec.get("curve"):
         refused = sec.get("refused") or {}
@@ -96,7 +106,10 @@ def render(snap: dict[str, Any]) -> Group:
     for name, q in rows:
         # Jobs wait and nobody serves the queue: "none", in red, where the count would be.
         warn = (q.get("queued") or q.get("scheduled")) and not q.get("workers")
-        cells: list[Any] = [Text(name, style="red" if warn else ""), str(q.get("queued", 0))]
+        label = Text(name, style="red" if warn else "")
+        if q.get("paused"):
+            label.append(" paused", style="bold yellow")
+        cells: list[Any] = [label, str(q.get("queued", 0))]
         if timed:
             cells += [_dur(q.get("oldest_wait")), str(q.get("scheduled", 0))]
         cells += [str(q.get("running", 0)),

@@ -124,6 +124,45 @@ def test_wait_names_one_or_many_jobs():
         p.encode_wait([])
 
 
+def test_pause_resume_and_drain_round_trip():
+    assert p.encode_pause("gpu") == [b"RWC3 PAUSE gpu"]
+    assert p.decode_client(p.encode_pause("gpu")) == p.Pause("gpu")
+    assert p.encode_resume("gpu") == [b"RWC3 RESUME gpu"]
+    assert p.decode_client(p.encode_resume("gpu")) == p.Resume("gpu")
+    assert p.encode_drain(["box:42"]) == [b"RWC3 DRAIN", b'{"workers": ["box:42"]}']
+    assert p.decode_client(p.encode_drain(["a:1", "a:1", "b:2"], ["h"])) == p.Drain(
+        ("a:1", "b:2"), ("h",), False)  # repeats collapsed
+    assert p.decode_client(p.encode_drain(everyone=True)) == p.Drain((), (), True)
+    # null is absent, unknown keys are ignored, any name a HELLO may carry is fine
+    assert p.decode_client([b"RWC3 DRAIN", b'{"workers": null, "hosts": ["h \\u00e9"], "all": false,'
+                            b' "future": 1}']) == p.Drain((), ("h \u00e9",), False)
+    assert reason_of(p.decode_client, p.encode_drain()) == "bad selector"
+    assert reason_of(p.decode_client, [b"RWC3 DRAIN", b'{"workers": ["' + b"x" * 201 + b'"]}']
+                     ) == "bad selector"
+    assert reason_of(p.decode_client, [b"RWC3 DRAIN", b"{}", b"{}"]) == "bad DRAIN"
+
+
+def test_paused_resumed_and_draining_replies_round_trip():
+    assert p.encode_paused("q", 12, True) == [b"RWC3 PAUSED q 12 1"]
+    assert p.decode_reply(p.encode_paused("q", 12, True)) == p.Paused("q", 12, True)
+    assert p.decode_reply(p.encode_paused("q", 0, False)) == p.Paused("q", 0, False)
+    assert p.encode_resumed("q", 2, 5, True) == [b"RWC3 RESUMED q 2 5 1"]
+    assert p.decode_reply(p.encode_resumed("q", 2, 5, False)) == p.Resumed("q", 2, 5, False)
+    report = {"asked": [{"name": "box:1", "job": "j"}], "unknown": ["x:2"]}
+    assert p.decode_reply(p.encode_draining(report)) == p.Draining(report)
+    assert reason_of(p.decode_reply, [b"RWC3 PAUSED q 1 2"]) == "bad changed"
+    assert reason_of(p.decode_reply, [b"RWC3 PAUSED q 1"]) == "bad reply"
+    assert reason_of(p.decode_reply, [b"RWC3 RESUMED q 1 2 1 x"]) == "bad reply"
+    assert reason_of(p.decode_reply, [b"RWC3 DRAINING", b"[]"]) == "bad report"
+
+
+def test_drain_to_a_worker_round_trips():
+    assert p.DRAIN_FRAMES == [b"RWW3 DRAIN"]
+    assert p.decode_broker(p.DRAIN_FRAMES) == p.DrainOrder()
+    assert reason_of(p.decode_broker, [b"RWW3 DRAIN now"]) == "bad DRAIN"
+    assert reason_of(p.decode_broker, [b"RWW3 DRAIN", b"x"]) == "bad DRAIN"
+
+
 def test_ping_round_trip():
     assert p.encode_ping() == [b"RWC3 PING"]
     assert p.decode_client(p.encode_ping()) == p.Ping()
@@ -593,6 +632,11 @@ _WRONG_WORD_COUNTS = [
     (p.decode_client, [b"RWC3 QUERY j k"], "QUERY long"),
     (p.decode_client, [b"RWC3 CANCEL"], "CANCEL short"),
     (p.decode_client, [b"RWC3 CANCEL j k"], "CANCEL long"),
+    (p.decode_client, [b"RWC3 PAUSE"], "PAUSE short"),
+    (p.decode_client, [b"RWC3 PAUSE q r"], "PAUSE long"),
+    (p.decode_client, [b"RWC3 RESUME"], "RESUME short"),
+    (p.decode_client, [b"RWC3 RESUME q r"], "RESUME long"),
+    pytest.param(p.decode_client, [b"RWC3 DRAIN a", b'{"all": true}'], "DRAIN long"),
     pytest.param(p.decode_client, [b"RWC3 PING j"], "PING long"),
     pytest.param(p.decode_client, [b"RWC3 PING "], "PING trailing space"),
     # clients endpoint, broker -> client
@@ -612,6 +656,11 @@ _WRONG_WORD_COUNTS = [
     (p.decode_reply, [b"RWC3 PONG", b"{}"], "PONG short"),
     (p.decode_reply, [b"RWC3 PONG b c", b"{}"], "PONG long"),
     pytest.param(p.decode_reply, [b"RWC3 INVALID x", b"reason"], "INVALID long"),
+    (p.decode_reply, [b"RWC3 PAUSED q 1"], "PAUSED short"),
+    (p.decode_reply, [b"RWC3 PAUSED q 1 1 x"], "PAUSED long"),
+    (p.decode_reply, [b"RWC3 RESUMED q 1 1"], "RESUMED short"),
+    (p.decode_reply, [b"RWC3 RESUMED q 1 1 1 x"], "RESUMED long"),
+    pytest.param(p.decode_reply, [b"RWC3 DRAINING x", b"{}"], "DRAINING long"),
     # workers endpoint, worker -> broker
     (p.decode_worker, [b"RWW3 HELLO", b"{}"], "HELLO short"),
     (p.decode_worker, [b"RWW3 HELLO q j 1", b"{}"], "HELLO 5 words"),
@@ -634,6 +683,7 @@ _WRONG_WORD_COUNTS = [
                  "WELCOME long"),
     pytest.param(p.decode_broker, [b"RWW3 HEARTBEAT x"], "HEARTBEAT long"),
     pytest.param(p.decode_broker, [b"RWW3 DISCONNECT x", b"reason"], "DISCONNECT long"),
+    pytest.param(p.decode_broker, [b"RWW3 DRAIN x"], "DRAIN long"),
 ]
 
 
@@ -655,12 +705,15 @@ def test_a_command_line_with_a_wrong_number_of_words_is_rejected_for_every_comma
     """Every command of the spec has at least one wrong-word-count case above."""
     cases = [getattr(case, "values", case) for case in _WRONG_WORD_COUNTS]  # pytest.param or tuple
     covered = {(decode.__name__, frames[0].split(b" ")[1]) for decode, frames, _ in cases}
-    expected = {("decode_client", c) for c in (p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING)}
+    expected = {("decode_client", c) for c in (p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING, p.PAUSE,
+                                               p.RESUME, p.DRAIN)}
     expected |= {("decode_reply", c) for c in (p.ACCEPTED, p.RESULT, p.FAILED, p.CANCELLED, p.REFUSED,
-                                               p.INFO, p.UNKNOWN, p.PONG, p.INVALID)}
+                                               p.INFO, p.UNKNOWN, p.PONG, p.INVALID, p.PAUSED,
+                                               p.RESUMED, p.DRAINING)}
     expected |= {("decode_worker", c)
                  for c in (p.HELLO, p.RESULT, p.ERROR, p.RETURN, p.HEARTBEAT, p.BYE, p.VACATE)}
-    expected |= {("decode_broker", c) for c in (p.JOB, p.ACK, p.WELCOME, p.HEARTBEAT, p.DISCONNECT)}
+    expected |= {("decode_broker", c) for c in (p.JOB, p.ACK, p.WELCOME, p.HEARTBEAT, p.DISCONNECT,
+                                                p.DRAIN)}
     assert covered == expected
 
 
@@ -747,7 +800,8 @@ _WORDS = [
     b"", b"RWC3", b"RWW2", b"RWC1", b"RWW1", b"RWC9", b"RWS1", b"SUBMIT", b"WAIT", b"QUERY", b"CANCEL",
     b"PING", b"RESULT", b"ERROR", b"HELLO", b"RETURN", b"HEARTBEAT", b"BYE", b"JOB", b"WELCOME",
     b"DISCONNECT", b"ACK", b"VACATE", b"RESYNC", b"RWW3", b"INFO", b"FAILED", b"REFUSED", b"ACCEPTED",
-    b"CANCELLED", b"UNKNOWN", b"PONG",
+    b"CANCELLED", b"UNKNOWN", b"PONG", b"PAUSE", b"RESUME", b"DRAIN", b"PAUSED", b"RESUMED",
+    b"DRAINING",
     b"INVALID", b"STATUS", b"SNAPSHOT", b"1", b"0", b"2", b"1000", b"job-1", b"a,b", b"a,,b",
     b"default", b"\xff", b"\x00", b"a\tb", b"999999999999999", b"-1", b"+1",
 ]
@@ -780,7 +834,7 @@ def test_decoders_raise_only_protocol_errors(frames):
 @given(st.sampled_from([p.SUBMIT, p.WAIT, p.QUERY, p.CANCEL, p.PING, p.RESULT, p.ERROR, p.HELLO, p.RETURN,
                         p.HEARTBEAT, p.BYE, p.JOB, p.WELCOME, p.DISCONNECT, p.INFO, p.FAILED, p.REFUSED,
                         p.ACCEPTED, p.CANCELLED, p.UNKNOWN, p.PONG, p.INVALID, p.ACK, p.VACATE,
-                        p.RESYNC]),
+                        p.RESYNC, p.PAUSE, p.RESUME, p.DRAIN, p.PAUSED, p.RESUMED, p.DRAINING]),
        st.lists(_word, max_size=6), st.lists(_frame, max_size=5))
 def test_decoders_raise_only_protocol_errors_behind_valid_version_words(command, words, rest):
     for version, decode in ((p.RWC, p.decode_client), (p.RWW, p.decode_worker),

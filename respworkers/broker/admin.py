@@ -1,6 +1,7 @@
 """What operators ask of the broker beyond one job: list jobs, run failed ones again, empty a
-queue. Each request does a bounded amount of work, so none holds up the loop: a long
-listing or a big purge is continued by asking again.
+queue, pause and resume a queue, drain workers. Each request does a bounded amount of work,
+so none holds up the loop: a long listing or a big purge is continued by asking again;
+resuming a queue and draining look at the registered workers once.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from .. import protocol
 from .model import DONE, REQUEUABLE, Job, JobState
 
 if TYPE_CHECKING:
     from .core import BrokerCore
+    from .workers import WorkerRec
 
 #: Jobs one JOBS request looks at (then it answers with a cursor to go on from).
 SCAN_PER_PAGE = 50_000
@@ -19,6 +22,8 @@ SCAN_PER_PAGE = 50_000
 MAX_PAGE = 1000
 #: Jobs one PURGE request cancels (then it says how many are left).
 PURGE_STEP = 10_000
+#: Most queues paused at once (each is a name in memory and a row in the journal).
+MAX_PAUSED = 10_000
 
 _STATES = {s.value for s in JobState}
 
@@ -124,3 +129,63 @@ def purge(core: BrokerCore, queue: str) -> tuple[int, int]:
     q = core.queues.get(queue)
     left = q.depth + len(q.scheduled) if q is not None else 0
     return min(len(waiting), PURGE_STEP), left
+
+
+def pause(core: BrokerCore, queue: str) -> tuple[int, bool]:
+    """Hand out nothing from ``queue`` until it is resumed: it still takes jobs, scheduled
+    ones still become queued at their time, expiries still apply, running jobs finish.
+    A queue nobody uses yet may be paused. Returns (jobs queued in it, whether it changed)."""
+    changed = core.queues.pause(queue)
+    if changed:
+        core.journal.queue_paused(queue, True)
+    q = core.queues.get(queue)
+    return (q.depth if q is not None else 0), changed
+
+
+def resume(core: BrokerCore, queue: str) -> tuple[int, int, bool]:
+    """Hand out ``queue``'s jobs again, at once to its idle workers (one look at each; none
+    if it was not paused: they had their chance). Returns (jobs dispatched now, jobs still
+    queued, whether it changed)."""
+    changed = core.queues.resume(queue)
+    if changed:
+        core.journal.queue_paused(queue, False)
+    dispatched = 0
+    q = core.queues.get(queue)
+    if changed and q is not None and q.depth:
+        for w in list(q.ready.values()):
+            if w.ready and w.alive(core.now) and core.offer_work(w):
+                dispatched += 1
+            q = core.queues.get(queue)
+            if q is None or not q.depth:
+                break
+    return dispatched, (q.depth if q is not None else 0), changed
+
+
+def drain(core: BrokerCore, req: protocol.Drain) -> dict[str, Any]:
+    """Tell the workers named (by name, by host, or all) to finish their job and leave.
+    One look at the registered workers; unknown names and hosts are reported."""
+    records = core.workers.records
+    chosen: dict[bytes, WorkerRec] = dict(records) if req.everyone else {}
+    unknown: list[str] = []
+    for name in req.workers:
+        same = core.workers.by_name.get(name)
+        if same:
+            chosen.update((w.wid, w) for w in same)
+        else:
+            unknown.append(name)
+    if req.hosts:
+        by_host: dict[str, list[WorkerRec]] = {}
+        for w in records.values():
+            host = w.info.get("host")
+            if isinstance(host, str):
+                by_host.setdefault(host, []).append(w)
+        for host in req.hosts:
+            if host in by_host:
+                chosen.update((w.wid, w) for w in by_host[host])
+            else:
+                unknown.append(host)
+    asked = []
+    for w in chosen.values():
+        core.drain_worker(w)
+        asked.append({"name": w.name, "job": w.job_id})
+    return {"asked": asked, "unknown": unknown}

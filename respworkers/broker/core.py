@@ -126,12 +126,14 @@ class BrokerCore:
         Queued jobs queue again in their old order. A job that was running is held back
         for one heartbeat expiry so its worker can re-register and claim it; if none
         does, it runs again and the interrupted attempt does not count as a try.
-        Ended jobs keep their outcome for WAIT and QUERY until retention ends.
-        ``progress(rows so far)`` is called every RESTORE_STEP rows, so that a caller can
+        Ended jobs keep their outcome for WAIT and QUERY until retention ends. Paused
+        queues stay paused. ``progress(rows so far)`` is called every RESTORE_STEP rows, so that a caller can
         answer pings while a large journal loads.
         """
         counts = {"queued": 0, "interrupted": 0, "scheduled": 0, "finished": 0}
         ended: list[Job] = []
+        for name in self.journal.paused_queues():  # before any job is queued: none is handed out
+            self.queues.pause(name)
         self.start_recovery()
         for n, job in enumerate(stored, 1):
             if progress is not None and not n % RESTORE_STEP:
@@ -235,8 +237,32 @@ class BrokerCore:
         elif isinstance(req, protocol.Purge):
             cancelled, left = admin.purge(self, req.queue)
             self.send_client(client, protocol.encode_purged(req.queue, cancelled, left))
+        elif isinstance(req, (protocol.Pause, protocol.Resume)):
+            self._pause_or_resume(client, req)
+        elif isinstance(req, protocol.Drain):
+            self.send_client(client, protocol.encode_draining(admin.drain(self, req)))
         else:
             self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
+
+    def _pause_or_resume(self, client: bytes, req: protocol.Pause | protocol.Resume) -> None:
+        """``rw pause``/``rw resume``: in effect at once; a change is told once journaled (it
+        survives a restart), as REQUEUED is."""
+        if isinstance(req, protocol.Pause):
+            if req.queue not in self.queues.paused and len(self.queues.paused) >= admin.MAX_PAUSED:
+                exc = ProtocolError("too many paused queues",
+                                    f"{admin.MAX_PAUSED} are paused; resume some first")
+                self.count_bad("clients", exc)
+                self.send_client(client, protocol.encode_invalid(str(exc)))
+                return
+            queued, changed = admin.pause(self, req.queue)
+            frames = protocol.encode_paused(req.queue, queued, changed)
+        else:
+            dispatched, queued, changed = admin.resume(self, req.queue)
+            frames = protocol.encode_resumed(req.queue, dispatched, queued, changed)
+        if changed:
+            self.notifier.reply_when_durable(client, frames)
+        else:
+            self.send_client(client, frames)
 
     def _take_in(self, client: bytes, jobs: list[protocol.Submit], start: int) -> None:
         """Submit a batch's jobs, in steps; past the turn's budget the rest waits for the next
@@ -454,7 +480,8 @@ class BrokerCore:
         self.workers.add(w)
         self.send_worker(wid, self._welcome)
         if msg.job_id is None:
-            self._ready(w)
+            if not w.draining:  # a drained worker that reconnected: it is about to say BYE
+                self._ready(w)
             return
         w.job_id, w.attempt, w.token = msg.job_id, msg.attempt, msg.token
         self.holders[msg.token] = w
@@ -560,8 +587,9 @@ class BrokerCore:
                     job.error = msg.error
         w.stopping = not msg.ready
         # The JOB, or else an ACK, tells the worker its answer was applied: it keeps the
-        # answer (to send again after a reconnect) until then.
-        if not (msg.ready and self._ready(w)):
+        # answer (to send again after a reconnect) until then. A draining worker that says
+        # ready (DRAIN crossed its answer) gets no job: it is leaving.
+        if not (msg.ready and not w.draining and self._ready(w)):
             self.send_worker(w.wid, protocol.encode_ack(msg.job_id.encode(), msg.attempt))
 
     def _result(self, job: Job, w: WorkerRec, payload: list[bytes]) -> None:
@@ -654,7 +682,7 @@ class BrokerCore:
             self._expire(job)  # not in its queue yet: nothing to take out
             return
         q = self.queues.get(job.queue)
-        while q is not None and q.ready:
+        while q is not None and q.ready and not q.paused:
             w, untried = self.workers.pick(q, job)
             if not w.alive(self.now):
                 # Idle but silent past its expiry (dead; the sweep has not run yet): never
@@ -681,7 +709,7 @@ class BrokerCore:
             best: Job | None = None
             for name in w.queues:
                 q = by_name.get(name)
-                if q is None or not q.depth:
+                if q is None or not q.depth or q.paused:
                     continue
                 job = q.head()
                 if job is not None and job.tried and self.policy.waits_for_another(
@@ -700,6 +728,22 @@ class BrokerCore:
             self._assign(best, w)
             return True
 
+    def offer_work(self, w: WorkerRec) -> bool:
+        """An idle worker looks for work again (a queue it serves was resumed): True if it
+        got a job, else it is parked again."""
+        self.workers.unready(w)
+        return self._ready(w)
+
+    def drain_worker(self, w: WorkerRec) -> None:
+        """``rw drain``: the worker finishes the job in hand and leaves (an idle one at once).
+        It is sent no job from now on; DRAIN is sent again if asked again (harmless)."""
+        if not w.draining:
+            w.draining = True
+            self.counters.drained += 1
+        if w.ready:
+            self.workers.unready(w)
+        self.send_worker(w.wid, protocol.DRAIN_FRAMES)
+
     def requeued(self, job: Job) -> None:
         """``rw requeue``: an ended job (reset by admin.requeue) waits to run again."""
         self._enqueue(job, front=False)
@@ -715,8 +759,8 @@ class BrokerCore:
         """A retry waited long enough for a worker that had not tried it: any idle worker
         may take it now."""
         q = self.queues.get(job.queue)
-        if q is None:
-            return
+        if q is None or q.paused:
+            return  # resuming the queue hands it out
         for w in list(q.ready.values()):
             if w.alive(self.now):
                 self.queues.remove(job)

@@ -11,6 +11,9 @@ The sqlite journal runs in WAL mode. ``sync = "normal"`` (the default) survives 
 crash of the broker process (kill -9, OOM); ``"full"`` also survives a power cut or
 kernel crash, at the price of an fsync per batch.
 
+Besides jobs, the journal keeps which queues are paused (``rw pause``), one row each in
+its ``meta`` table (key ``paused:<queue>``), written in the same transactions.
+
 Disk faults do not stop the broker: a commit that fails raises
 :class:`JournalWriteError` naming the file and the cause, keeps everything it could
 not write buffered, and the next commit tries again. A journal file deleted under a
@@ -25,7 +28,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +78,9 @@ _ADDED_IN_4 = (
 _JOBS_3 = _JOBS.format(later="")
 _JOBS = _JOBS.format(later="".join(f",\n    {name} {kind}" for name, kind in _ADDED_IN_4))
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+#: A paused queue's row in ``meta`` is this prefix and its name (value "1"). ';' follows ':'.
+PAUSED_KEY = "paused:"
+_PAUSED_ROWS = "SELECT key FROM meta WHERE key >= 'paused:' AND key < 'paused;' ORDER BY key"
 _ALL = ", ".join(COLUMNS)
 _SCHEMA_2 = ("seq, id, queue, timeout, tries, attempt, state, payload, result, reason, error,"
              " tried, created, started, finished")
@@ -157,6 +163,12 @@ class Journal(Protocol):
 
     def forget(self, job: Job) -> None: ...
 
+    def queue_paused(self, queue: str, paused: bool) -> None:
+        """A queue was paused or resumed (``rw pause``/``rw resume``): kept across restarts."""
+
+    def paused_queues(self) -> list[str]:
+        """The queues stored as paused."""
+
     def commit(self) -> None:
         """Write what changed; raise JournalWriteError (keeping it buffered) if that fails."""
 
@@ -188,6 +200,12 @@ class NullJournal:
 
     def forget(self, job: Job) -> None:
         pass
+
+    def queue_paused(self, queue: str, paused: bool) -> None:
+        pass
+
+    def paused_queues(self) -> list[str]:
+        return []
 
     def commit(self) -> None:
         pass
@@ -221,6 +239,8 @@ class SqliteJournal:
         self._new: dict[str, Job] = {}
         self._changed: dict[str, Job] = {}
         self._gone: list[tuple[int]] = []
+        self._paused: set[str] = set()  # every paused queue (a rewrite writes them all)
+        self._pausing: dict[str, bool] = {}  # queue -> paused, changed since the last commit
         self.batches = 0
         self.rows = 0
         self.failures = 0
@@ -290,8 +310,19 @@ class SqliteJournal:
         if self._new.pop(job.id, None) is None:
             self._gone.append((job.seq,))
 
+    def queue_paused(self, queue: str, paused: bool) -> None:
+        if paused:
+            self._paused.add(queue)
+        else:
+            self._paused.discard(queue)
+        self._pausing[queue] = paused
+
+    def paused_queues(self) -> list[str]:
+        self._paused = {key[len(PAUSED_KEY):] for key, in self.db.execute(_PAUSED_ROWS)}
+        return sorted(self._paused)
+
     def dirty(self) -> bool:
-        return bool(self._new or self._changed or self._gone)
+        return bool(self._new or self._changed or self._gone or self._pausing)
 
     def commit(self) -> None:
         if not self.dirty():
@@ -317,7 +348,17 @@ class SqliteJournal:
                 _UPDATE, [(*change_row(j), j.payload is None, j.seq) for j in self._changed.values()])
         if self._gone:
             db.executemany("DELETE FROM jobs WHERE seq=?", self._gone)
+        if self._pausing:
+            self._write_paused(db, self._pausing.items())
         db.execute("COMMIT")
+
+    @staticmethod
+    def _write_paused(db: sqlite3.Connection, changes: Iterable[tuple[str, bool]]) -> None:
+        for queue, paused in changes:
+            if paused:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (PAUSED_KEY + queue,))
+            else:
+                db.execute("DELETE FROM meta WHERE key=?", (PAUSED_KEY + queue,))
 
     def _rollback(self) -> None:
         # After some errors sqlite has already rolled back ("cannot rollback - no
@@ -330,10 +371,11 @@ class SqliteJournal:
 
     def _written(self) -> None:
         self.batches += 1
-        self.rows += len(self._new) + len(self._changed) + len(self._gone)
+        self.rows += len(self._new) + len(self._changed) + len(self._gone) + len(self._pausing)
         self._new.clear()
         self._changed.clear()
         self._gone.clear()
+        self._pausing.clear()
 
     def _rewrite(self) -> None:
         """The file at our path is gone or is another file (deleted, moved, replaced): what
@@ -354,7 +396,9 @@ class SqliteJournal:
             db = self.db
             db.execute("BEGIN")
             db.execute("DELETE FROM jobs")
+            db.execute("DELETE FROM meta WHERE key >= 'paused:' AND key < 'paused;'")
             db.executemany(_INSERT, [full_row(j) for j in self._jobs.values()])
+            self._write_paused(db, ((queue, True) for queue in self._paused))
             db.execute("COMMIT")
         except (sqlite3.Error, JournalError) as exc:
             if isinstance(exc, sqlite3.Error):
@@ -370,6 +414,7 @@ class SqliteJournal:
         self._new.clear()
         self._changed.clear()
         self._gone.clear()
+        self._pausing.clear()
         log.warning("journal %s written again: %d jobs", self.path, len(self._jobs))
 
     def load(self) -> Iterator[Job]:
@@ -408,7 +453,7 @@ class SqliteJournal:
             self.commit()
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except (sqlite3.Error, JournalError) as exc:
-            left = len(self._new) + len(self._changed) + len(self._gone)
+            left = len(self._new) + len(self._changed) + len(self._gone) + len(self._pausing)
             log.error("closing the journal: %s; %d job changes were not written", exc, left)
         finally:
             self.db.close()

@@ -13,6 +13,10 @@ Every step is O(1) in the number of jobs: taking a job out of the middle of a la
 entry stale, and stale entries are dropped when they reach the head; a tenant whose lane
 is empty leaves the turn when its turn comes. Jobs that were running when the previous
 broker stopped are *held* apart for a while, so their workers can claim them.
+
+A *paused* queue (``rw pause``) keeps taking and holding jobs but hands none out. Whether a
+queue is paused is kept by name (a queue record exists only while it is in use) and
+mirrored in its record's ``paused``, so the dispatch paths check one attribute.
 """
 
 from __future__ import annotations
@@ -80,9 +84,9 @@ class Level:
 
 
 class Queue:
-    __slots__ = ("name", "levels", "order", "depth", "ready", "serving", "scheduled")
+    __slots__ = ("name", "levels", "order", "depth", "ready", "serving", "scheduled", "paused")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, paused: bool = False) -> None:
         self.name = name
         self.levels: dict[int, Level] = {}
         self.order: list[Level] = []  # the levels, highest priority first
@@ -90,6 +94,7 @@ class Queue:
         self.ready: dict[bytes, WorkerRec] = {}  # idle workers, longest idle first
         self.serving = 0  # registered workers serving this queue
         self.scheduled: dict[str, Job] = {}  # waiting for their time (delay, eta, backoff)
+        self.paused = paused  # nothing is handed out while set (rw pause)
 
     def head(self) -> Job | None:
         """The job handed out next: highest priority first (then as its level says)."""
@@ -152,6 +157,7 @@ class Queues:
         self.held: dict[str, Job] = {}  # running at the previous broker's end: claimable
         self.release_at = 0.0  # when held jobs queue again
         self._weights = weights or {}  # jobs per turn, by tenant (1 if not named)
+        self.paused: set[str] = set()  # names of the paused queues, used or not
 
     def get(self, name: str) -> Queue | None:
         return self.by_name.get(name)
@@ -159,8 +165,28 @@ class Queues:
     def require(self, name: str) -> Queue:
         q = self.by_name.get(name)
         if q is None:
-            q = self.by_name[name] = Queue(name)
+            q = self.by_name[name] = Queue(name, name in self.paused)
         return q
+
+    def pause(self, name: str) -> bool:
+        """Hand out nothing from this queue; False if it was paused already."""
+        if name in self.paused:
+            return False
+        self.paused.add(name)
+        q = self.by_name.get(name)
+        if q is not None:
+            q.paused = True
+        return True
+
+    def resume(self, name: str) -> bool:
+        """Hand out its jobs again; False if it was not paused."""
+        if name not in self.paused:
+            return False
+        self.paused.discard(name)
+        q = self.by_name.get(name)
+        if q is not None:
+            q.paused = False
+        return True
 
     def forget_if_unused(self, q: Queue) -> None:
         if not (q.depth or q.ready or q.serving or q.scheduled):

@@ -29,7 +29,7 @@ class Counters:
 
     __slots__ = (
         "submitted", "done", "failed", "cancelled", "expired", "retried", "duplicates", "late",
-        "lost_workers", "resubmitted", "refused", "requeued", "abandoned",
+        "lost_workers", "resubmitted", "refused", "requeued", "abandoned", "drained",
     )
 
     def __init__(self) -> None:
@@ -37,6 +37,7 @@ class Counters:
         self.retried = self.duplicates = self.late = self.lost_workers = 0
         self.resubmitted = self.refused = self.requeued = 0
         self.abandoned = 0  # running attempts told to stop (ABANDON) because their job ended
+        self.drained = 0  # workers told to finish their job and leave (rw drain)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -88,8 +89,12 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
         e = queues.get(name)
         if e is None:
             e = queues[name] = {"queued": 0, "scheduled": 0, "running": 0, "workers": 0,
-                                "idle": 0, "oldest_wait": None}
+                                "idle": 0, "oldest_wait": None, "paused": name in paused}
         return e
+
+    paused = core.queues.paused
+    for name in sorted(paused):  # shown even while nothing uses them
+        entry(name)
 
     for name, q in core.queues.by_name.items():
         if q.depth or q.scheduled:
@@ -131,6 +136,7 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
         },
         "workers": workers,
         "queues": queues,
+        "paused": sorted(paused),
         "queued": core.queues.waiting(),
         "scheduled": core.queues.scheduled(),
         "in_flight": len(core.deadlines),

@@ -22,7 +22,7 @@ class WorkerRec:
     __slots__ = (
         "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
         "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
-        "incarnation", "conn",
+        "incarnation", "conn", "draining",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -50,6 +50,9 @@ class WorkerRec:
         self.incarnation = incarnation if isinstance(incarnation, str) else None
         conn = info.get("conn")
         self.conn = conn if isinstance(conn, int) and not isinstance(conn, bool) else 0
+        # Told to drain (rw drain): it gets no more jobs and leaves after the one in hand. A
+        # drained worker that reconnects says so in its HELLO, so it stays drained.
+        self.draining = info.get("draining") is True
 
     def stale(self, new: WorkerRec) -> bool:
         """Whether ``new`` (a HELLO for this record's slot) came from a connection this very
@@ -59,6 +62,8 @@ class WorkerRec:
 
     @property
     def state(self) -> str:
+        if self.draining:
+            return "draining"
         if self.job_id is not None:
             return "busy"
         if self.ready:

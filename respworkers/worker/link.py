@@ -63,6 +63,8 @@ class BrokerLink:
         self.reconnect_due = False  # told to register again right after registering
         self.next_beat = 0.0
         self.stops = 0  # stop requests so far: 1 warm, 2 forced
+        self.draining = False  # the broker said DRAIN: a warm stop, as by one SIGTERM
+        self._drain_counted = False  # the DRAIN and a first signal are one warm stop together
         self.job: tuple[str, int, bytes] | None = None  # (id, attempt, token) in hand
         self.next: protocol.Dispatch | None = None  # received, about to run
         self.abandon: protocol.Abandon | None = None  # the job in hand is over: stop it
@@ -127,8 +129,27 @@ class BrokerLink:
 
     # ------------------------------------------------------------------ stops
     def read_stops(self) -> int:
-        self.stops += sum(map(self.wake.drain().count, _STOP_BYTES))
+        stops = sum(map(self.wake.drain().count, _STOP_BYTES))
+        if stops and self.draining and not self._drain_counted:
+            self._drain_counted = True  # drained, then SIGTERM (its pool stopping): still warm
+            stops -= 1
+        self.stops += stops
         return self.stops
+
+    def _drain(self) -> None:
+        """DRAIN (``rw drain``): stop warmly, exactly as on a first SIGTERM: the job in hand
+        is finished and answered (ready=0), then BYE. DRAIN and the first signal, in either
+        order, make one warm stop (a pool stopping signals its drained children too); one
+        more signal forces it. A repeated DRAIN changes nothing. The HELLO of a reconnection
+        says ``draining`` so that the broker sends no job meanwhile."""
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_counted = self.stops > 0  # a signal came first: it was this warm stop
+        self.info["draining"] = True
+        self.stops = max(self.stops, 1)
+        self.wake.wake(b"d")  # an idle main loop looks at ``stops`` now (b"d" is no stop byte)
+        log.info("the broker asked this worker to drain: leaving after the job in hand, if any")
 
     # ------------------------------------------------------------------ beats
     def beat(self, now: float, parent_pid: int | None) -> None:
@@ -183,6 +204,9 @@ class BrokerLink:
                 if self.job is not None and self.job[:2] == (msg.job_id, msg.attempt):
                     self.abandon = msg
                 continue  # for an attempt already answered: nothing to stop
+            if isinstance(msg, protocol.DrainOrder):
+                self._drain()
+                continue
             if isinstance(msg, protocol.Ack):
                 u = self.unconfirmed
                 if u is not None and u[0] == msg.job_id and u[1] == msg.attempt:

@@ -22,6 +22,10 @@ for it), the pool grows by half its size (at least one) up to MAX. A child that 
 no job for ``scale_down_after`` seconds is retired with a warm stop (one per second),
 down to MIN. A retired or recycled child says goodbye after its job in hand: nothing is
 lost and no try is charged.
+
+A child the broker drained (``rw drain``) finishes its job, says BYE and exits with
+:data:`EXIT_DRAINED`: the pool does not replace it, and once every child is drained the
+pool exits 0.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ START_FAILURE_WINDOW = 60.0
 #: How long the parent waits for a VACATE to reach the broker.
 VACATE_LINGER_MS = 500
 EXIT_START_FAILED = 78
+#: A child that stopped because the broker drained it: not replaced.
+EXIT_DRAINED = 79
 RET_START_FAILED = 2
 #: Autoscaling: how often the pool looks, and how busy every child must have been to grow.
 SCALE_EVERY = 1.0
@@ -103,6 +109,8 @@ def _child_main(
         runner.install_signal_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         code = runner.run(on_ready=ready)
+        if code == 0 and runner.link.draining:
+            code = EXIT_DRAINED
     except BaseException as exc:  # reported through logging, not as a raw traceback
         if isinstance(exc, SystemExit):
             raise
@@ -132,6 +140,7 @@ class Slot:
     #: The process now in the slot (new at each start): a VACATE names it, so that one
     #: arriving late never evicts the process that replaced the dead one.
     incarnation: str = ""
+    drained: bool = False  #: its process left because the broker drained it: no restart
     #: Shared with the child: [seconds spent in finished jobs, start of the job in hand or 0].
     busy: Any = None
     busy_seen: float = 0.0  #: busy seconds at the last look
@@ -262,6 +271,11 @@ class Pool:
                 slot.report.close()
                 slot.report = None
             slot.process = None
+            if p.exitcode == EXIT_DRAINED:
+                slot.drained = True
+                log.info("worker process %s in slot %d was drained; not replacing it",
+                         p.pid, slot.index)
+                continue
             if self.signals:
                 log.info("worker process %s exited (%s)", p.pid, p.exitcode)
                 continue
@@ -320,7 +334,7 @@ class Pool:
             if not slot.ready or worked < GROW_BUSY * min(window, SCALE_EVERY):
                 all_busy = False
         size = len(live)
-        if all_busy and size < self.high:
+        if all_busy and size < self.high and not any(s.drained for s in self.slots):
             grow = min(self.high - size, max(1, size // 2))
             log.info("all %d worker processes busy: starting %d more", size, grow)
             for _ in range(grow):
@@ -412,17 +426,19 @@ class Pool:
             self._reap(now)
             if not self.signals:
                 for slot in self.slots:
-                    if slot.process is None and now >= slot.restart_at and self.failure is None:
+                    if (slot.process is None and now >= slot.restart_at and self.failure is None
+                            and not slot.drained):
                         self._start(slot)
                 if scaling:
                     self._scale(now)
                 if self.cfg.reload:
                     self._check_sources(now)
             alive = [s for s in self.slots if s.process is not None]
-            if self.signals and not alive:
+            if not alive and (self.signals or all(s.drained for s in self.slots)):
                 log.info("all worker processes stopped")
                 return RET_START_FAILED if self.failure else 0
-            waiting = [s.restart_at for s in self.slots if s.process is None and not self.signals]
+            waiting = [s.restart_at for s in self.slots
+                       if s.process is None and not self.signals and not s.drained]
             if not self.signals:
                 if scaling:
                     waiting.append(self._next_scale)
