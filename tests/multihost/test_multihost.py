@@ -45,6 +45,9 @@ TESTS = HERE.parent
 HEARTBEAT = 0.25
 LIVENESS = 3
 EXPIRY = HEARTBEAT * LIVENESS
+#: The broker's retry backoff (a lost worker's job waits 0.5 to 1 times it): short, so that
+#: re-dispatch bounds stay about heartbeats.
+BACKOFF = 0.2
 PORTS = {"clients": 7781, "workers": 7782, "status": 7783}
 RELAY_OFFSET = 10000  # the relay listens on the broker's ports + this
 
@@ -161,6 +164,7 @@ class Net:
             liveness = {liveness}
             timeout = 30.0
             tries = 3
+            backoff = {BACKOFF}
             """))
         for host in ("a", "b"):
             (self.root / f"worker-{host}.toml").write_text(textwrap.dedent(f"""\
@@ -366,7 +370,7 @@ def test_worker_host_cut_mid_batch_redispatches_and_the_host_comes_back(net: Net
     # Re-dispatched to A within the liveness: the broker drops B's workers at the first
     # tick after HEARTBEAT x LIVENESS of silence; a retry goes to the front of the queue
     # and A's workers take it when their 0.1 s job ends.
-    bound = EXPIRY + 2 * HEARTBEAT + short_s + 0.5  # + CI slack
+    bound = EXPIRY + 2 * HEARTBEAT + BACKOFF + short_s + 0.5  # + CI slack
     redispatched = {j: wait_for(lambda j=j: started(j, a_pids, attempt=2), bound + 5,
                                 what=f"{j} to be re-dispatched to workers-a")
                     for j in cut_jobs}
