@@ -1288,7 +1288,22 @@ def test_a_hello_claiming_an_attempt_with_a_wrong_token_is_refused(h):
     h.result(W2, "j1", 1, payload=[b"FORGED"], token=b"f" * 32)
     assert h.to_client(C1) == []
     assert h.info("j1")["state"] == "running" and h.info("j1")["worker"] == "w1"
-    assert h.snap()["bad_messages"] == {"workers: HELLO claiming an attempt with a wrong token": 1}
+    assert h.snap()["bad_messages"] == {
+        "workers: HELLO claiming an attempt with a wrong token": 1,
+        "workers: RESULT for an attempt with a wrong token": 1}
+    assert h.snap()["totals"]["duplicates"] == 0
+    for forge in ("ERROR", "RETURN", "PROGRESS"):  # each follow-up of a forged claim is counted
+        h.hello(W3, job_id="j1", attempt=1, token=b"e" * 32)
+        if forge == "ERROR":
+            h.error(W3, "j1", 1, "forged", token=b"e" * 32)
+        elif forge == "RETURN":
+            h.give_back(W3, "j1", 1, token=b"e" * 32)
+        else:
+            h.core.on_worker(W3, p.encode_worker_progress("j1", 1, b"e" * 32, b'{"fraction":1}'))
+        assert h.snap()["bad_messages"][f"workers: {forge} of an attempt with a wrong token"
+                                        if forge == "RETURN" else
+                                        f"workers: {forge} for an attempt with a wrong token"] == 1
+    assert h.info("j1")["state"] == "running" and h.info("j1")["worker"] == "w1"
     h.result(W1, "j1", 1)
     assert h.to_client(C1) == [R(p.RESULT, "j1", [b"out"])]
 

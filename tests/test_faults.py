@@ -303,6 +303,24 @@ def test_a_deleted_journal_is_written_again_whole(cluster: Cluster) -> None:
     assert all(s is not None and s["state"] == "queued" for s in states)
 
 
+def test_a_deleted_journal_is_written_again_while_the_broker_is_idle(cluster: Cluster) -> None:
+    broker = cluster.broker()
+    with cluster.client() as c:
+        ids = [c.submit(f"j{i}", id=f"idle-{i}", queue="nobody") for i in range(5)]
+        c.wait_confirmed(ids, timeout=10)
+    for path in Path(cluster.root).glob("journal.sqlite3*"):
+        path.unlink()
+    # Nothing else happens: the heartbeat's look at the file notices, within a second or so.
+    wait_for(lambda: "written again" in broker.output(), 10, what="the journal to be rewritten")
+    wait_for(lambda: Path(cluster.journal).exists(), 5, what="the new journal file")
+    broker.signal(signal.SIGKILL)
+    broker.wait(5)
+    cluster.broker()
+    with cluster.client() as c:
+        states = [c.query(f"idle-{i}") for i in range(5)]
+    assert all(s is not None and s["state"] == "queued" for s in states), states
+
+
 # ================================================================================================
 # overload
 # ================================================================================================

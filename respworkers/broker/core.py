@@ -497,6 +497,7 @@ class BrokerCore:
             # a broker crash kept out of the journal. Its answer will be dropped.
             self.count_bad("workers", ProtocolError(
                 "HELLO claiming an attempt with a wrong token", msg.job_id))
+            w.forged = True
             return
         w.job = job
         if job.state is RUNNING and not self.workers.registered(job.worker):
@@ -559,12 +560,16 @@ class BrokerCore:
         holder = job is not None and job.worker is w
         # An attempt the job no longer knows (it ended, or ended and was requeued since)
         # changes nothing: the job's live attempts are exactly its tokens.
-        token = w.token
+        token, forged = w.token, w.forged
         tokens = job.tokens if job is not None else None
         if tokens is not None and tokens.pop(token, None) is not None:
             pass  # live: its token is spent now
         else:
             job = None
+            if forged:
+                self.count_bad("workers", ProtocolError(
+                    f"{'RESULT' if ok else 'ERROR'} for an attempt with a wrong token",
+                    msg.job_id))
         if self.holders.get(token) is w:  # _close_attempt(), inline: the hot path
             del self.holders[token]
         w.release()
@@ -572,7 +577,7 @@ class BrokerCore:
             w.done += 1
             if job is not None:
                 self._result(job, w, msg.payload)
-            else:
+            elif not forged:
                 self.counters.duplicates += 1
         elif msg.then == "abandoned":  # it stopped as told (ABANDON): not an error
             if job is not None and job.state is RUNNING and holder:
@@ -609,6 +614,9 @@ class BrokerCore:
         """The worker will not finish its attempt: the job goes first in its queue, and the
         attempt does not count as a try."""
         holder = w.job is not None and w.job.worker is w
+        if w.forged:
+            self.count_bad("workers", ProtocolError("RETURN of an attempt with a wrong token",
+                                                    w.job_id or ""))
         job = self._close_attempt(w)
         if job is not None and job.state is RUNNING and holder:
             self._back_in_queue(job)
@@ -624,6 +632,9 @@ class BrokerCore:
         """The holder of an attempt says how far it got: latest wins; watchers are told."""
         job = w.job
         if job is None or job.state is not RUNNING or job.worker is not w:
+            if w.forged:
+                self.count_bad("workers", ProtocolError(
+                    "PROGRESS for an attempt with a wrong token", w.job_id or ""))
             return  # an attempt that timed out reports nothing any more
         report = dict(progress)  # checked and bounded by the protocol decoder
         report["at"] = round(self.wall, 3)
@@ -912,6 +923,7 @@ class BrokerCore:
         for wid in self.workers.records:
             self.send_worker(wid, beat)
         self._expire_finished()
+        self.journal.check()
         self.stats.sample(now)
 
     def _expire_finished(self) -> None:

@@ -175,6 +175,9 @@ class Journal(Protocol):
     def dirty(self) -> bool:
         """Whether commit() has anything to write."""
 
+    def check(self) -> None:
+        """Once a heartbeat: notice trouble that no write would reveal yet."""
+
     def load(self) -> Iterator[Job]:
         """Every stored job, in submission order."""
 
@@ -213,6 +216,9 @@ class NullJournal:
     def dirty(self) -> bool:
         return False
 
+    def check(self) -> None:
+        pass
+
     def load(self) -> Iterator[Job]:
         return iter(())
 
@@ -235,6 +241,7 @@ class SqliteJournal:
                                ) from None
         self.db = self._open()
         self._identity = self._file_identity()
+        self._moved = False  # check() saw the file deleted or replaced
         self._jobs: Mapping[str, Job] = {}
         self._new: dict[str, Job] = {}
         self._changed: dict[str, Job] = {}
@@ -322,12 +329,20 @@ class SqliteJournal:
         return sorted(self._paused)
 
     def dirty(self) -> bool:
-        return bool(self._new or self._changed or self._gone or self._pausing)
+        return bool(self._new or self._changed or self._gone or self._pausing or self._moved)
+
+    def check(self) -> None:
+        """Once a heartbeat: a journal file deleted or replaced under the broker is written
+        again at the next commit even when nothing else changes, so an idle broker does not
+        sit on confirmed jobs that exist nowhere on disk."""
+        if self._file_identity() != self._identity:
+            self._moved = True
 
     def commit(self) -> None:
         if not self.dirty():
             return
-        if self._file_identity() != self._identity:
+        if self._moved or self._file_identity() != self._identity:
+            self._moved = False
             self._rewrite()
             return
         try:

@@ -22,7 +22,7 @@ class WorkerRec:
     __slots__ = (
         "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
         "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
-        "incarnation", "conn", "draining",
+        "incarnation", "conn", "draining", "forged",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -53,6 +53,9 @@ class WorkerRec:
         # Told to drain (rw drain): it gets no more jobs and leaves after the one in hand. A
         # drained worker that reconnects says so in its HELLO, so it stays drained.
         self.draining = info.get("draining") is True
+        # Its HELLO claimed an attempt with a token the broker never sent: whatever it says
+        # of that attempt is a forgery (or a dispatch a crash kept out of the journal).
+        self.forged = False
 
     def stale(self, new: WorkerRec) -> bool:
         """Whether ``new`` (a HELLO for this record's slot) came from a connection this very
@@ -76,6 +79,7 @@ class WorkerRec:
         self.job_id = None
         self.attempt = 0
         self.token = b""
+        self.forged = False
 
     def holds(self, job_id: str, attempt: int, token: bytes) -> bool:
         return self.job_id == job_id and self.attempt == attempt and self.token == token
