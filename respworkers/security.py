@@ -25,7 +25,8 @@ from .util import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-CLIENTS, WORKERS, STATUS = "clients", "workers", "status"
+#: The three roles (and ZAP domains): one key folder and one endpoint each.
+ROLE_CLIENTS, ROLE_WORKERS, ROLE_STATUS = "clients", "workers", "status"
 
 #: How often (seconds) the broker looks at the key folders for added or removed keys.
 WATCH_INTERVAL = 1.0

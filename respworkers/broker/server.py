@@ -22,7 +22,7 @@ import zmq
 from .. import protocol, sockets
 from ..config import BrokerConfig
 from ..errors import ConfigError, ProtocolError, RespWorkersError
-from ..security import CLIENTS, STATUS, WORKERS, BrokerSecurity, is_loopback
+from ..security import ROLE_CLIENTS, ROLE_STATUS, ROLE_WORKERS, BrokerSecurity, is_loopback
 from ..util import WakePipe
 from .channel import SEND_HWM, ClientChannel, router_sender
 from .core import BrokerCore
@@ -31,7 +31,7 @@ from .journal import Journal, SqliteJournal, open_journal
 log = logging.getLogger(__name__)
 
 #: Messages taken from one socket before looking at the others (fairness between sockets).
-BATCH = 500
+READS_PER_SOCKET = 500
 #: Seconds one socket may be read in one loop turn before the others and the timers get theirs.
 TURN_BUDGET = 0.01
 #: Client messages other than PING held while a large journal loads (then read later).
@@ -81,8 +81,8 @@ class BrokerServer:
                 raise ConfigError("[broker] secret_key needs client_keys and worker_keys folders")
             # The ZAP handler must run before the first handshake, so before binding.
             self.security = BrokerSecurity(self.ctx, cfg.secret_key, {
-                CLIENTS: cfg.client_keys, WORKERS: cfg.worker_keys,
-                STATUS: cfg.status_keys or cfg.client_keys,
+                ROLE_CLIENTS: cfg.client_keys, ROLE_WORKERS: cfg.worker_keys,
+                ROLE_STATUS: cfg.status_keys or cfg.client_keys,
             })
         else:
             self._warn_exposed()
@@ -104,7 +104,7 @@ class BrokerServer:
         }
         send_client = router_sender(self.clients)
         if self.security is not None:
-            send_client = self.security.guard_sender(CLIENTS, send_client)
+            send_client = self.security.guard_sender(ROLE_CLIENTS, send_client)
         self.channel = ClientChannel(send_client)
         self.core = BrokerCore(
             cfg, self.channel.send, sockets.router_sender(self.workers), journal, self.endpoints)
@@ -113,16 +113,16 @@ class BrokerServer:
         self.wake = WakePipe()
 
     def _warn_exposed(self) -> None:
-        for name in (CLIENTS, WORKERS, STATUS):
+        for name in (ROLE_CLIENTS, ROLE_WORKERS, ROLE_STATUS):
             endpoint = getattr(self.cfg, name)
             if not is_loopback(endpoint):
                 log.warning(
                     "binding the %s endpoint %s WITHOUT AUTHENTICATION: anyone who can "
                     "reach it can %s. Set [broker] secret_key, client_keys and worker_keys "
                     "(README: Security).", name, endpoint,
-                    {CLIENTS: "submit jobs and read their results",
-                     WORKERS: "register as a worker and receive job data",
-                     STATUS: "read the broker's state"}[name],
+                    {ROLE_CLIENTS: "submit jobs and read their results",
+                     ROLE_WORKERS: "register as a worker and receive job data",
+                     ROLE_STATUS: "read the broker's state"}[name],
                 )
 
     def _socket(self, name: str, client: bool = False) -> zmq.Socket[Any]:
@@ -171,11 +171,11 @@ class BrokerServer:
             raise _Stopped
         self.restored = rows
         self.core.set_time(time.monotonic(), time.time())
-        for _ in range(BATCH):
+        for _ in range(READS_PER_SOCKET):
             if len(self._deferred) >= MAX_DEFERRED:
                 break
             try:
-                rid, frames = self._recv(self.clients, CLIENTS)
+                rid, frames = self._recv(self.clients, ROLE_CLIENTS)
             except zmq.Again:
                 break
             if rid is None:
@@ -249,16 +249,16 @@ class BrokerServer:
             recv_clients = recv_workers = sockets.router_recv
         else:
             def recv_clients(sock: zmq.Socket[Any]) -> tuple[Any, list[bytes]]:
-                return security.recv(sock, CLIENTS)
+                return security.recv(sock, ROLE_CLIENTS)
 
             def recv_workers(sock: zmq.Socket[Any]) -> tuple[Any, list[bytes]]:
-                return security.recv(sock, WORKERS)
+                return security.recv(sock, ROLE_WORKERS)
 
         def drain(sock: zmq.Socket[Any], handle: Handler,
                   recv: Callable[[zmq.Socket[Any]], tuple[Any, list[bytes]]]) -> None:
-            """Up to BATCH messages or TURN_BUDGET seconds from one socket, then the rest."""
+            """Up to READS_PER_SOCKET messages or TURN_BUDGET seconds from one socket, then the rest."""
             until = core.turn_ends = monotonic() + TURN_BUDGET
-            for _ in range(BATCH):
+            for _ in range(READS_PER_SOCKET):
                 try:
                     rid, frames = recv(sock)
                 except again:
@@ -309,7 +309,7 @@ class BrokerServer:
                     security.reload()
                 if core.now >= wake:
                     security.watch(core.now)
-                for wid in security.take_revoked(WORKERS):
+                for wid in security.take_revoked(ROLE_WORKERS):
                     core.revoke_worker(wid)
             if core.now >= wake:
                 core.tick()
@@ -332,9 +332,9 @@ class BrokerServer:
         self._shutdown()
 
     def _serve_status(self) -> None:
-        for _ in range(BATCH):
+        for _ in range(READS_PER_SOCKET):
             try:
-                rid, body = self._recv(self.status, STATUS)
+                rid, body = self._recv(self.status, ROLE_STATUS)
             except zmq.Again:
                 return
             if rid is None:
