@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import zmq
@@ -208,6 +207,16 @@ def proc_state(pid: int) -> str:
         return fh.read().rsplit(")", 1)[1].split()[0]
 
 
+def pending_signals(pid: int) -> set[int]:
+    """Signals waiting for the process (its own and its threads'), from /proc."""
+    mask = 0
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                mask |= int(line.split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
 @pytest.mark.timeout(60)
 def test_a_second_signal_forces_the_stop_even_if_the_child_did_not_run_in_between(
     cluster: Cluster,
@@ -229,7 +238,9 @@ def test_a_second_signal_forces_the_stop_even_if_the_child_did_not_run_in_betwee
                      what="the pool to take the first signal")
             pool.signal(signal.SIGTERM)
             wait_for(lambda: "forcing" in pool.output(), 10, what="the pool to take the second")
-            time.sleep(0.5)  # it has forwarded the second one (it logs first)
+            # It logs before it forwards: wait until both signals are pending in the child.
+            wait_for(lambda: pending_signals(child) >= {signal.SIGTERM, signal.SIGINT}, 5,
+                     what="both signals to be pending in the stopped child")
         finally:
             os.kill(child, signal.SIGCONT)
         assert pool.wait(10) == 0  # forced: the job is handed back at once, not in 30 s
