@@ -699,6 +699,40 @@ def test_progress_is_bounded_as_sent_and_checked_field_by_field():
     assert sum(h.snap()["bad_messages"].values()) == bad_before + 6
 
 
+def test_replies_come_in_request_order_and_a_cancel_tells_its_outcome_first():
+    """docs/protocol.md 4.3 "Reply order"."""
+    h = Harness()
+    sub(h, "a", queue="later-q")
+    sub(h, "b", queue="later-q", client=C2)  # C2 waits for b: its CANCEL causes an outcome
+    replies(h, C1)
+    replies(h, C2)
+    h.ref(C2, p.QUERY, "a")
+    h.ref(C2, p.CANCEL, "b")
+    h.ref(C2, p.QUERY, "nope")
+    h.core.on_client(C2, p.encode_watch("a"))
+    h.ref(C2, p.QUERY, "b")
+    got = replies(h, C2)
+    assert [type(r).__name__ for r in got] == ["Info", "Cancelled", "Info", "Unknown", "Info"]
+    assert [r.info["id"] for r in got if isinstance(r, p.Info)] == ["a", "b", "b"]
+    assert [r.info["state"] for r in got if isinstance(r, p.Info)][1:] == ["cancelled"] * 2
+
+
+def test_started_is_the_first_dispatch_and_survives_a_give_back_and_a_retry():
+    """docs/protocol.md 4.2: ``started`` is when the first attempt was dispatched."""
+    h = Harness()
+    h.hello(W1)
+    h.hello(W2)
+    sub(h, "j", tries=3, backoff=0)
+    h.job_to(W1)
+    first = h.info("j")["started"]
+    h.advance(1.0)
+    h.give_back(W1, "j", 1)
+    h.job_to(W2)
+    h.advance(1.0)
+    fail(h, W2, "j", 1)
+    assert h.info("j")["started"] == first and h.info("j")["attempt"] >= 1
+
+
 def test_unwait_stops_progress_reports():
     h = Harness()
     h.hello(W1)
