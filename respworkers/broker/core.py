@@ -24,7 +24,7 @@ from .. import __version__, protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError
 from ..util import RateLimit
-from . import admin, stats
+from . import admin, recovery, stats
 from .commits import GroupCommit
 from .deadlines import Deadlines
 from .journal import Journal, NullJournal
@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 MAX_WORKER_HEARTBEAT = 60.0
 #: Jobs of a SUBMITS taken in between two looks at the clock (loop turns are bounded in time).
 INTAKE_STEP = 64
-#: Rows restored between two looks at the sockets while a large journal loads.
-RESTORE_STEP = 5000
 
 PROTO, PLAIN, BATCH = Waiter.PROTO, Waiter.PLAIN, Waiter.BATCH
 
@@ -121,56 +119,8 @@ class BrokerCore:
     # ------------------------------------------------------------------ restart
     def restore(self, stored: Iterable[Job], progress: Callable[[int], None] | None = None
                 ) -> dict[str, int]:
-        """Rebuild state from the journal after a restart (before serving workers).
-
-        Queued jobs queue again in their old order. A job that was running is held back
-        for one heartbeat expiry so its worker can re-register and claim it; if none
-        does, it runs again and the interrupted attempt does not count as a try.
-        Ended jobs keep their outcome for WAIT and QUERY until retention ends. Paused
-        queues stay paused. ``progress(rows so far)`` is called every RESTORE_STEP rows, so that a caller can
-        answer pings while a large journal loads.
-        """
-        counts = {"queued": 0, "interrupted": 0, "scheduled": 0, "finished": 0}
-        ended: list[Job] = []
-        for name in self.journal.paused_queues():  # before any job is queued: none is handed out
-            self.queues.pause(name)
-        self.start_recovery()
-        for n, job in enumerate(stored, 1):
-            if progress is not None and not n % RESTORE_STEP:
-                progress(n)
-            self.jobs[job.id] = job
-            self._seq = max(self._seq, job.seq)
-            if job.state in ENDED:
-                if job.state is DONE:
-                    job.payload = None
-                ended.append(job)
-                continue
-            if job.payload is None:
-                job.payload = [b""]
-            if job.expires_at and not job.started:  # a job that started in time may finish
-                self.timetable.add(job.expires_at, Due.EXPIRE, job)
-            if job.state is RUNNING:
-                job.attempt = max(0, job.attempt - 1)
-                job.state = QUEUED
-                self.queues.hold(job)
-                counts["interrupted"] += 1
-            elif job.state is SCHEDULED:
-                self.queues.schedule(job)
-                self.timetable.add(job.not_before, Due.RUN, job)
-                counts["scheduled"] += 1
-            else:
-                self.queues.push(job, front=bool(job.tried))
-                if job.tried:  # a retry waits a while for a worker that has not tried it
-                    job.retry_since = self.wall
-                    self.timetable.add(self.wall + self.policy.elsewhere_wait, Due.OFFER, job)
-                counts["queued"] += 1
-        ended.sort(key=lambda j: j.finished)
-        for job in ended:
-            self.finished[job.id] = job
-            if job.state is FAILED:  # the snapshot's recent failures survive a restart
-                self.stats.failed(job)
-        counts["finished"] = len(ended)
-        return counts
+        """Rebuild state from the journal after a restart (see recovery.restore)."""
+        return recovery.restore(self, stored, progress)
 
     def start_recovery(self) -> None:
         """Open the window in which workers may claim held jobs (call when serving)."""

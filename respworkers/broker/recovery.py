@@ -1,0 +1,73 @@
+"""A broker restart: rebuild the broker's state from its journal.
+
+Its own module because it runs once, before serving, and touches every part of the core's
+state (queues, timetable, retention, statistics) in ways no message does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Callable
+
+from .model import DONE, ENDED, FAILED, QUEUED, RUNNING, SCHEDULED, Job
+from .timetable import Due
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+
+#: Rows loaded between two calls of ``progress`` (so a caller can answer pings meanwhile).
+RESTORE_STEP = 5000
+
+
+def restore(core: BrokerCore, stored: Iterable[Job],
+            progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Rebuild state from the journal after a restart (before serving workers).
+
+    Queued jobs queue again in their old order. A job that was running is held back
+    for one heartbeat expiry so its worker can re-register and claim it; if none
+    does, it runs again and the interrupted attempt does not count as a try.
+    Ended jobs keep their outcome for WAIT and QUERY until retention ends. Paused
+    queues stay paused. ``progress(rows so far)`` is called every RESTORE_STEP rows, so
+    that a caller can answer pings while a large journal loads.
+    """
+    counts = {"queued": 0, "interrupted": 0, "scheduled": 0, "finished": 0}
+    ended: list[Job] = []
+    for name in core.journal.paused_queues():  # before any job is queued: none is handed out
+        core.queues.pause(name)
+    core.start_recovery()
+    for n, job in enumerate(stored, 1):
+        if progress is not None and not n % RESTORE_STEP:
+            progress(n)
+        core.jobs[job.id] = job
+        core._seq = max(core._seq, job.seq)
+        if job.state in ENDED:
+            if job.state is DONE:
+                job.payload = None
+            ended.append(job)
+            continue
+        if job.payload is None:
+            job.payload = [b""]
+        if job.expires_at and not job.started:  # a job that started in time may finish
+            core.timetable.add(job.expires_at, Due.EXPIRE, job)
+        if job.state is RUNNING:
+            job.attempt = max(0, job.attempt - 1)
+            job.state = QUEUED
+            core.queues.hold(job)
+            counts["interrupted"] += 1
+        elif job.state is SCHEDULED:
+            core.queues.schedule(job)
+            core.timetable.add(job.not_before, Due.RUN, job)
+            counts["scheduled"] += 1
+        else:
+            core.queues.push(job, front=bool(job.tried))
+            if job.tried:  # a retry waits a while for a worker that has not tried it
+                job.retry_since = core.wall
+                core.timetable.add(core.wall + core.policy.elsewhere_wait, Due.OFFER, job)
+            counts["queued"] += 1
+    ended.sort(key=lambda j: j.finished)
+    for job in ended:
+        core.finished[job.id] = job
+        if job.state is FAILED:  # the snapshot's recent failures survive a restart
+            core.stats.failed(job)
+    counts["finished"] = len(ended)
+    return counts
