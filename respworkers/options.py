@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import InvalidArgument
 
 if TYPE_CHECKING:
     from .protocol import Options  # noqa: F401 - the return type, imported lazily at run time
@@ -122,9 +126,9 @@ def job_options(
     try:
         return _job_options(timeout, tries, priority, delay, eta, expires, tenant, backoff,
                             backoff_max, time.time() if now is None else now, label)
-    except ValueError as exc:
+    except InvalidArgument as exc:
         if what:
-            raise ValueError(f"{what}: {exc}") from None
+            raise InvalidArgument(f"{what}: {exc}", exc.argument) from None
         raise
 
 
@@ -135,32 +139,59 @@ def _job_options(timeout: Any, tries: Any, priority: Any, delay: Any, eta: Any, 
     from .protocol import MAX_PRIORITY, NO_OPTIONS, Options, check_name
 
     if delay is not None and eta is not None:
-        raise ValueError(f"give {label('delay')} or {label('eta')}, not both")
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
-                                 or not 0 <= priority <= MAX_PRIORITY):
-        raise ValueError(f"{label('priority')} must be a whole number from 0 to {MAX_PRIORITY}, "
-                         f"got {priority!r}")
-    if tenant is not None:
-        if not isinstance(tenant, str):
-            raise ValueError(f"{label('tenant')} must be a name, got {tenant!r}")
-        try:
-            check_name(tenant.encode(), "tenant")
-        except ProtocolError as exc:
-            raise ValueError(f"{label('tenant')}: {exc.detail}") from None
-    wait = (_moment(eta, label("eta"), now) if eta is not None
-            else _seconds(delay, label("delay")))
-    if isinstance(expires, datetime):
-        expires_in: float | None = _moment(expires, label("expires"), now)
+        raise InvalidArgument(f"give {label('delay')} or {label('eta')}, not both", "eta")
+    with _option("priority"):
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or not 0 <= priority <= MAX_PRIORITY):
+            raise ValueError(f"{label('priority')} must be a whole number from 0 to {MAX_PRIORITY}, "
+                             f"got {priority!r}")
+    with _option("tenant"):
+        if tenant is not None:
+            if not isinstance(tenant, str):
+                raise ValueError(f"{label('tenant')} must be a name, got {tenant!r}")
+            try:
+                check_name(tenant.encode(), "tenant")
+            except ProtocolError as exc:
+                raise ValueError(f"{label('tenant')}: {exc.detail}") from None
+    wait: float | None
+    if eta is not None:
+        with _option("eta"):
+            wait = _moment(eta, label("eta"), now)
     else:
-        expires_in = _seconds(expires, label("expires"))
+        with _option("delay"):
+            wait = _seconds(delay, label("delay"))
+    with _option("expires"):
+        if isinstance(expires, datetime):
+            expires_in: float | None = _moment(expires, label("expires"), now)
+        else:
+            expires_in = _seconds(expires, label("expires"))
+    with _option("timeout"):
+        checked_timeout = check_timeout(timeout, label("timeout"))
+    with _option("tries"):
+        checked_tries = check_tries(tries, label("tries"))
+    with _option("backoff"):
+        checked_backoff = _seconds(backoff, label("backoff"))
+    with _option("backoff_max"):
+        checked_backoff_max = _seconds(backoff_max, label("backoff_max"))
     opts = Options(
-        timeout=check_timeout(timeout, label("timeout")),
-        tries=check_tries(tries, label("tries")),
+        timeout=checked_timeout,
+        tries=checked_tries,
         priority=priority,
         delay=wait or None,
         expires=expires_in,
         tenant=tenant or None,
-        backoff=_seconds(backoff, label("backoff")),
-        backoff_max=_seconds(backoff_max, label("backoff_max")),
+        backoff=checked_backoff,
+        backoff_max=checked_backoff_max,
     )
     return NO_OPTIONS if opts == NO_OPTIONS else opts
+
+
+@contextmanager
+def _option(name: str) -> Iterator[None]:
+    """A ValueError about option ``name`` becomes an InvalidArgument naming it."""
+    try:
+        yield
+    except InvalidArgument:
+        raise
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), name) from None
