@@ -149,7 +149,7 @@ class Client(ClientBase):
 
     async def attach(self, job_id: str) -> None:
         """Follow a job submitted elsewhere (another process, an earlier run)."""
-        await self._call(self.calls.attach_ids([job_id]))
+        await self._call(self.calls.attach_one(job_id))
 
     async def wait_confirmed(self, job_ids: Iterable[str], timeout: float | None = None) -> None:
         """Return once the broker has confirmed (journaled) these jobs, or they ended."""

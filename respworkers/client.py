@@ -272,7 +272,7 @@ class Client(ClientBase):
 
     def attach(self, job_id: str) -> None:
         """Follow a job submitted elsewhere (another process, an earlier run)."""
-        self._call(self.calls.attach_ids([job_id]))
+        self._call(self.calls.attach_one(job_id))
 
     def wait_confirmed(self, job_ids: Iterable[str], timeout: float | None = None) -> None:
         """Return once the broker has confirmed (journaled) these jobs, or they ended."""

@@ -274,35 +274,37 @@ class Session:
 
     # ------------------------------------------------------------------ submitting
     def check(self, payload: Any, job_id: Any, queue: Any = protocol.DEFAULT_QUEUE,
-              **options: Any) -> list[bytes]:
+              what: str | None = None, **options: Any) -> list[bytes]:
         """A job's SUBMIT frames, checked against the protocol and the broker's limits (which
         must be known: the caller waits for first contact). ``options`` are those of
         :func:`respworkers.options.job_options`. Raises :class:`InvalidArgument` naming
-        what is wrong."""
+        what is wrong, after ``what`` (default: the job's id)."""
         from .options import job_options
 
         job_id = check_job_id(job_id, "id")
-        what = f"job {job_id!r}"
+        if what is None:
+            what = f"job {job_id!r}"
+        where = f"{what}: " if what else ""
         queue = check_queue(queue, "queue", what)
         unknown = [k for k in options if k not in JOB_FIELDS or k in ("payload", "id", "queue")]
         if unknown:
-            raise InvalidArgument(f"{what}: unknown option {unknown[0]!r} (options: "
+            raise InvalidArgument(f"{where}unknown option {unknown[0]!r} (options: "
                                   f"{', '.join(JOB_FIELDS[3:])})", str(unknown[0]))
         opts = job_options(**options, what=what)
         limits = self.link.limits
         for value, key, unit in ((opts.timeout, "max_timeout", "s"), (opts.tries, "max_tries", "")):
             limit = limits.get(key)
             if value is not None and isinstance(limit, (int, float)) and value > limit:
-                raise InvalidArgument(f"{what}: {key[4:]} {value:g}{unit} is over the "
+                raise InvalidArgument(f"{where}{key[4:]} {value:g}{unit} is over the "
                                       f"broker's {key} of {limit:g}{unit}", key[4:])
         try:
             frames = protocol.encode_submit(job_id, queue, opts, protocol.as_frames(payload, "payload"))
         except TypeError as exc:
-            raise InvalidType(f"{what}: {exc}", "payload") from None
+            raise InvalidType(f"{where}{exc}", "payload") from None
         limit = limits.get("max_message_size")
         size = sum(map(len, frames[1:]))
         if isinstance(limit, int) and size > limit:
-            raise InvalidArgument(f"{what}: payload of {size} bytes is over the broker's "
+            raise InvalidArgument(f"{where}payload of {size} bytes is over the broker's "
                                   f"max_message_size of {limit} bytes", "payload")
         return frames
 
@@ -648,19 +650,27 @@ def _deadline(timeout: Any, argument: str = "timeout") -> float | None:
 
 def job_spec(job: Any, where: str) -> tuple[str, Any, dict[str, Any]]:
     """(id, payload, the other fields) of a job given to ``submit_many``: a payload, or a
-    mapping of ``submit``'s arguments. A job without an id gets a fresh random one."""
+    mapping of ``submit``'s arguments. A job without an id gets a fresh random one; the
+    fields include ``what``, how messages about the job name it (``where`` and the id the
+    caller gave, if any)."""
     if isinstance(job, Mapping):
         unknown = [k for k in job if k not in JOB_FIELDS]
         if unknown:
-            raise InvalidArgument(f"{where}: unknown field {unknown[0]!r} (fields: "
-                                  f"{', '.join(JOB_FIELDS)})", str(unknown[0]))
+            kind = "field" if where else "argument"
+            raise InvalidArgument(f"{where}{': ' if where else ''}unknown {kind} {unknown[0]!r} "
+                                  f"({kind}s: {', '.join(JOB_FIELDS)})", str(unknown[0]))
         if "payload" not in job:
             raise InvalidArgument(f"{where}: no 'payload'", "payload")
         spec = dict(job)
     else:
         spec = {"payload": job}
     job_id = spec.pop("id", None)
-    return (new_job_id() if job_id is None else check_job_id(job_id, "id")), spec.pop("payload"), spec
+    if job_id is None:
+        spec["what"] = where
+        return new_job_id(), spec.pop("payload"), spec
+    job_id = check_job_id(job_id, "id")
+    spec["what"] = f"{where} (id {job_id!r})" if where else f"job {job_id!r}"
+    return job_id, spec.pop("payload"), spec
 
 
 # ======================================================================= calls
@@ -721,17 +731,19 @@ class Calls:
         if isinstance(jobs, (str, bytes, Mapping)) or not isinstance(jobs, Iterable):
             raise InvalidType("jobs must be an iterable of jobs (payloads or mappings), got "
                               f"{type(jobs).__name__}", "jobs")
-        specs = [job_spec(job, f"jobs[{n}]") for n, job in enumerate(jobs)]
+        return (yield from self._submit([job_spec(job, f"jobs[{n}]") for n, job in enumerate(jobs)]))
+
+    def submit(self, payload: Any, fields: dict[str, Any]) -> Call[str]:
+        ids = yield from self._submit([job_spec({"payload": payload, **fields}, "")])
+        return ids[0]
+
+    def _submit(self, specs: list[tuple[str, Any, dict[str, Any]]]) -> Call[list[str]]:
         if not self.session.link.last_heard:
             yield from self.contact()  # the broker's limits are part of the check
         check = self.session.check
         checked = [(job_id, check(payload, job_id, **spec)) for job_id, payload, spec in specs]
         self.session.submit(checked)
         return [job_id for job_id, _ in checked]
-
-    def submit(self, payload: Any, fields: dict[str, Any]) -> Call[str]:
-        ids = yield from self.submit_many([{"payload": payload, **fields}])
-        return ids[0]
 
     def validate(self, payload: Any, job_id: Any, queue: Any, options: dict[str, Any]
                  ) -> Call[list[bytes]]:
@@ -746,8 +758,8 @@ class Calls:
                 yield from self.contact()  # the limits bound how many ids one WAIT may carry
             self.session.attach(job_ids)
 
-    def attach_ids(self, job_ids: Any) -> Call[None]:
-        yield from self.attach(check_job_ids(job_ids))
+    def attach_one(self, job_id: Any) -> Call[None]:
+        yield from self.attach([check_job_id(job_id)])
 
     def wait_confirmed(self, job_ids: Any, timeout: Any) -> Call[None]:
         ids = check_job_ids(job_ids)
