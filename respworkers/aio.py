@@ -232,8 +232,8 @@ class Client(ClientBase):
                 try:
                     step = call.send(None)
                 except StopIteration as stop:
-                    if send:
-                        self._send()
+                    if send and not self._send():
+                        self._start_reader()  # it sends the rest when the pipe has room
                     value: T = stop.value
                     return value
                 await self._wait(step)
@@ -266,8 +266,7 @@ class Client(ClientBase):
         if step.deadline is not None:
             timer = loop.call_later(max(0.0, step.deadline - time.monotonic()), _wake, woken)
         self._send()
-        if self._reader is None:
-            self._reader = loop.create_task(self._read())
+        self._start_reader()
         try:
             await woken
         finally:
@@ -278,6 +277,10 @@ class Client(ClientBase):
                 waiting.pop(woken, None)
                 if not waiting:
                     del self._waiters[key]
+
+    def _start_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
 
     def _touch(self, key: Hashable | None) -> None:
         """The session has news about ``key``: wake the calls waiting for it."""

@@ -226,3 +226,24 @@ def test_leaving_on_an_error_does_not_wait_and_a_missing_broker_fails_every_awai
         assert time.monotonic() - started < 3
 
     run(main())
+
+
+def test_what_a_full_pipe_holds_back_is_sent_when_the_broker_reads_again(cluster: Cluster) -> None:
+    broker = cluster.broker()
+    cluster.pool(n=2)
+
+    async def main() -> None:
+        async with client(cluster) as c:
+            await c.query("warm-up")
+            os.kill(broker.pid, signal.SIGSTOP)  # it reads nothing: the pipe fills up
+            try:
+                ids = list(await asyncio.gather(*(c.submit(f"full-{i}", id=f"full-{i}")
+                                                  for i in range(5000))))
+                assert c.session.outbox  # held back, not dropped, and the submits returned
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            await c.wait_confirmed(ids, timeout=30)
+            got = {r.id: r async for r in c.results(ids, timeout=60)}
+            assert len(got) == 5000 and all(r.ok for r in got.values())
+
+    run(main())
