@@ -94,6 +94,8 @@ class ClientBase:
     """What both clients (blocking and asyncio) hold besides their socket: the endpoints,
     the session and its calls, and the callbacks."""
 
+    _monitor: zmq.Socket[Any]  # the handshake monitor of the subclass's socket
+
     def __init__(self, broker: str, status: str, request_timeout: float,
                  keys: ClientKeys | None) -> None:
         self.broker = broker
@@ -141,8 +143,6 @@ class ClientBase:
 
     def _handshakes(self) -> tuple[int, str | None]:
         return handshake_events(self._monitor, self.broker, self.keys)
-
-    _monitor: zmq.Socket[Any]
 
     def _closed_error(self) -> ClientClosed:
         return ClientClosed(f"the client of {self.broker} is closed")
@@ -531,7 +531,7 @@ class ThreadSafeClient(Client):
             self._news.notify_all()
 
     def _flush(self, block: bool = True) -> None:  # the lock is held
-        if self._closed and self._io is None:
+        if not self.session.outbox or (self._closed and self._io is None):
             return
         me = threading.get_ident()
         if self._io is not None:
