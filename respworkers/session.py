@@ -714,7 +714,7 @@ class Calls:
         while not self.session.link.last_heard:
             yield Wait(None, None)
 
-    def _answer_deadline(self, deadline: float) -> float:
+    def _answer_deadline(self) -> float:
         """A request's deadline has passed: a new one while the broker says it is starting
         (loading its journal; it answers everything afterwards), else BrokerUnavailable."""
         link = self.session.link
@@ -875,14 +875,14 @@ class Calls:
         deadline = time.monotonic() + session.link.request_timeout
         while job_id in session.asking:
             if time.monotonic() >= deadline:
-                deadline = self._answer_deadline(deadline)
+                deadline = self._answer_deadline()
             yield Wait(deadline, job_id)
         session.ask(command, job_id)
         try:
             deadline = time.monotonic() + session.link.request_timeout
             while (answer := session.answered(job_id)) is None:
                 if time.monotonic() >= deadline:
-                    deadline = self._answer_deadline(deadline)
+                    deadline = self._answer_deadline()
                 yield Wait(deadline, job_id)
             return answer.info if isinstance(answer, protocol.Info) else None
         finally:
@@ -897,7 +897,7 @@ class Calls:
             deadline = time.monotonic() + session.link.request_timeout
             while not slot.done:
                 if time.monotonic() >= deadline:
-                    deadline = self._answer_deadline(deadline)
+                    deadline = self._answer_deadline()
                 yield Wait(deadline, slot)
             return slot.value
         finally:

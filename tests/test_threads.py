@@ -100,9 +100,11 @@ def test_closing_ends_the_waits_of_other_threads(cluster: Cluster) -> None:
 
     waiters = threading.Thread(target=in_threads, args=(6, work), daemon=True)
     waiters.start()
-    time.sleep(1.0)  # all six are waiting, one of them polling the socket
-    closed_at = time.monotonic()
-    c.close()
+    try:
+        time.sleep(1.0)  # all six are waiting, one of them polling the socket
+        closed_at = time.monotonic()
+    finally:
+        c.close()
     waiters.join(10)
     assert not waiters.is_alive()
     assert len(ended) == 6 and all(at - closed_at < 3 for _, at in ended)
