@@ -55,6 +55,28 @@ class BrokerUnavailable(RespWorkersError):
     """The broker did not answer in time."""
 
 
+class InvalidArgument(RespWorkersError, ValueError):
+    """An argument a client method was given is wrong; raised before anything is sent.
+
+    ``argument`` names it (``queue``, ``timeout``, ``job_id``, ...), and so does the
+    message. A ValueError too, so code written against ``except ValueError`` still works.
+    """
+
+    def __init__(self, message: str, argument: str = "") -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+class InvalidType(InvalidArgument, TypeError):
+    """An argument of the wrong type (a payload that is not bytes, an id that is not a str):
+    also a TypeError, as Python's own checks raise for those."""
+
+
+class ClientClosed(RespWorkersError):
+    """The client was closed: before this call, or while the call waited (another task or
+    thread closed it)."""
+
+
 class Refused(RespWorkersError):
     """The broker refused a submission (for example: broker full, bad options)."""
 

@@ -12,6 +12,8 @@ import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
+from .errors import InvalidArgument
+
 if TYPE_CHECKING:
     from .protocol import Options  # noqa: F401 - the return type, imported lazily at run time
 
@@ -122,45 +124,66 @@ def job_options(
     try:
         return _job_options(timeout, tries, priority, delay, eta, expires, tenant, backoff,
                             backoff_max, time.time() if now is None else now, label)
-    except ValueError as exc:
+    except InvalidArgument as exc:
         if what:
-            raise ValueError(f"{what}: {exc}") from None
+            raise InvalidArgument(f"{what}: {exc}", exc.argument) from None
         raise
 
 
 def _job_options(timeout: Any, tries: Any, priority: Any, delay: Any, eta: Any, expires: Any,
                  tenant: Any, backoff: Any, backoff_max: Any, now: float,
                  label: Callable[[str], str]) -> Options:
+    """Each option checked in turn: a ValueError about one becomes an InvalidArgument
+    naming it (``field``, set before each check: cheaper than a block per option)."""
     from .errors import ProtocolError
     from .protocol import MAX_PRIORITY, NO_OPTIONS, Options, check_name
 
-    if delay is not None and eta is not None:
-        raise ValueError(f"give {label('delay')} or {label('eta')}, not both")
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
-                                 or not 0 <= priority <= MAX_PRIORITY):
-        raise ValueError(f"{label('priority')} must be a whole number from 0 to {MAX_PRIORITY}, "
-                         f"got {priority!r}")
-    if tenant is not None:
-        if not isinstance(tenant, str):
-            raise ValueError(f"{label('tenant')} must be a name, got {tenant!r}")
-        try:
-            check_name(tenant.encode(), "tenant")
-        except ProtocolError as exc:
-            raise ValueError(f"{label('tenant')}: {exc.detail}") from None
-    wait = (_moment(eta, label("eta"), now) if eta is not None
-            else _seconds(delay, label("delay")))
-    if isinstance(expires, datetime):
-        expires_in: float | None = _moment(expires, label("expires"), now)
-    else:
-        expires_in = _seconds(expires, label("expires"))
+    if (timeout is None and tries is None and priority is None and delay is None and eta is None
+            and expires is None and tenant is None and backoff is None and backoff_max is None):
+        return NO_OPTIONS  # most jobs: the broker's defaults
+    field = "eta"
+    try:
+        if delay is not None and eta is not None:
+            raise ValueError(f"give {label('delay')} or {label('eta')}, not both")
+        field = "priority"
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or not 0 <= priority <= MAX_PRIORITY):
+            raise ValueError(f"{label('priority')} must be a whole number from 0 to {MAX_PRIORITY}, "
+                             f"got {priority!r}")
+        field = "tenant"
+        if tenant is not None:
+            if not isinstance(tenant, str):
+                raise ValueError(f"{label('tenant')} must be a name, got {tenant!r}")
+            try:
+                check_name(tenant.encode(), "tenant")
+            except ProtocolError as exc:
+                raise ValueError(f"{label('tenant')}: {exc.detail}") from None
+        field = "eta" if eta is not None else "delay"
+        wait = (_moment(eta, label("eta"), now) if eta is not None
+                else _seconds(delay, label("delay")))
+        field = "expires"
+        if isinstance(expires, datetime):
+            expires_in: float | None = _moment(expires, label("expires"), now)
+        else:
+            expires_in = _seconds(expires, label("expires"))
+        field = "timeout"
+        checked_timeout = check_timeout(timeout, label("timeout"))
+        field = "tries"
+        checked_tries = check_tries(tries, label("tries"))
+        field = "backoff"
+        checked_backoff = _seconds(backoff, label("backoff"))
+        field = "backoff_max"
+        checked_backoff_max = _seconds(backoff_max, label("backoff_max"))
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), field) from None
     opts = Options(
-        timeout=check_timeout(timeout, label("timeout")),
-        tries=check_tries(tries, label("tries")),
+        timeout=checked_timeout,
+        tries=checked_tries,
         priority=priority,
         delay=wait or None,
         expires=expires_in,
         tenant=tenant or None,
-        backoff=_seconds(backoff, label("backoff")),
-        backoff_max=_seconds(backoff_max, label("backoff_max")),
+        backoff=checked_backoff,
+        backoff_max=checked_backoff_max,
     )
     return NO_OPTIONS if opts == NO_OPTIONS else opts
