@@ -54,9 +54,10 @@ class JobResult:
 
     ``status`` is ``done`` (``frames`` holds the result), ``failed`` (``reason`` is the last
     attempt's: ``timeout``, ``error`` or ``worker-lost``; ``error`` the text, whose first line
-    is the summary), ``cancelled``, ``refused`` (``reason`` is the broker's code: ``full``,
-    ``limit``, ``journal``, ``shutdown``; ``error`` its text) or ``unknown`` (the broker does
-    not know the id: never submitted, or forgotten after its retention).
+    is the summary), ``cancelled``, ``expired`` (not started before its ``expires``),
+    ``refused`` (``reason`` is the broker's code: ``full``, ``limit``, ``journal``,
+    ``shutdown``; ``error`` its text) or ``unknown`` (the broker does not know the id: never
+    submitted, or forgotten after its retention).
     """
 
     id: str
