@@ -68,10 +68,13 @@ class CountingClient(Client):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.wire: Counter[str] = Counter()
+        ended = self.session._ended  # every outcome message, repeats included
 
-    def _finish(self, result: JobResult) -> None:  # respworkers.client internals, 0.1.0
-        self.wire[result.id] += 1
-        super()._finish(result)
+        def counted(result: JobResult) -> bool:
+            self.wire[result.id] += 1
+            return ended(result)
+
+        self.session._ended = counted  # type: ignore[method-assign]
 
 
 class Out:
