@@ -25,6 +25,7 @@ from .errors import (
     RespWorkersError,
     TargetError,
 )
+from .logs import FORMATS, setup
 
 if TYPE_CHECKING:
     from .client import Client
@@ -77,6 +78,7 @@ def configured(section: str, *flags: str) -> Callable[[F], F]:
         def run(*args: Any, config_path: str | None, **kwargs: Any) -> Any:
             cfg = load(config_path)
             given = {name: kwargs.pop(name) for name in flags}
+            given["log_format"] = kwargs.pop("log_format")
             for name, value in given.items():
                 if value is None or value == ():
                     continue
@@ -86,11 +88,18 @@ def configured(section: str, *flags: str) -> Callable[[F], F]:
                     ctx = click.get_current_context()
                     param = next(p for p in ctx.command.params if p.name == name)
                     raise click.BadParameter(exc.detail, ctx=ctx, param=param) from None
+            part = getattr(cfg, section)
+            _logging(getattr(part, "log_level", None), part.log_format)
             try:
-                return fn(getattr(cfg, section), *args, **kwargs)
+                return fn(part, *args, **kwargs)
             except ConfigError as exc:
                 raise ConfigError(f"{cfg.source}: {exc}") from None
 
+        run = click.option(
+            "--log-format", type=click.Choice(FORMATS, case_sensitive=False),
+            help=f'Log lines on stderr: "text", or "json" (one object per line). '
+                 f"Default: [{section}] log_format, else text.",
+        )(run)
         return click.option(
             "-c", "--config", "config_path", metavar="PATH", envvar=None,
             help="TOML config (default: $RW_CONFIG, else ./respworkers.toml, else built-in defaults).",
@@ -119,12 +128,17 @@ def _job_ids(job_ids: Iterable[str]) -> list[str]:
     return ids
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s [%(process)d] %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(level: str | None, fmt: str) -> None:
+    """Log setup for every command, before it does anything that logs.
+
+    The broker and workers log at their ``log_level``. Client commands have none: they
+    log only warnings, and in text keep Python's bare default, so their output reads as
+    it always did; JSON is asked for by scripts and shippers, so every line is an object.
+    """
+    if level is not None:
+        setup(level, fmt)
+    elif fmt == "json":
+        setup(logging.WARNING, fmt)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -148,7 +162,6 @@ def cli() -> None:
 @click.option("--log-level", help="debug, info, warning or error.")
 def broker(conf: BrokerConfig) -> None:
     """Run the broker until Ctrl-C or SIGTERM."""
-    _logging(conf.log_level)
     from .broker.server import run_broker
 
     run_broker(conf)
@@ -193,7 +206,6 @@ def worker(conf: WorkerConfig, targets: tuple[str, ...], size: tuple[int, int] |
     """Run a pool of worker processes for each TARGET: MODULE:CLASS (a respworkers.Worker), or
     MODULE for every Worker class defined in it. With several classes, each serves its own
     queues and a job runs in the class of its queue."""
-    _logging(conf.log_level)
     import dataclasses
 
     from .config import queue_list

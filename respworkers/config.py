@@ -156,6 +156,12 @@ def _log_level(value: Any) -> str:
     return value.lower()
 
 
+def _log_format(value: Any) -> str:
+    from .logs import check_format
+
+    return check_format(value)
+
+
 def _check(fn: Callable[[Any], Any], doc: str) -> dict[str, Any]:
     return {"check": fn, "doc": doc}
 
@@ -196,6 +202,7 @@ class BrokerConfig:
     tenant_weights: dict[str, int] = field(default_factory=dict,
                                            metadata=_check(_weights, "weights"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
+    log_format: str = field(default="text", metadata=_check(_log_format, "format"))
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,7 @@ class WorkerConfig:
     secret_key: str = field(default="", metadata=_path("this worker's secret key file"))
     broker_key: str = field(default="", metadata=_path("the broker's public key file"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
+    log_format: str = field(default="text", metadata=_check(_log_format, "format"))
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,7 @@ class ClientConfig:
     request_timeout: float = field(default=5.0, metadata=_check(_positive_float, "seconds"))
     secret_key: str = field(default="", metadata=_path("this client's secret key file"))
     broker_key: str = field(default="", metadata=_path("the broker's public key file"))
+    log_format: str = field(default="text", metadata=_check(_log_format, "format"))
 
 
 _SECTIONS: dict[str, type] = {"broker": BrokerConfig, "worker": WorkerConfig, "client": ClientConfig}

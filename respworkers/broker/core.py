@@ -24,7 +24,7 @@ from .. import __version__, protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError
 from ..util import RateLimit
-from . import admin, recovery, stats
+from . import admin, recovery, stats, trace
 from .commits import GroupCommit
 from .deadlines import Deadlines
 from .journal import Journal, NullJournal
@@ -102,6 +102,8 @@ class BrokerCore:
         self.counters = self.stats.counters
         self.tokens = Tokens()
         self.journal.bind(self.jobs)
+        # Whether a job's steps are logged (trace): read once per heartbeat, not per step.
+        self._debug = trace.log.isEnabledFor(logging.DEBUG)
         # Loop turns are bounded in time: the server sets when this turn's budget ends; a
         # batch of submissions still unfinished then is continued in the next turn.
         self.clock: Callable[[], float] = time.monotonic
@@ -278,6 +280,8 @@ class BrokerCore:
         job.waiters.append((client, how))
         self.jobs[sub.job_id] = job
         self.counters.submitted += 1
+        if self._debug:
+            trace.accepted(job, opts)
         self.journal.submitted(job)
         if how is not PLAIN:
             self.notifier.confirm_later(client, job)
@@ -441,6 +445,8 @@ class BrokerCore:
             self.counters.abandoned += 1
             self.send_worker(wid, protocol.encode_abandon(
                 msg.job_id.encode(), msg.attempt, job.state.value if job else "unknown"))
+            if self._debug:
+                trace.abandoned(msg.job_id, msg.attempt, w, job.state.value if job else "unknown")
             return
         if job.tokens is None or job.tokens.get(msg.token) != msg.attempt:
             # Not an attempt this broker (or its journal) sent: a forgery, or a dispatch that
@@ -461,6 +467,8 @@ class BrokerCore:
             if not job.tried or job.tried[-1] != w.name:
                 job.tried.append(w.name)
             self.journal.attempted(job)
+            if self._debug:
+                trace.claimed(job, w)
 
     def _supersede(self, old: WorkerRec, msg: protocol.Hello, why: str) -> None:
         """Drop a record a new HELLO replaces. If the HELLO claims the very attempt the old
@@ -529,6 +537,8 @@ class BrokerCore:
                 self._result(job, w, msg.payload)
             elif not forged:
                 self.counters.duplicates += 1
+                if self._debug:
+                    trace.answer_dropped(msg.job_id, msg.attempt, w, "the job has ended")
         elif msg.then == "abandoned":  # it stopped as told (ABANDON): not an error
             if job is not None and job.state is RUNNING and holder:
                 self._back_in_queue(job)  # cannot happen: only ended jobs are abandoned
@@ -558,7 +568,7 @@ class BrokerCore:
         elif job.worker is not w:
             self.counters.late += 1
         job.result = payload
-        self.finish(job, DONE)
+        self.finish(job, DONE, by=w)
 
     def give_back(self, w: WorkerRec) -> None:
         """The worker will not finish its attempt: the job goes first in its queue, and the
@@ -569,6 +579,8 @@ class BrokerCore:
                                                     w.job_id or ""))
         job = self._close_attempt(w)
         if job is not None and job.state is RUNNING and holder:
+            if self._debug:
+                trace.given_back(job, w)
             self._back_in_queue(job)
 
     def _back_in_queue(self, job: Job) -> None:
@@ -749,6 +761,8 @@ class BrokerCore:
         self.holders[token] = w
         w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, job.attempt, token, self.now
         self.journal.attempted(job)
+        if self._debug:
+            trace.dispatched(job, w)
         self.send_worker(w.wid, protocol.encode_job(
             job.bid, job.attempt, job.timeout, token, job.queue.encode(), job.priority, job.tries,
             job.created, job.payload or [b""]))
@@ -768,10 +782,12 @@ class BrokerCore:
         if error:
             job.error = error
         if last or job.attempt >= job.tries:
-            self.finish(job, FAILED, reason, job.error or reason)
+            self.finish(job, FAILED, reason, job.error or reason, by=w)
             return
         self.counters.retried += 1
         delay = self.policy.delay(job, w, retry_after)
+        if self._debug:
+            trace.retried(job, w, reason, delay, self.wall)
         if delay > 0:
             job.not_before = self.wall + delay
             self.journal.attempted(job)
@@ -779,19 +795,24 @@ class BrokerCore:
         else:
             self._enqueue(job, front=True)
 
-    def finish(self, job: Job, state: JobState, reason: str = "", error: str = "") -> None:
+    def finish(self, job: Job, state: JobState, reason: str = "", error: str = "",
+               by: WorkerRec | None = None) -> None:
         """The job has ended: record it, tell its waiters and the workers still running an
-        attempt of it, keep it for retention."""
+        attempt of it, keep it for retention. ``by``: the worker whose answer ended it."""
         if job.state is RUNNING:
             self.deadlines.stop(job)
         job.state = state
         job.worker = None
+        if self._debug:  # before the abandons it causes
+            trace.ended(job, reason, error or job.error or "", by)
         if job.tokens:
             for token, attempt in job.tokens.items():  # no worker keeps working for it
                 w = self.holders.get(token)
                 if w is not None and w.token == token and self.workers.registered(w):
                     self.counters.abandoned += 1
                     self.send_worker(w.wid, protocol.encode_abandon(job.bid, attempt, state.value))
+                    if self._debug:
+                        trace.abandoned(job.id, attempt, w, state.value)
         job.tokens = None  # no attempt of an ended job can change it
         job.finished = self.wall
         job.reason = reason
@@ -862,6 +883,7 @@ class BrokerCore:
         return wake
 
     def _heartbeat(self, now: float) -> None:
+        self._debug = trace.log.isEnabledFor(logging.DEBUG)  # the level may have changed
         dead = self.workers.silent(now)
         for w in dead:  # first, so no job of a dead worker is handed to another dead one
             self.workers.unready(w)

@@ -93,7 +93,12 @@ def _child_main(
     parent: int, level: int, report: Connection, busy: Any,
 ) -> None:
     os.setpgrp()  # leave the terminal's process group: Ctrl-C goes to the parent only
-    logging.getLogger().setLevel(level)  # handlers come from the parent (fork) or default
+    if logging.getLogger().handlers:  # forked: the parent's handler, format and all
+        logging.getLogger().setLevel(level)
+    else:  # spawned (--reload): a fresh interpreter logs as its pool does
+        from ..logs import setup
+
+        setup(level, cfg.log_format)
     started = False
 
     def ready() -> None:

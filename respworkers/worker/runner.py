@@ -131,8 +131,9 @@ class Runner:
         self.parent_pid = parent_pid
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  #: as the broker and rw status know it
         info = {
-            "name": f"{socket.gethostname()}:{os.getpid()}",
+            "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "class": ",".join(f"{c.__module__}.{c.__qualname__}" for c in self.classes),
@@ -317,16 +318,18 @@ class Runner:
             answer = protocol.encode_worker_result(msg.job_id, msg.attempt, msg.token, ready, out)
         else:
             error = out[0].decode("utf-8", "replace")
+            fields = {"job": msg.job_id, "attempt": msg.attempt, "queue": job.queue,
+                      "worker": self.name}
             if link.abandon is not None:
                 then, after = "abandoned", None  # the job is over: not a failure of ours
                 log.info("job %s attempt %d stopped (the job was %s)", msg.job_id, msg.attempt,
-                         link.abandon.why)
+                         link.abandon.why, extra={**fields, "reason": link.abandon.why})
             elif retry:
                 log.info("job %s attempt %d asked for a retry: %s", msg.job_id, msg.attempt,
-                         error.split("\n", 1)[0])
+                         error.split("\n", 1)[0], extra={**fields, "reason": "retry"})
             else:
                 log.warning("job %s attempt %d raised:\n%s", msg.job_id, msg.attempt,
-                            error.rstrip())
+                            error.rstrip(), extra={**fields, "reason": "error"})
             answer = protocol.encode_worker_error(msg.job_id, msg.attempt, msg.token, ready, error,
                                                   then, after)
         link.abandon = None
@@ -405,7 +408,8 @@ class Runner:
         if link.read_stops() >= 2 and link.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
-            log.warning("forced stop: giving job %s back to the broker", link.job[0])
+            log.warning("forced stop: giving job %s back to the broker", link.job[0],
+                        extra={"job": link.job[0], "attempt": link.job[1], "worker": self.name})
             link.send(protocol.encode_return(*link.job))
             link.send(protocol.BYE_FRAMES)
             self._leave(0)
@@ -418,7 +422,8 @@ class Runner:
             elif now - self._interrupted_at > self.cfg.cancel_grace:
                 log.error("job %s is over but still running %.0fs after it was told to stop: "
                           "exiting so this worker can be replaced", job.job_id,
-                          self.cfg.cancel_grace)
+                          self.cfg.cancel_grace,
+                          extra={"job": job.job_id, "attempt": job.attempt, "worker": self.name})
                 link.send(protocol.BYE_FRAMES)
                 self._leave(EXIT_HUNG)
         elif (not self._soft_told and job is not None and self._job_ran > job.timeout
@@ -430,7 +435,8 @@ class Runner:
             # The broker gave this job to another worker long ago; the user's code cannot
             # be interrupted, so the process leaves and its pool starts a fresh one.
             log.error("job %s is still running at twice its time limit: "
-                      "exiting so this worker can be replaced", link.job[0])
+                      "exiting so this worker can be replaced", link.job[0],
+                      extra={"job": link.job[0], "attempt": link.job[1], "worker": self.name})
             self._leave(EXIT_HUNG)
         link.read()
         progress = self._progress
