@@ -1,6 +1,7 @@
 """CPU per job of the broker's decisions alone: BrokerCore driven in-process, no sockets.
 
     python benchmarks/core.py [--jobs N] [--rounds R] [--journal memory|sqlite] [--profile]
+                              [--debug-log text|json]
 
 A client sends jobs 100 per SUBMITS, 4 workers answer each JOB at once, the loop ends
 every turn as the server does (set_time, send_results, maybe_flush). The figure is process CPU
@@ -8,6 +9,8 @@ time per job, best of the rounds: what the core costs the broker's loop per job,
 part of the broker that is pure Python. It answers "did this change to core.py or
 protocol.py make the hot path cheaper?" in seconds, with far less noise than the
 socket benchmark (run.py), which shares the machine with worker and client processes.
+``--debug-log`` runs with the broker's debug log on (each job's steps, written to
+/dev/null): its cost per job, against the default, where debug is off.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pstats
 import tempfile
 import time
 
-from respworkers import protocol
+from respworkers import logs, protocol
 from respworkers.broker.core import BrokerCore
 from respworkers.broker.journal import Journal, NullJournal, SqliteJournal
 from respworkers.config import BrokerConfig
@@ -68,8 +71,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--journal", choices=("memory", "sqlite"), default="memory")
     ap.add_argument("--profile", action="store_true", help="one round under cProfile")
+    ap.add_argument("--debug-log", choices=logs.FORMATS,
+                    help="log every job's steps at debug level, in this format, to /dev/null")
 
     args = ap.parse_args()
+    if args.debug_log:
+        logs.setup("debug", args.debug_log, open(os.devnull, "w"))  # noqa: SIM115 - for the run
 
     def journal() -> Journal:
         if args.journal == "memory":
@@ -82,7 +89,8 @@ def main() -> int:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return 0
     best = min(run_once(args.jobs, journal()) for _ in range(args.rounds))
-    print(f"broker core, {args.journal} journal: {best / args.jobs * 1e6:.1f} us CPU per job "
+    debug = f", debug log in {args.debug_log}" if args.debug_log else ""
+    print(f"broker core, {args.journal} journal{debug}: {best / args.jobs * 1e6:.1f} us CPU per job "
           f"(best of {args.rounds} rounds of {args.jobs} jobs)")
     return 0
 

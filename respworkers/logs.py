@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(name)s %(levelname)s %(message)s"
@@ -60,10 +60,10 @@ def check_format(value: Any) -> str:
     return value.lower()
 
 
-def setup(level: str | int, fmt: str = "text") -> None:
-    """Send this process's log records to stderr in ``fmt``, replacing any earlier setup
-    (a spawned worker process sets itself up again; a forked one inherits this)."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup(level: str | int, fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Send this process's log records to stderr (or ``stream``) in ``fmt``, replacing any
+    earlier setup (a spawned worker process sets itself up again; a forked one inherits this)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in root.handlers[:]:

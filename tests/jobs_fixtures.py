@@ -13,7 +13,7 @@ class Tester(Worker):
     """Payload commands: ``sleep:S``, ``stubborn:S`` (ignores TimeLimit and Cancelled),
     ``progress:N:S`` (N steps of S seconds, each reported),
     ``started:PATH:S``, ``wait:PATH`` (until PATH exists),
-    ``pad:N`` (an answer N bytes longer), ``raise``, ``crash``, ``crash-once:PATH``,
+    ``pad:N`` (an answer N bytes longer), ``raise``, ``raise-once:PATH``, ``crash``, ``crash-once:PATH``,
     ``cpu:PATH:N`` (say so in a file, then N rounds of one C call that never looks at signals).
 
     Anything else is echoed.
@@ -54,6 +54,11 @@ class Tester(Worker):
             return f"{pid}:{text}".encode() + b"." * int(text[4:])
         elif text == "raise":
             raise ValueError("asked to raise")
+        elif text.startswith("raise-once:"):  # raise-once:PATH - fail the first try only
+            marker = text.split(":", 1)[1]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise ValueError("asked to raise once")
         elif text == "crash":
             os._exit(13)
         elif text.startswith("crash-once:"):

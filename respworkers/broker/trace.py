@@ -55,8 +55,8 @@ def retried(job: Job, w: WorkerRec | None, reason: str, delay: float, wall: floa
         when = f"in {delay:.3f}s, at {fields['retry_at']}"
     else:
         when = "at once"
-    log.debug("job %s attempt %d of %d %s: retried %s (%s)", job.id, job.attempt, job.tries,
-              reason, when, fields["error"], extra=fields)
+    log.debug("job %s attempt %d of %d failed (%s: %s): retried %s", job.id, job.attempt,
+              job.tries, reason, fields["error"], when, extra=fields)
 
 
 def given_back(job: Job, w: WorkerRec) -> None:
