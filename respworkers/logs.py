@@ -42,8 +42,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and key not in out:
+        for key, value in vars(record).items():  # extra={...}; None: does not apply
+            if key not in _STANDARD and key not in out and value is not None:
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

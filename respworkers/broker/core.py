@@ -889,7 +889,8 @@ class BrokerCore:
             self.workers.unready(w)
         for w in dead:
             self.counters.lost_workers += 1
-            log.warning("worker %s silent for %.1fs: dropping it", w.name, now - w.last_seen)
+            log.warning("worker %s silent for %.1fs: dropping it", w.name, now - w.last_seen,
+                        extra={"worker": w.name, "job": w.job_id, "attempt": w.attempt or None})
             self.drop_worker(w, "stopped answering")
         beat = protocol.HEARTBEAT_FRAMES
         for wid in self.workers.records:

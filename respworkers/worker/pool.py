@@ -81,6 +81,11 @@ _NOT_SOURCE = {".git", ".hg", ".venv", "venv", "node_modules", "__pycache__", ".
                ".ruff_cache", ".pytest_cache", ".tox", "build", "dist"}
 
 
+def _named(pid: int | None) -> dict[str, Any]:
+    """Log fields for a child: ``worker`` as the broker and rw status name it (host:pid)."""
+    return {"worker": f"{socket.gethostname()}:{pid}"}
+
+
 def _summary(exc: BaseException) -> str:
     """One line: the exception and where it was raised (the traceback's last frame)."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -214,7 +219,7 @@ class Pool:
         slot.report = reader
         slot.ready = False
         slot.started = slot.last_busy = time.monotonic()
-        log.info("started worker process %s in slot %d", p.pid, slot.index)
+        log.info("started worker process %s in slot %d", p.pid, slot.index, extra=_named(p.pid))
 
     def _signal_children(self, signum: int) -> None:
         for slot in self.slots:
@@ -279,20 +284,21 @@ class Pool:
             if p.exitcode == EXIT_DRAINED:
                 slot.drained = True
                 log.info("worker process %s in slot %d was drained; not replacing it",
-                         p.pid, slot.index)
+                         p.pid, slot.index, extra=_named(p.pid))
                 continue
             if self.signals:
-                log.info("worker process %s exited (%s)", p.pid, p.exitcode)
+                log.info("worker process %s exited (%s)", p.pid, p.exitcode, extra=_named(p.pid))
                 continue
             if slot.retiring:
                 log.info("worker process %s retired (%d left)", p.pid,
-                         sum(s.process is not None for s in self.slots))
+                         sum(s.process is not None for s in self.slots), extra=_named(p.pid))
                 self.slots.remove(slot)
                 continue
             if (p.exitcode == EXIT_RECYCLE or slot.restart_now) and slot.ready:
                 # It said goodbye after its last answer: nothing to vacate, no back-off.
                 log.info("worker process %s %s; starting a fresh one", p.pid,
-                         "recycled" if p.exitcode == EXIT_RECYCLE else "stopped to reload")
+                         "recycled" if p.exitcode == EXIT_RECYCLE else "stopped to reload",
+                         extra=_named(p.pid))
                 slot.restart_at = now
                 continue
             if self.cfg.reload and not slot.ready:
@@ -317,6 +323,7 @@ class Pool:
                 "worker process %s in slot %d exited with %s after %.1fs; restarting%s",
                 p.pid, slot.index, p.exitcode, lived,
                 f" in {slot.backoff:.1f}s" if lived < QUICK_DEATH else "",
+                extra=_named(p.pid),
             )
         if dead and self.failure is None:
             self._vacate(dead)
@@ -352,7 +359,7 @@ class Pool:
             slot = min(idle, key=lambda s: s.last_busy)
             assert slot.process is not None and slot.process.pid is not None
             log.info("worker process %s idle for %.0fs: retiring it", slot.process.pid,
-                     now - slot.last_busy)
+                     now - slot.last_busy, extra=_named(slot.process.pid))
             slot.retiring = True
             try:
                 os.kill(slot.process.pid, signal.SIGTERM)  # a warm stop: its job, if any, ends first
