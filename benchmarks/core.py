@@ -1,6 +1,6 @@
 """CPU per job of the broker's decisions alone: BrokerCore driven in-process, no sockets.
 
-    python benchmarks/core.py [--jobs N] [--rounds R] [--journal memory|sqlite] [--profile]
+    python benchmarks/core.py [--jobs N] [--rounds R] [--journal memory|sqlite] [--metrics] [--profile]
 
 A client sends jobs 100 per SUBMITS, 4 workers answer each JOB at once, the loop ends
 every turn as the server does (set_time, send_results, maybe_flush). The figure is process CPU
@@ -8,6 +8,9 @@ time per job, best of the rounds: what the core costs the broker's loop per job,
 part of the broker that is pure Python. It answers "did this change to core.py or
 protocol.py make the hot path cheaper?" in seconds, with far less noise than the
 socket benchmark (run.py), which shares the machine with worker and client processes.
+
+``--metrics`` adds what ``[broker] metrics`` costs the loop: the per-job observations and a
+snapshot for the scrapes every PUBLISH_EVERY seconds (the HTTP thread itself is not run).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import time
 from respworkers import protocol
 from respworkers.broker.core import BrokerCore
 from respworkers.broker.journal import Journal, NullJournal, SqliteJournal
+from respworkers.broker.metrics import PUBLISH_EVERY, Recorder, take_snapshot
 from respworkers.config import BrokerConfig
 
 BATCH = 100
 WORKERS = 4
 
 
-def run_once(jobs: int, journal: Journal) -> float:
+def run_once(jobs: int, journal: Journal, metrics: bool = False) -> float:
     """Process CPU seconds for ``jobs`` jobs through a fresh core."""
     to_workers: list[tuple[bytes, list[bytes]]] = []
     core = BrokerCore(BrokerConfig(journal=":memory:", max_retained=20_000),
@@ -37,6 +41,10 @@ def run_once(jobs: int, journal: Journal) -> float:
     for i in range(WORKERS):
         core.on_worker(b"w%d" % i, protocol.encode_hello(["default"], {"name": f"w{i}"}))
     to_workers.clear()
+    recorder = Recorder() if metrics else None
+    if recorder is not None:
+        core.record_metrics(recorder)
+    publish_at = 0.0
     payload = [b"x" * 64]
     started = time.process_time()
     for first in range(0, jobs, BATCH):
@@ -58,6 +66,9 @@ def run_once(jobs: int, journal: Journal) -> float:
             core.send_results()
             core.maybe_flush()
         core.tick()
+        if recorder is not None and core.now >= publish_at:  # as the server's loop does
+            publish_at = core.now + PUBLISH_EVERY
+            take_snapshot(core, recorder, "running")
     core.flush()
     return time.process_time() - started
 
@@ -67,6 +78,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--journal", choices=("memory", "sqlite"), default="memory")
+    ap.add_argument("--metrics", action="store_true", help="with Prometheus metrics on")
     ap.add_argument("--profile", action="store_true", help="one round under cProfile")
 
     args = ap.parse_args()
@@ -78,11 +90,12 @@ def main() -> int:
 
     if args.profile:
         prof = cProfile.Profile()
-        prof.runcall(run_once, args.jobs, journal())
+        prof.runcall(run_once, args.jobs, journal(), args.metrics)
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         return 0
-    best = min(run_once(args.jobs, journal()) for _ in range(args.rounds))
-    print(f"broker core, {args.journal} journal: {best / args.jobs * 1e6:.1f} us CPU per job "
+    best = min(run_once(args.jobs, journal(), args.metrics) for _ in range(args.rounds))
+    what = ", metrics on" if args.metrics else ""
+    print(f"broker core, {args.journal} journal{what}: {best / args.jobs * 1e6:.1f} us CPU per job "
           f"(best of {args.rounds} rounds of {args.jobs} jobs)")
     return 0
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from respworkers import protocol
 from respworkers.broker.metrics import MAX_QUEUE_LABELS, OTHER_QUEUE, Recorder
+from respworkers.broker.model import DONE
 from respworkers.config import Config, parse
 from respworkers.errors import ConfigError
 from respworkers.options import job_options
@@ -211,7 +212,8 @@ def test_queue_labels_are_bounded() -> None:
     for i in range(MAX_QUEUE_LABELS + 50):
         rec.started(f"q{i}", 0.01)
         rec.answered(f"q{i}", 0.02)
-    assert len(rec.queue_wait) == MAX_QUEUE_LABELS + 1
-    assert sum(rec.queue_wait[OTHER_QUEUE].counts) == 50
-    assert sum(rec.run[OTHER_QUEUE].counts) == 50
-    assert rec.queue_wait["q0"].counts[3] == 1  # 0.01 s counts in le="0.01", the 4th bound
+        rec.finished(f"q{i}", DONE)
+    assert len(rec.queues) == MAX_QUEUE_LABELS + 1
+    other = rec.queues[OTHER_QUEUE]
+    assert sum(other.wait.counts) == sum(other.run.counts) == other.done == 50
+    assert rec.queues["q0"].wait.counts[3] == 1  # 0.01 s counts in le="0.01", the 4th bound

@@ -831,7 +831,7 @@ class BrokerCore:
         self.notifier.ended(job)
         self.finished[job.id] = job
         if self.metrics is not None:
-            self.metrics.finished(job.queue, state.value)
+            self.metrics.finished(job.queue, state)
 
     # ================================================================== timers
     def tick(self) -> float:
