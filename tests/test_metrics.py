@@ -3,6 +3,8 @@ urllib while a real pool runs a batch and after it; the config key; the optional
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import textwrap
 import urllib.request
@@ -43,6 +45,15 @@ def scrape(port: int) -> Samples:
         for s in family.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
+
+
+def exported_names(port: int) -> set[str]:
+    """Every series name the endpoint declares, also of families without series yet."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    return {family.name + suffix for family in text_string_to_metric_families(text)
+            for suffix in suffixes.get(family.type, ("",))}
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -116,6 +127,23 @@ def test_metrics_during_and_after_a_batch(cluster: Cluster) -> None:
     assert total(after, "respworkers_bad_messages_total") == 0
     assert any(name == "process_cpu_seconds_total" for name, _ in after)
     pool.kill_all()
+    # The shipped Grafana dashboard queries only series this broker serves.
+    exported = exported_names(port)
+    for name in dashboard_metrics():
+        assert name in exported, f"deploy/grafana/respworkers.json queries {name}, not exported"
+
+
+def dashboard_metrics() -> set[str]:
+    """The metric names the Grafana dashboard's queries use (it must be valid JSON)."""
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy/grafana/respworkers.json")
+                           .read_text())
+    assert dashboard["templating"]["list"][0]["type"] == "datasource"
+    assert dashboard["templating"]["list"][0]["query"] == "prometheus"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    names = set(re.findall(r"\b((?:respworkers|process)_[a-z_]+)\b", " ".join(exprs)))
+    assert "respworkers_queue_wait_seconds_bucket" in names and len(names) > 15
+    return names
 
 
 def test_bad_messages_and_refusals_are_counted(cluster: Cluster) -> None:
