@@ -338,17 +338,16 @@ class _Collector:
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = 10  # a client that connects and sends nothing does not hold the server up for long
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a scrape every few seconds is not news
 
 
-class _Server(WSGIServer):
-    daemon_threads = True
-
-
 def _server_class(host: str) -> type[WSGIServer]:
+    """One request at a time: rendering a snapshot takes milliseconds."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return type("MetricsServer", (_Server,), {"address_family": family})
+    return type("MetricsServer", (WSGIServer,), {"address_family": family})
 
 
 class MetricsBindError(RespWorkersError):
