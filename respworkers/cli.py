@@ -150,7 +150,7 @@ def cli() -> None:
 # ================================================================================= broker
 @cli.command()
 @configured("broker", "clients", "workers", "status", "timeout", "tries", "backoff", "journal",
-            "log_level")
+            "log_level", "metrics")
 @click.option("--clients", metavar="ENDPOINT", help="Endpoint clients submit to.")
 @click.option("--workers", metavar="ENDPOINT", help="Endpoint workers connect to.")
 @click.option("--status", metavar="ENDPOINT", help="Endpoint status queries go to.")
@@ -160,6 +160,8 @@ def cli() -> None:
               help="Default delay before a first retry, doubling after (0: retry at once).")
 @click.option("--journal", metavar="PATH", help='sqlite journal file, or ":memory:".')
 @click.option("--log-level", help="debug, info, warning or error.")
+@click.option("--metrics", metavar="HOST:PORT",
+              help="Serve Prometheus metrics there (needs respworkers[metrics]).")
 def broker(conf: BrokerConfig) -> None:
     """Run the broker until Ctrl-C or SIGTERM."""
     from .broker.server import run_broker

@@ -162,6 +162,23 @@ def _log_format(value: Any) -> str:
     return check_format(value)
 
 
+def _metrics_address(value: Any) -> str:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) of the broker's Prometheus endpoint; "" is off."""
+    usage = 'must be "HOST:PORT" such as "127.0.0.1:9781", or "" for no metrics endpoint'
+    if not isinstance(value, str):
+        raise ValueError(usage)
+    if not value:
+        return value
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or "://" in value or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r}: {usage}")
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return value
+
+
 def _check(fn: Callable[[Any], Any], doc: str) -> dict[str, Any]:
     return {"check": fn, "doc": doc}
 
@@ -203,6 +220,10 @@ class BrokerConfig:
                                            metadata=_check(_weights, "weights"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))
     log_format: str = field(default="text", metadata=_check(_log_format, "format"))
+
+
+    # --- operations (README: Metrics): Prometheus endpoint, "" = off ---
+    metrics: str = field(default="", metadata=_check(_metrics_address, "HOST:PORT"))
 
 
 @dataclass(frozen=True)

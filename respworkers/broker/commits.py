@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from typing import TYPE_CHECKING
 
 from .journal import Journal, JournalWriteError
 from .notify import Notifier
+
+if TYPE_CHECKING:
+    from .metrics import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ class GroupCommit:
         self.problem_since = 0.0
         self._retry = RETRY
         self._retry_at = 0.0
+        self.metrics: Recorder | None = None  # commit latency and size, when metrics are on
 
     def pending(self) -> bool:
         return (bool(self.notifier.unconfirmed) or bool(self.notifier.durable_replies)
@@ -62,7 +68,10 @@ class GroupCommit:
             return True
         self._committed = now
         try:
-            self.journal.commit()
+            if self.metrics is None:
+                self.journal.commit()
+            else:
+                self._timed_commit(self.metrics)
         except JournalWriteError as exc:
             self._failed(str(exc), now)
             return False
@@ -73,6 +82,17 @@ class GroupCommit:
             self._retry = RETRY
         self.notifier.send_accepted()
         return True
+
+    def _timed_commit(self, metrics: Recorder) -> None:
+        """Commit, observing how long it took and how many rows it wrote (a journal that
+        writes nothing, such as ":memory:", is not observed)."""
+        if not self.journal.dirty():
+            self.journal.commit()
+            return
+        rows = getattr(self.journal, "rows", 0)
+        began = time.perf_counter()
+        self.journal.commit()
+        metrics.committed(time.perf_counter() - began, getattr(self.journal, "rows", 0) - rows)
 
     def _failed(self, why: str, now: float) -> None:
         """Keep running on what is in memory; refuse new work until the journal takes writes."""

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__, protocol
 from ..config import BrokerConfig
@@ -49,6 +49,9 @@ from .policy import RetryPolicy
 from .queues import Queues
 from .timetable import Due, Timetable
 from .workers import RETRY_SCAN, WorkerRec, Workers
+
+if TYPE_CHECKING:
+    from .metrics import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,9 @@ class BrokerCore:
         self.journal.bind(self.jobs)
         # Whether a job's steps are logged (trace): read once per heartbeat, not per step.
         self._debug = trace.log.isEnabledFor(logging.DEBUG)
+        # Per-job observations for Prometheus ([broker] metrics), None when off: the hot
+        # paths then pay one `is not None`.
+        self.metrics: Recorder | None = None
         # Loop turns are bounded in time: the server sets when this turn's budget ends; a
         # batch of submissions still unfinished then is continued in the next turn.
         self.clock: Callable[[], float] = time.monotonic
@@ -127,6 +133,10 @@ class BrokerCore:
     def start_recovery(self) -> None:
         """Open the window in which workers may claim held jobs (call when serving)."""
         self.queues.release_at = self.now + self.cfg.heartbeat * self.cfg.liveness
+
+    def record_metrics(self, recorder: Recorder) -> None:
+        """Observe queue waits, run times, ends and journal commits from now on."""
+        self.metrics = self.commits.metrics = recorder
 
     # ------------------------------------------------------------------ clock
     def set_time(self, mono: float, wall: float) -> None:
@@ -516,6 +526,8 @@ class BrokerCore:
             return
         job = w.job
         holder = job is not None and job.worker is w
+        if self.metrics is not None and job is not None:
+            self.metrics.answered(job.queue, self.now - w.since)
         # An attempt the job no longer knows (it ended, or ended and was requeued since)
         # changes nothing: the job's live attempts are exactly its tokens.
         token, forged = w.token, w.forged
@@ -751,6 +763,8 @@ class BrokerCore:
             job.retry_since = 0.0
         if not job.started:
             job.started = self.wall
+            if self.metrics is not None:
+                self.metrics.started(job.queue, self.wall - job.created)
         job.tried.append(w.name)
         self.deadlines.start(job, self.now)
         token = self.tokens.next()
@@ -837,6 +851,8 @@ class BrokerCore:
         self.journal.finished(job)
         self.notifier.ended(job)
         self.finished[job.id] = job
+        if self.metrics is not None:
+            self.metrics.finished(job.queue, state)
 
     # ================================================================== timers
     def tick(self) -> float:

@@ -27,6 +27,7 @@ from ..util import WakePipe
 from .channel import SEND_HWM, ClientChannel, router_sender
 from .core import BrokerCore
 from .journal import Journal, SqliteJournal, open_journal
+from .metrics import Exporter, load_prometheus
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class BrokerServer:
         self, cfg: BrokerConfig, journal: Journal | None = None, ctx: zmq.Context[Any] | None = None
     ) -> None:
         self.cfg = cfg
+        # Checked before anything is bound: a missing extra is a usage error (exit 2).
+        prom = load_prometheus() if cfg.metrics else None
+        self.metrics: Exporter | None = None
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.security: BrokerSecurity | None = None
@@ -111,6 +115,13 @@ class BrokerServer:
         self._send_status = sockets.router_sender(self.status)
         self._stop = False
         self.wake = WakePipe()
+        if prom is not None:
+            try:
+                self.metrics = Exporter(cfg.metrics, prom)
+            except BaseException:
+                self.close()
+                raise
+            self.core.record_metrics(self.metrics.recorder)
 
     def _warn_exposed(self) -> None:
         for name in (ROLE_CLIENTS, ROLE_WORKERS, ROLE_STATUS):
@@ -187,6 +198,8 @@ class BrokerServer:
                 self._deferred.append((rid, frames))
         self._serve_status()
         self.channel.flush()
+        if self.metrics is not None and self.core.now >= self.metrics.next_publish:
+            self.metrics.publish(self.core, self.state)
 
     # ----------------------------------------------------------------- signals
     def install_signal_handlers(self) -> None:
@@ -288,6 +301,9 @@ class BrokerServer:
         )
         longest = longest_cpu = 0.0
         cpu = time.thread_time
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.publish(core, self.state)
         while not self._stop:
             events = dict(poller.poll(ceil(max(0.0, (wake - monotonic()) * 1000.0))))
             began = monotonic()
@@ -318,7 +334,11 @@ class BrokerServer:
             core.maybe_flush()
             if self.channel.pending():
                 self.channel.flush()
+            if metrics is not None and core.now >= metrics.next_publish:
+                metrics.publish(core, self.state)  # O(queues + workers), twice a second
             wake = core.next_wake()
+            if metrics is not None and metrics.next_publish < wake:
+                wake = metrics.next_publish
             if core.intake_pending():
                 wake = core.now  # submissions wait to be taken in: do not sleep
             elif self.channel.pending():
@@ -359,6 +379,9 @@ class BrokerServer:
         log.info("broker stopped")
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for sock in (self.clients, self.workers, self.status):
             sock.close()
         if self.security is not None:
