@@ -357,6 +357,14 @@ def render(snap: dict[str, Any], width: int | None = None, height: int | None = 
             extra = min(extra, left)
             shown[k] += extra
             left -= extra
+        if expand:  # the worker rows, then room left over goes to the failures
+            worker_room = min(left, 1 + len(w_rows))
+            left -= worker_room
+            for k in ("queues", "failures"):
+                extra = min(left, sizes[k] - shown[k])
+                shown[k] += extra
+                left -= extra
+            left += worker_room
 
     def part(key: str, cols: list[_Col], rows: list[list[_Cell]], what: str) -> list[Text]:
         if not shown[key]:
