@@ -270,8 +270,7 @@ def _host_rows(hosts: dict[str, dict[str, Any]], suffix: str
     return cols, out
 
 
-def _worker_rows(workers: list[dict[str, Any]], suffix: str
-                 ) -> tuple[list[_Col], list[list[_Cell]]]:
+def _worker_rows(workers: list[dict[str, Any]]) -> tuple[list[_Col], list[list[_Cell]]]:
     reporting = any(w.get("progress") for w in workers)
     cols = [_Col("worker"), _Col("queues", drop=5), _Col("state"), _Col("job", drop=2),
             _Col("try", True, 4), _Col("busy for", True)]
@@ -280,11 +279,8 @@ def _worker_rows(workers: list[dict[str, Any]], suffix: str
     out: list[list[_Cell]] = []
     for w in workers:
         state = str(w.get("state", "?"))
-        name = str(w.get("name"))
-        host = str(w.get("host") or "")
-        if suffix and host.endswith(suffix) and name.startswith(host):
-            name = host[:-len(suffix)] + name[len(host):]
-        out.append([name, ",".join(w.get("queues", [])), (state, _STATE_STYLE.get(state, "")),
+        # whole, as rw drain takes it, even when the hosts' common domain is left out above
+        out.append([str(w.get("name")), ",".join(w.get("queues", [])), (state, _STATE_STYLE.get(state, "")),
                     str(w.get("job") or ""), str(w.get("attempt") or ""), _dur(w.get("busy_for")),
                     *([progress_text(w.get("progress"))] if reporting else []),
                     str(w.get("done", 0)), str(w.get("failed", 0)),
@@ -327,7 +323,7 @@ def render(snap: dict[str, Any], width: int | None = None, height: int | None = 
     h_cols, h_rows = _host_rows(per_host, suffix)
     if suffix:
         h_cols[0] = _Col(f"host (*{suffix})")
-    w_cols, w_rows = _worker_rows(rows_w, suffix)
+    w_cols, w_rows = _worker_rows(rows_w)
     f_cols, f_rows = _failure_rows(snap)
     f_rows = f_rows[:FAILURES_SHOWN if height is not None else 2 * FAILURES_SHOWN]
 

@@ -109,12 +109,12 @@ def test_host_shows_that_hosts_workers_and_workers_expands(cluster: Cluster) -> 
     fake_workers(cluster)
     term = cluster.rw_tty("status", "--status", cluster.status, "--host", "vm-03",
                           columns=100, lines=40, name="status")
-    wait_for(lambda: "vm-03.rack-0:100" in term.text(), 20, what="vm-03's workers")
+    wait_for(lambda: "vm-03.rack-0.example.internal:100" in term.text(), 20, what="vm-03's workers")
     rows = term.lines()
     names = [row.split()[0] for row in rows if row.startswith("vm-")]
     assert names[0] == "vm-03.rack-0"  # its summary row: 30 workers
     assert rows[[r.split()[0] if r else "" for r in rows].index("vm-03.rack-0")].split()[1] == "30"
-    assert names[1:] and all(n.startswith("vm-03.rack-0:") for n in names[1:]), term.text()
+    assert names[1:] and all(n.startswith("vm-03.rack-0.example.internal:") for n in names[1:]), term.text()
     assert all(len(row) <= 100 for row in rows) and "..." not in term.text()
     term.press(b"\x03")
     assert term.wait(10) == 0
