@@ -213,9 +213,11 @@ def _flow(pieces: list[Text], width: int | None) -> list[Text]:
             cut = line.plain.rfind(" ", 0, width + 1)
             cut = cut if cut > 0 else width
             head, line = line.divide([cut])
+            head.rstrip()
             lines.append(head)
-            line = line[1:] if line.plain.startswith(" ") else line
-        lines.append(line)
+            line = line[len(line.plain) - len(line.plain.lstrip()):]
+        if line.plain.strip():
+            lines.append(line)
     return lines
 
 
