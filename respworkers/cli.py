@@ -40,6 +40,8 @@ RET_UNAVAILABLE = 3
 
 #: Shortest refresh interval of the live status: anything less is a busy loop against the broker.
 MIN_INTERVAL = 0.1
+#: How often the live status looks for a resized terminal between refreshes, in seconds.
+RESIZE_CHECK = 0.1
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -551,19 +553,25 @@ def _console(stderr: bool = False) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON and exit.")
 @click.option("--interval", type=click.FloatRange(min=MIN_INTERVAL), default=1.0, show_default=True,
               help=f"Seconds between refreshes (at least {MIN_INTERVAL}).")
-def status(conf: ClientConfig, once: bool, as_json: bool, interval: float) -> None:
-    """Show the broker's state: a live table until Ctrl-C, or one snapshot."""
+@click.option("--workers", "every_worker", is_flag=True,
+              help="A row per worker, as many as fit (else only when all fit).")
+@click.option("--host", "hosts", multiple=True, metavar="HOST",
+              help="Only this host's workers, a row each (repeatable; a short name matches).")
+def status(conf: ClientConfig, once: bool, as_json: bool, interval: float, every_worker: bool,
+           hosts: tuple[str, ...]) -> None:
+    """Show the broker's state: a live view sized to the terminal until Ctrl-C, or one snapshot."""
     from .client import fetch_status
     from .status import render, render_unreachable
 
     endpoint, wait = conf.status, conf.request_timeout
     keys = _keys(conf, "client")
     if as_json or once:
-        snap = fetch_status(endpoint, wait, keys=keys)
+        answer = fetch_status(endpoint, wait, keys=keys)
         if as_json:
-            click.echo(json.dumps(snap, indent=2))
+            click.echo(json.dumps(answer, indent=2))
         else:
-            _console().print(render(snap))
+            printer = _console()
+            printer.print(render(answer, printer.width, None, every_worker, hosts))
         return
     from rich.console import Group, RenderableType
     from rich.live import Live
@@ -576,22 +584,39 @@ def status(conf: ClientConfig, once: bool, as_json: bool, interval: float) -> No
         # of, leaving a stray copy of the first line above the final view.
         return Group(renderable, "")
 
+    console = _console()
     # Signals interrupt only the waiting (for the broker, for the next refresh), never a
     # redraw halfway written; SIGTERM ends the view as cleanly as Ctrl-C.
     with Signals() as signals, Live(view(render_unreachable(f"asking {endpoint} ...")),
-                                    console=_console(), auto_refresh=False) as live:
+                                    console=console, auto_refresh=False) as live:
+        snap: dict[str, Any] | None = None
+        problem = ""
+
+        def draw() -> tuple[int, int]:
+            size = console.size  # asked each time: the terminal may have been resized
+            shown: RenderableType = (
+                render(snap, size.width, size.height - 1, every_worker, hosts)  # 1: view()'s
+                if snap is not None and not problem else render_unreachable(problem))
+            live.update(view(shown), refresh=True)
+            return size.width, size.height
+
         try:
             while True:
                 started = time.monotonic()
                 with signals.waiting():
-                    shown: RenderableType
                     try:
-                        shown = render(fetch_status(endpoint, wait, keys=keys))
+                        snap, problem = fetch_status(endpoint, wait, keys=keys), ""
                     except BrokerUnavailable as exc:
-                        shown = render_unreachable(f"{exc}; retrying")
-                live.update(view(shown), refresh=True)
-                with signals.waiting():
-                    time.sleep(max(0.0, interval - (time.monotonic() - started)))
+                        problem = f"{exc}; retrying"
+                drawn = draw()
+                while (left := interval - (time.monotonic() - started)) > 0:
+                    with signals.waiting():
+                        time.sleep(min(left, RESIZE_CHECK))
+                    if (console.size.width, console.size.height) != drawn:
+                        # Lines drawn wider than the terminal now are wrapped (or cut) by it,
+                        # which the in-place redraw cannot count: start from a clear screen.
+                        console.clear()
+                        drawn = draw()
         except Interrupted:
             pass
 

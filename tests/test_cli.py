@@ -215,7 +215,7 @@ def test_live_status_stops_cleanly(cluster: Cluster, stop: str) -> None:
     assert live.wait(10) == 0
     rows = live.lines()
     assert sum(f"broker {broker_id}" in row for row in rows) == 1, live.text()  # redrawn in place
-    assert sum(row.startswith("╭") for row in rows) == 1, live.text()
+    assert sum(row.startswith("now: queued") for row in rows) == 1, live.text()
     assert "Traceback" not in live.output() and "Aborted" not in live.output()
 
 

@@ -407,7 +407,7 @@ def test_status_marks_paused_queues_and_draining_workers():
     assert "paused queues (nothing dispatched, jobs kept): q, spare" in shown
     assert "draining: 1 worker leaving after their job in hand" in shown
     assert "drained 1" in shown
-    rows = {line.split()[1]: line for line in shown.splitlines() if line.startswith("│ ")}
+    rows = {line.split()[0]: line for line in shown.splitlines() if line.strip()}
     assert "paused" in rows["q"] and "paused" in rows["spare"]
     assert "draining" in rows["w1"] and " j " in rows["w1"]
     assert "idle" in rows["w2"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,8 @@ class Stats:
 
 def snapshot(core: BrokerCore) -> dict[str, Any]:
     """The status snapshot (docs/protocol.md section 5). Scans workers and queues: on request
-    only, never per message."""
+    only, never per message; ``broker.snapshot_took`` says how long that scan held the loop."""
+    took = time.perf_counter()
     now, wall = core.now, core.wall
     queues: dict[str, dict[str, Any]] = {}
 
@@ -121,7 +123,7 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
             if w.job.progress is not None:
                 row["progress"] = w.job.progress
         workers.append(row)
-    return {
+    snap: dict[str, Any] = {
         "broker": {
             "id": core.broker_id,
             "version": __version__,
@@ -147,3 +149,5 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
         "recent_failures": list(core.stats.recent_failures),
         "time": wall,
     }
+    snap["broker"]["snapshot_took"] = round(time.perf_counter() - took, 6)
+    return snap
