@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # deploy/compose.yaml without Docker: the same commands and the same config files, as
-# separate processes on 127.0.0.1 (ports 17781-17783, or RW_PORT_BASE+1..3), in a temp
+# separate processes on 127.0.0.1 (ports 17781-17783; RW_PORT_PREFIX=300 makes them 30081-30083), in a temp
 # folder. Config files are copied with three changes only: the broker's service name
 # and 0.0.0.0 become 127.0.0.1, the ports move, /keys and /var/lib/respworkers become
 # folders of the temp folder. Every process started is stopped by its pid.
@@ -9,7 +9,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
 if [ -x "$repo/.venv/bin/rw" ]; then PATH="$repo/.venv/bin:$PATH"; fi
-base="${RW_PORT_BASE:-17780}"
+prefix="${RW_PORT_PREFIX:-177}"  # ports ${prefix}81, ${prefix}82, ${prefix}83
 work="$(mktemp -d "${TMPDIR:-/tmp}/rw-compose-eq.XXXXXX")"
 etc="$work/etc/respworkers"
 mkdir -p "$etc" "$work/keys" "$work/state"
@@ -33,9 +33,9 @@ stop_all() {
 trap 'stop_all' EXIT INT TERM
 
 for f in "$here"/compose/*; do
-    sed -e "s#tcp://broker:77#tcp://127.0.0.1:$((base / 100))#" \
-        -e "s#tcp://0.0.0.0:77#tcp://127.0.0.1:$((base / 100))#" \
-        -e "s#tcp://127.0.0.1:77#tcp://127.0.0.1:$((base / 100))#" \
+    sed -e "s#tcp://broker:77#tcp://127.0.0.1:$prefix#" \
+        -e "s#tcp://0.0.0.0:77#tcp://127.0.0.1:$prefix#" \
+        -e "s#tcp://127.0.0.1:77#tcp://127.0.0.1:$prefix#" \
         -e "s#\"/keys/#\"$work/keys/#" \
         -e "s#/var/lib/respworkers/#$work/state/#" "$f" > "$etc/$(basename "$f")"
 done
