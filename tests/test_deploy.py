@@ -69,7 +69,7 @@ def rw_lines(text: str) -> list[list[str]]:
                 words = shlex.split(part)
             except ValueError:  # a quoted command cut at '&&', a line continued: plain words
                 words = re.sub(r"[\"'\\]", " ", part).split()
-            at = [i for i, w in enumerate(words) if re.fullmatch(r"(\S*/)?rw", w)]
+            at = [i for i, w in enumerate(words) if re.fullmatch(r"([^$\s]\S*/)?rw", w)]
             if not at:
                 continue
             words = ["rw"] + [w for w in words[at[0] + 1:]
