@@ -1743,6 +1743,7 @@ def test_after_a_restart_interrupted_jobs_run_first_in_their_order(tmp_path):
     core.on_worker(W1, p.encode_hello(["default"], {"name": "w1"}, None, 0))  # runs j0
     core.flush()
     core.journal.db.close()  # the broker dies (kill -9): no clean close
+    core.journal._unlock()  # type: ignore[attr-defined]  # and its lock goes with the process
     core, sent = core_on(SqliteJournal(path))
     assert core.restore(core.journal.load()) == {"queued": 4, "interrupted": 1, "scheduled": 0,
                                                    "finished": 0}

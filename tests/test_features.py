@@ -950,6 +950,7 @@ def journaled(path: Path, **overrides: Any) -> Journaled:
 def restart(h: Journaled, after: float) -> Journaled:
     h.core.flush()
     h.core.journal.db.close()  # type: ignore[attr-defined]
+    h.core.journal._unlock()  # type: ignore[attr-defined]  # and its lock goes with the process
     again = Journaled(h.core.journal.path, h.wall - WALL0 + after, **h.overrides)  # type: ignore[attr-defined]
     again.overrides = h.overrides  # type: ignore[attr-defined]
     again.tokens.update(h.tokens)

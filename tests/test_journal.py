@@ -66,6 +66,7 @@ def test_restore_matches_what_was_confirmed(tmp_path: Path) -> None:
     core.flush()
     core.on_client(b"c1", p.encode_submit("lost", p.DEFAULT_QUEUE, None, [b"x"]))  # never committed
     core.journal.db.close()  # killed: no clean close
+    core.journal._unlock()  # type: ignore[attr-defined]  # and its lock goes with the process
 
     again, _ = make_core(path)
     counts = again.restore(again.journal.load())

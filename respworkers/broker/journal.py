@@ -18,6 +18,11 @@ Disk faults do not stop the broker: a commit that fails raises
 :class:`JournalWriteError` naming the file and the cause, keeps everything it could
 not write buffered, and the next commit tries again. A journal file deleted under a
 running broker is noticed at the next commit and written again, whole, at its path.
+
+One broker per journal is enforced by an exclusive ``flock`` on the file, not by sqlite's
+exclusive locking mode, so that other processes can read the journal while the broker
+runs: an online backup (``sqlite3 journal.sqlite3 ".backup copy"``, Python's
+``sqlite3.Connection.backup``) takes a consistent copy without stopping it.
 """
 
 from __future__ import annotations
@@ -239,6 +244,7 @@ class SqliteJournal:
         except OSError as exc:
             raise JournalError(f"cannot create the journal's folder: {why_not_writable(self.path, exc)}"
                                ) from None
+        self._lock_fd: int | None = None
         self.db = self._open()
         self._identity = self._file_identity()
         self._moved = False  # check() saw the file deleted or replaced
@@ -253,13 +259,38 @@ class SqliteJournal:
         self.failures = 0
         self.rewrites = 0
 
+    def _lock(self) -> None:
+        """One broker per journal: an exclusive flock on the file makes a second broker fail
+        at once. (sqlite's exclusive locking mode would also lock out readers, such as an
+        online backup.) flock and sqlite's own POSIX locks do not interact on local file
+        systems; the descriptor stays open as long as the journal is."""
+        self._unlock()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal: {why_not_writable(self.path, exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise JournalError(
+                    f"journal {self.path} is in use by another broker (one broker per journal)"
+                ) from None
+            raise JournalError(f"cannot lock the journal: {exc}") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _open(self) -> sqlite3.Connection:
+        self._lock()
         db = None
         try:
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
                                  timeout=1.0)
-            # One broker per journal: an exclusive lock makes a second broker fail at once.
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             # Checkpoint (copy the WAL into the file) in small steps: sqlite does it inside
             # a commit, and the default 1000 pages made one commit in a second take 0.1 s.
@@ -278,6 +309,7 @@ class SqliteJournal:
         except sqlite3.OperationalError as exc:
             if db is not None:
                 db.close()
+            self._unlock()
             if "locked" in str(exc):
                 raise JournalError(
                     f"journal {self.path} is in use by another broker (one broker per journal)"
@@ -286,6 +318,7 @@ class SqliteJournal:
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
+            self._unlock()
             raise JournalError(f"journal {self.path} is not a usable sqlite file: {exc}") from None
 
     def _file_identity(self) -> tuple[int, int] | None:
@@ -472,6 +505,7 @@ class SqliteJournal:
             log.error("closing the journal: %s; %d job changes were not written", exc, left)
         finally:
             self.db.close()
+            self._unlock()
 
     def remove_if_created(self) -> None:
         """Undo opening a journal that did not exist (the broker could not start after all)."""
@@ -481,6 +515,7 @@ class SqliteJournal:
             self.db.close()
         except sqlite3.Error:
             pass
+        self._unlock()
         for suffix in ("", "-wal", "-shm"):
             try:
                 os.unlink(f"{self.path}{suffix}")
