@@ -1,13 +1,15 @@
-"""The broker's state transitions: submit, assign, finish, fail an attempt, give back,
-cancel, hello, and the timers. docs/protocol.md sections 7 to 10 in code.
+"""The broker's job transitions: submit, assign, finish, fail an attempt, give back,
+answers and dispatch. docs/protocol.md sections 7 to 10 in code.
 
 No sockets here: the server feeds decoded traffic in, and the core answers through two
 callables, so it can be driven step by step in tests with a fake clock. Each concern it
 uses has a module of its own: the job model (``model``), queues (``queues``), the worker
-registry (``workers``), time limits (``deadlines``), telling clients (``notify``), the
-group commit (``commits``, over the ``journal``) and statistics (``stats``). Every
-per-message path is O(1) in the number of jobs and workers; what scans runs at the
-heartbeat tick.
+registry (``workers``), time limits (``deadlines``), the timetable and retry policy
+(``timetable``, ``policy``), telling clients (``notify``), the group commit (``commits``,
+over the ``journal``) and statistics (``stats``). What clients ask is routed in
+``requests``, workers coming and going in ``registry``, what time does in ``timers``, and
+a restart in ``recovery``. Every per-message path is O(1) in the number of jobs and
+workers; what scans runs at the heartbeat tick.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ from .. import __version__, protocol
 from ..config import BrokerConfig
 from ..errors import ProtocolError
 from ..util import RateLimit
-from . import admin, recovery, stats, trace
+from . import recovery, registry, requests, stats, timers, trace
 from .commits import GroupCommit
 from .deadlines import Deadlines
 from .journal import Journal, NullJournal
 from .model import (
-    CANCELLED,
     DEFAULT_PRIORITY,
     DONE,
     ENDED,
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Longest heartbeat interval a worker may announce (seconds).
-MAX_WORKER_HEARTBEAT = 60.0
 #: Jobs of a SUBMITS taken in between two looks at the clock (loop turns are bounded in time).
 INTAKE_STEP = 64
 
@@ -148,83 +147,7 @@ class BrokerCore:
 
     # ================================================================== clients
     def on_client(self, client: bytes, frames: list[bytes]) -> None:
-        try:
-            req = protocol.decode_client(frames)
-        except ProtocolError as exc:
-            self.count_bad("clients", exc)
-            if frames and not frames[0]:  # a REQ envelope: the plain failure reply
-                self.send_client(client, protocol.encode_plain_reply(None))
-            elif frames:
-                self.send_client(client, protocol.encode_invalid(str(exc)))
-            return
-        if isinstance(req, protocol.Submit):
-            self.submit(client, req, PROTO)
-        elif isinstance(req, protocol.SubmitMany):
-            self._take_in(client, req.jobs, 0)
-        elif isinstance(req, protocol.Plain):
-            # Unguessable, so no other client can WAIT for, QUERY or CANCEL it by guessing.
-            job_id = "req-" + self.tokens.next().decode()
-            self.submit(client, protocol.Submit(job_id, protocol.DEFAULT_QUEUE,
-                                                protocol.NO_OPTIONS, req.payload), PLAIN)
-        elif isinstance(req, protocol.Query):
-            self._inform(client, req.job_id)
-        elif isinstance(req, protocol.Cancel):
-            job = self.jobs.get(req.job_id)
-            if job is not None:
-                self.cancel(job)
-            self._inform(client, req.job_id)
-        elif isinstance(req, protocol.Wait):
-            # Many ids (a client catching up): outcomes batched like those of SUBMITS.
-            how = PROTO if len(req.job_ids) == 1 else BATCH
-            for job_id in req.job_ids:
-                self.wait(client, job_id, how)
-        elif isinstance(req, protocol.Unwait):
-            for job_id in req.job_ids:
-                job = self.jobs.get(job_id)
-                if job is not None:
-                    Notifier.unwait(job, client)
-                    if job.watchers and client in job.watchers:
-                        job.watchers.remove(client)
-        elif isinstance(req, protocol.Watch):
-            self.watch(client, req.job_id)
-        elif isinstance(req, protocol.ListJobs):
-            self.send_client(client, protocol.encode_jobs_page(admin.list_jobs(self, req.query)))
-        elif isinstance(req, protocol.Requeue):
-            # Told only once journaled, as ACCEPTED is; refused while the journal fails.
-            report = admin.requeue(self, req.job_ids)
-            if report["requeued"]:
-                self.notifier.reply_when_durable(client, protocol.encode_requeued(report))
-            else:
-                self.send_client(client, protocol.encode_requeued(report))
-        elif isinstance(req, protocol.Purge):
-            cancelled, left = admin.purge(self, req.queue)
-            self.send_client(client, protocol.encode_purged(req.queue, cancelled, left))
-        elif isinstance(req, (protocol.Pause, protocol.Resume)):
-            self._pause_or_resume(client, req)
-        elif isinstance(req, protocol.Drain):
-            self.send_client(client, protocol.encode_draining(admin.drain(self, req)))
-        else:
-            self.send_client(client, protocol.encode_pong(self.broker_id, self.limits))
-
-    def _pause_or_resume(self, client: bytes, req: protocol.Pause | protocol.Resume) -> None:
-        """``rw pause``/``rw resume``: in effect at once; a change is told once journaled (it
-        survives a restart), as REQUEUED is."""
-        if isinstance(req, protocol.Pause):
-            if req.queue not in self.queues.paused and len(self.queues.paused) >= admin.MAX_PAUSED:
-                exc = ProtocolError("too many paused queues",
-                                    f"{admin.MAX_PAUSED} are paused; resume some first")
-                self.count_bad("clients", exc)
-                self.send_client(client, protocol.encode_invalid(str(exc)))
-                return
-            queued, changed = admin.pause(self, req.queue)
-            frames = protocol.encode_paused(req.queue, queued, changed)
-        else:
-            dispatched, queued, changed = admin.resume(self, req.queue)
-            frames = protocol.encode_resumed(req.queue, dispatched, queued, changed)
-        if changed:
-            self.notifier.reply_when_durable(client, frames)
-        else:
-            self.send_client(client, frames)
+        requests.handle(self, client, frames)
 
     def _take_in(self, client: bytes, jobs: list[protocol.Submit], start: int) -> None:
         """Submit a batch's jobs, in steps; past the turn's budget the rest waits for the next
@@ -323,42 +246,16 @@ class BrokerCore:
                     f"broker full: {cfg.max_queued} jobs waiting or running (max_queued)")
         return None
 
-    def _inform(self, client: bytes, job_id: str) -> None:
-        job = self.jobs.get(job_id)
-        if job is None:
-            self.send_client(client, protocol.encode_unknown(job_id))
-        else:
-            self.send_client(client, protocol.encode_info(job_id, job.info(self.wall)))
-
     def wait(self, client: bytes, job_id: str, how: Waiter) -> None:
-        job = self.jobs.get(job_id)
-        if job is None:
-            self.send_client(client, protocol.encode_unknown(job_id))
-        elif job.state in ENDED:
-            self.notifier.tell(job, client, how)
-        else:
-            Notifier.wait(job, client, how)
+        requests.wait(self, client, job_id, how)
 
     def watch(self, client: bytes, job_id: str) -> None:
         """Send ``client`` the job's progress: what is known now, then each change."""
-        job = self.jobs.get(job_id)
-        if job is None:
-            self.send_client(client, protocol.encode_unknown(job_id))
-            return
-        if job.state not in ENDED:
-            if job.watchers is None:
-                job.watchers = [client]
-            elif client not in job.watchers:
-                job.watchers.append(client)
-        if job.progress is not None:
-            self.send_client(client, protocol.encode_progress(job.bid, job.progress))
+        requests.watch(self, client, job_id)
 
     def cancel(self, job: Job) -> None:
         """A waiting or running job ends cancelled; its running attempts are told to stop."""
-        if job.state in ENDED:
-            return
-        self._unwait(job)
-        self.finish(job, CANCELLED, protocol.FAIL_CANCELLED, "cancelled by a client")
+        requests.cancel(self, job)
 
     def _unwait(self, job: Job) -> None:
         """Take a queued or scheduled job out of where it waits."""
@@ -397,7 +294,7 @@ class BrokerCore:
                 if self._holds(w, msg, "PROGRESS"):
                     self._progress(w, msg.progress)
             elif isinstance(msg, protocol.Hello):
-                self._supersede(w, msg, "re-registered")
+                registry.supersede(self, w, msg, "re-registered")
                 self.hello(wid, msg)
             elif isinstance(msg, protocol.Return):
                 if self._holds(w, msg, "RETURN"):
@@ -423,78 +320,10 @@ class BrokerCore:
 
     def hello(self, wid: bytes, msg: protocol.Hello) -> None:
         """Register a worker; then it is ready, or it holds the job it names (10.4)."""
-        w = WorkerRec(wid, msg.queues, msg.info, self.now)
-        beat = msg.info.get("heartbeat")
-        if isinstance(beat, bool) or not isinstance(beat, (int, float)):
-            beat = 0.0
-        # A worker may beat more slowly than the broker, within reason.
-        w.expiry = min(max(self.cfg.heartbeat, beat), MAX_WORKER_HEARTBEAT) * self.cfg.liveness
-        if w.slot is not None:
-            # A restarted pool child replaces its dead predecessor at once (its attempt
-            # failed: a crash counts as a try); the same process on a new socket keeps its
-            # attempt. Slots are secret, so only a pool's own processes can do either.
-            old = self.workers.in_slot(w.slot)
-            if old is not None and old.wid != wid:
-                if old.stale(w):  # the process is registered on a newer connection
-                    self.count_bad("workers", ProtocolError(
-                        "HELLO from a connection the worker has left", w.name))
-                    self.send_worker(wid, protocol.encode_disconnect("stale HELLO"))
-                    return
-                self._supersede(old, msg, "was replaced by a new process")
-        self.workers.add(w)
-        self.send_worker(wid, self._welcome)
-        if msg.job_id is None:
-            if not w.draining:  # a drained worker that reconnected: it is about to say BYE
-                self._ready(w)
-            return
-        w.job_id, w.attempt, w.token = msg.job_id, msg.attempt, msg.token
-        self.holders[msg.token] = w
-        job = self.jobs.get(msg.job_id)
-        if job is None or job.state in ENDED:
-            # Over while it was away: it stops now; an answer it sends anyway is dropped.
-            self.counters.abandoned += 1
-            self.send_worker(wid, protocol.encode_abandon(
-                msg.job_id.encode(), msg.attempt, job.state.value if job else "unknown"))
-            if self._debug:
-                trace.abandoned(msg.job_id, msg.attempt, w, job.state.value if job else "unknown")
-            return
-        if job.tokens is None or job.tokens.get(msg.token) != msg.attempt:
-            # Not an attempt this broker (or its journal) sent: a forgery, or a dispatch that
-            # a broker crash kept out of the journal. Its answer will be dropped.
-            self.count_bad("workers", ProtocolError(
-                "HELLO claiming an attempt with a wrong token", msg.job_id))
-            w.forged = True
-            return
-        w.job = job
-        if job.state is RUNNING and not self.workers.registered(job.worker):
-            job.worker = w  # the same process, reconnected with its job in hand
-        elif job.state in WAITING:
-            self._unwait(job)
-            job.attempt = max(job.attempt, msg.attempt)
-            job.state = RUNNING
-            job.worker = w
-            self.deadlines.start(job, self.now)
-            if not job.tried or job.tried[-1] != w.name:
-                job.tried.append(w.name)
-            self.journal.attempted(job)
-            if self._debug:
-                trace.claimed(job, w)
-
-    def _supersede(self, old: WorkerRec, msg: protocol.Hello, why: str) -> None:
-        """Drop a record a new HELLO replaces. If the HELLO claims the very attempt the old
-        record holds, the attempt moves to the new record instead of failing."""
-        if msg.job_id is not None and old.holds(msg.job_id, msg.attempt, msg.token):
-            old.release()
-        self.drop_worker(old, why)
+        registry.hello(self, wid, msg)
 
     def vacate(self, slot: str, incarnation: str | None = None) -> None:
-        """A pool saw the process in ``slot`` die: fail its attempt now, not at heartbeat
-        expiry. A VACATE naming another process than the slot's (it was delayed, and the
-        pool's new process has registered since) changes nothing."""
-        w = self.workers.in_slot(slot)
-        if w is not None and (incarnation is None or w.incarnation in (None, incarnation)):
-            self.counters.lost_workers += 1
-            self.drop_worker(w, "died (its pool saw it exit)")
+        registry.vacate(self, slot, incarnation)
 
     def _holds(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError
                | protocol.WorkerProgress | protocol.Return, what: str) -> bool:
@@ -621,29 +450,11 @@ class BrokerCore:
                 self.send_client(client, frames)
 
     def revoke_worker(self, wid: bytes) -> None:
-        """Its key was revoked: forget it now. Its job goes back to the queue, uncharged
-        (the job is not at fault), and nothing it sends is listened to any more."""
-        w = self.workers.get(wid)
-        if w is not None:
-            self.give_back(w)
-            self.drop_worker(w, "had its key revoked")
+        registry.revoke(self, wid)
 
     def drop_worker(self, w: WorkerRec, why: str) -> None:
-        """Forget a worker; its current attempt, if any, failed (a crash counts as a try).
-
-        The attempt's token stays valid: a worker that comes back with it (HELLO naming
-        the job) may still deliver its answer while the job is unfinished.
-        """
-        if not self.workers.remove(w):
-            return
-        if self.holders.get(w.token) is w:
-            del self.holders[w.token]  # the token stays valid (in job.tokens) for a comeback
-        job = w.job
-        if job is not None and job.state is RUNNING and job.worker is w:
-            self.attempt_failed(
-                job, protocol.FAIL_LOST, f"worker {w.name} {why} while running attempt {w.attempt}",
-                w)
-        w.job = None
+        """Forget a worker; its current attempt, if any, failed (a crash counts as a try)."""
+        registry.drop(self, w, why)
 
     # ================================================================== dispatch
     def _expired(self, job: Job) -> bool:
@@ -720,14 +531,8 @@ class BrokerCore:
         return self._ready(w)
 
     def drain_worker(self, w: WorkerRec) -> None:
-        """``rw drain``: the worker finishes the job in hand and leaves (an idle one at once).
-        It is sent no job from now on; DRAIN is sent again if asked again (harmless)."""
-        if not w.draining:
-            w.draining = True
-            self.counters.drained += 1
-        if w.ready:
-            self.workers.unready(w)
-        self.send_worker(w.wid, protocol.DRAIN_FRAMES)
+        """``rw drain``: the worker finishes the job in hand and leaves (an idle one at once)."""
+        registry.drain(self, w)
 
     def requeued(self, job: Job) -> None:
         """``rw requeue``: an ended job (reset by admin.requeue) waits to run again."""
@@ -856,77 +661,10 @@ class BrokerCore:
 
     # ================================================================== timers
     def tick(self) -> float:
-        """Release held jobs, run what the timetable says is due, expire attempts and silent
-        workers, beat; return when to tick next."""
-        now, wall = self.now, self.wall
-        queues = self.queues
-        if queues.held and now >= queues.release_at:
-            # Nobody claimed them: they were running, so they go first, oldest first.
-            for job in reversed(queues.release_held()):
-                self._enqueue(job, front=True)
-        if self.timetable.next <= wall:
-            for what, job in self.timetable.due(wall):
-                if what is Due.RUN:
-                    if job.state is SCHEDULED and job.not_before <= wall:
-                        queues.unschedule(job)
-                        job.not_before = 0.0
-                        self._enqueue(job, front=bool(job.tried))
-                elif what is Due.EXPIRE:
-                    if job.state in WAITING:
-                        self._expired(job)
-                elif job.state is QUEUED and job.retry_since:  # Due.OFFER
-                    self._offer(job)
-        for job in self.deadlines.due(now):
-            if job.state is RUNNING and job.deadline <= now:
-                holder = job.worker
-                self.attempt_failed(
-                    job, protocol.FAIL_TIMEOUT,
-                    f"no answer within {job.timeout:g}s (attempt {job.attempt} of {job.tries}"
-                    f" on {holder.name if holder else '?'})", holder)
-        if now >= self._next_beat:
-            self._next_beat = now + self.cfg.heartbeat
-            self._heartbeat(now)
-        return self.next_wake()
+        return timers.tick(self)
 
     def next_wake(self) -> float:
-        """When :meth:`tick` is due: heartbeat, earliest deadline, commit, timetable, held jobs."""
-        wake = min(self._next_beat, self.deadlines.earliest, self.commits.due)
-        due = self.timetable.next
-        if due != math.inf:
-            wake = min(wake, self.now + max(0.0, due - self.wall))
-        if self.queues.held and self.queues.release_at < wake:
-            wake = self.queues.release_at
-        return wake
-
-    def _heartbeat(self, now: float) -> None:
-        self._debug = trace.log.isEnabledFor(logging.DEBUG)  # the level may have changed
-        dead = self.workers.silent(now)
-        for w in dead:  # first, so no job of a dead worker is handed to another dead one
-            self.workers.unready(w)
-        for w in dead:
-            self.counters.lost_workers += 1
-            log.warning("worker %s silent for %.1fs: dropping it", w.name, now - w.last_seen,
-                        extra={"worker": w.name, "job": w.job_id, "attempt": w.attempt or None})
-            self.drop_worker(w, "stopped answering")
-        beat = protocol.HEARTBEAT_FRAMES
-        for wid in self.workers.records:
-            self.send_worker(wid, beat)
-        self._expire_finished()
-        self.journal.check()
-        self.stats.sample(now)
-
-    def _expire_finished(self) -> None:
-        horizon = self.wall - self.cfg.retention
-        limit = self.cfg.max_retained
-        finished = self.finished
-        while finished:
-            job = next(iter(finished.values()))
-            if job.finished > horizon and len(finished) <= limit:
-                break
-            finished.popitem(last=False)
-            if self.jobs.get(job.id) is job:
-                del self.jobs[job.id]
-            self.journal.forget(job)
+        return timers.next_wake(self)
 
     # ================================================================== commits, status
     def maybe_flush(self) -> None:
