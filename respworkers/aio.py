@@ -109,10 +109,7 @@ class Client(ClientBase):
             if self._reader is not None:
                 self._reader.cancel()
                 self._reader = None
-            self.sock.disable_monitor()
-            self._monitor.close(0)
-            # Deliver the UNWAITs if the link is up; never hang on a dead broker.
-            self.sock.close(linger=int(min(1.0, self.request_timeout) * 1000))
+            self._close_socket(self.sock)
 
     # ----------------------------------------------------------------- submitting
     async def submit(

@@ -118,6 +118,13 @@ class ClientBase:
     def closed(self) -> bool:
         return self._closed
 
+    def _close_socket(self, sock: zmq.Socket[Any]) -> None:
+        """The last step of closing either client: the monitor, then the socket, lingering
+        to deliver the UNWAITs if the link is up but never hanging on a dead broker."""
+        sock.disable_monitor()
+        self._monitor.close(0)
+        sock.close(linger=int(min(1.0, self.request_timeout) * 1000))
+
     @property
     def limits(self) -> dict[str, Any]:
         """The broker's limits, from its PONG (empty before first contact)."""
@@ -214,10 +221,7 @@ class Client(ClientBase):
         try:
             self._flush(block=False)  # the UNWAITs, if the pipe takes them
         finally:
-            self.sock.disable_monitor()
-            self._monitor.close(0)
-            # Deliver the UNWAITs if the link is up; never hang the process on a dead broker.
-            self.sock.close(linger=int(min(1.0, self.request_timeout) * 1000))
+            self._close_socket(self.sock)
 
     # ----------------------------------------------------------------- submitting
     def submit(

@@ -135,7 +135,7 @@ def pause(core: BrokerCore, queue: str) -> tuple[int, bool]:
     """Hand out nothing from ``queue`` until it is resumed: it still takes jobs, scheduled
     ones still become queued at their time, expiries still apply, running jobs finish.
     A queue nobody uses yet may be paused. Returns (jobs queued in it, whether it changed)."""
-    changed = core.queues.pause(queue)
+    changed = core.queues.set_paused(queue, True)
     if changed:
         core.journal.queue_paused(queue, True)
     q = core.queues.get(queue)
@@ -146,7 +146,7 @@ def resume(core: BrokerCore, queue: str) -> tuple[int, int, bool]:
     """Hand out ``queue``'s jobs again, at once to its idle workers (one look at each; none
     if it was not paused: they had their chance). Returns (jobs dispatched now, jobs still
     queued, whether it changed)."""
-    changed = core.queues.resume(queue)
+    changed = core.queues.set_paused(queue, False)
     if changed:
         core.journal.queue_paused(queue, False)
     dispatched = 0

@@ -359,19 +359,15 @@ class BrokerCore:
             self.metrics.answered(job.queue, self.now - w.since)
         # An attempt the job no longer knows (it ended, or ended and was requeued since)
         # changes nothing: the job's live attempts are exactly its tokens.
-        token, forged = w.token, w.forged
-        tokens = job.tokens if job is not None else None
-        if tokens is not None and tokens.pop(token, None) is not None:
-            pass  # live: its token is spent now
-        else:
+        forged = w.forged
+        live = job is not None and job.tokens is not None and w.token in job.tokens
+        self._close_attempt(w)  # its token is spent now
+        if not live:
             job = None
             if forged:
                 self.count_bad("workers", ProtocolError(
                     f"{'RESULT' if ok else 'ERROR'} for an attempt with a wrong token",
                     msg.job_id))
-        if self.holders.get(token) is w:  # _close_attempt(), inline: the hot path
-            del self.holders[token]
-        w.release()
         if isinstance(msg, protocol.WorkerResult):
             w.done += 1
             if job is not None:
@@ -493,9 +489,14 @@ class BrokerCore:
             self._assign(job, w)
             return
         if front and job.tried and not job.retry_since:
-            job.retry_since = self.wall
-            self.timetable.add(self.wall + self.policy.elsewhere_wait, Due.OFFER, job)
+            self.wait_for_untried(job)
         self.queues.push(job, front)
+
+    def wait_for_untried(self, job: Job) -> None:
+        """A retry waits a while for a worker that has not tried it (policy.py), then any
+        worker may take it (Due.OFFER)."""
+        job.retry_since = self.wall
+        self.timetable.add(self.wall + self.policy.elsewhere_wait, Due.OFFER, job)
 
     def _ready(self, w: WorkerRec) -> bool:
         """The worker asked for a job: give it the next one it serves (True), or park it as

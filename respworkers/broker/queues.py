@@ -168,24 +168,17 @@ class Queues:
             q = self.by_name[name] = Queue(name, name in self.paused)
         return q
 
-    def pause(self, name: str) -> bool:
-        """Hand out nothing from this queue; False if it was paused already."""
-        if name in self.paused:
+    def set_paused(self, name: str, paused: bool) -> bool:
+        """Pause (hand out nothing from) or resume a queue; False if it already was so."""
+        if (name in self.paused) == paused:
             return False
-        self.paused.add(name)
+        if paused:
+            self.paused.add(name)
+        else:
+            self.paused.discard(name)
         q = self.by_name.get(name)
         if q is not None:
-            q.paused = True
-        return True
-
-    def resume(self, name: str) -> bool:
-        """Hand out its jobs again; False if it was not paused."""
-        if name not in self.paused:
-            return False
-        self.paused.discard(name)
-        q = self.by_name.get(name)
-        if q is not None:
-            q.paused = False
+            q.paused = paused
         return True
 
     def forget_if_unused(self, q: Queue) -> None:
@@ -221,8 +214,11 @@ class Queues:
         lane: Lane = job.lane
         job.lane = None
         lane.live -= 1
+        entries = lane.entries
         if not lane.live:
-            lane.entries.clear()  # nothing live left: drop the stale entries at once
+            entries.clear()  # nothing live left: drop the stale entries at once
+        elif entries[0][1] is job:  # at the head (a job handed out nearly always is)
+            entries.popleft()
         level = lane.level
         level.depth -= 1
         q = level.queue
@@ -235,25 +231,7 @@ class Queues:
     def taken(self, job: Job) -> None:
         """The job at a level's head was handed out: the tenant's turn may pass."""
         lane: Lane = job.lane
-        if self.held:
-            self.remove(job)
-        else:  # remove(), inline: this is the broker's hot path
-            job.qtoken += 1
-            job.lane = None
-            live = lane.live = lane.live - 1
-            entries = lane.entries
-            if not live:
-                entries.clear()
-            elif entries[0][1] is job:  # it was at the head (it nearly always is)
-                entries.popleft()
-            level = lane.level
-            level.depth -= 1
-            q = level.queue
-            q.depth -= 1
-            if not q.depth:
-                q.levels.clear()
-                q.order.clear()
-                self.forget_if_unused(q)
+        self.remove(job)
         turns = lane.level.turns
         if len(turns) > 1 and turns[0] is lane:  # not a retry, nor a tenant alone
             self._turn_taken(lane)

@@ -33,7 +33,7 @@ def restore(core: BrokerCore, stored: Iterable[Job],
     counts = {"queued": 0, "interrupted": 0, "scheduled": 0, "finished": 0}
     ended: list[Job] = []
     for name in core.journal.paused_queues():  # before any job is queued: none is handed out
-        core.queues.pause(name)
+        core.queues.set_paused(name, True)
     core.start_recovery()
     for n, job in enumerate(stored, 1):
         if progress is not None and not n % RESTORE_STEP:
@@ -60,9 +60,8 @@ def restore(core: BrokerCore, stored: Iterable[Job],
             counts["scheduled"] += 1
         else:
             core.queues.push(job, front=bool(job.tried))
-            if job.tried:  # a retry waits a while for a worker that has not tried it
-                job.retry_since = core.wall
-                core.timetable.add(core.wall + core.policy.elsewhere_wait, Due.OFFER, job)
+            if job.tried:
+                core.wait_for_untried(job)
             counts["queued"] += 1
     ended.sort(key=lambda j: j.finished)
     for job in ended:

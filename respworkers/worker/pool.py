@@ -223,12 +223,17 @@ class Pool:
 
     def _signal_children(self, signum: int) -> None:
         for slot in self.slots:
-            p = slot.process
-            if p is not None and p.pid is not None and p.exitcode is None:
-                try:
-                    os.kill(p.pid, signum)
-                except ProcessLookupError:
-                    pass
+            self._signal(slot, signum)
+
+    @staticmethod
+    def _signal(slot: Slot, signum: int) -> None:
+        """Signal the slot's process, if it runs (SIGTERM: a warm stop, its job ends first)."""
+        p = slot.process
+        if p is not None and p.pid is not None and p.exitcode is None:
+            try:
+                os.kill(p.pid, signum)
+            except ProcessLookupError:
+                pass
 
     def _read_report(self, slot: Slot) -> str | None:
         """Whether the child said it started; the reason if it said it failed to."""
@@ -361,10 +366,7 @@ class Pool:
             log.info("worker process %s idle for %.0fs: retiring it", slot.process.pid,
                      now - slot.last_busy, extra=_named(slot.process.pid))
             slot.retiring = True
-            try:
-                os.kill(slot.process.pid, signal.SIGTERM)  # a warm stop: its job, if any, ends first
-            except ProcessLookupError:
-                pass
+            self._signal(slot, signal.SIGTERM)
 
     # ------------------------------------------------------------------ reload
     def _source_times(self) -> dict[str, float]:
@@ -406,10 +408,7 @@ class Pool:
                 slot.restart_at = now  # one that failed to start tries the new code
             elif p.pid is not None and not slot.retiring:
                 slot.restart_now = True
-                try:
-                    os.kill(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                self._signal(slot, signal.SIGTERM)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
