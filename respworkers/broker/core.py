@@ -286,6 +286,9 @@ class BrokerCore:
         w = self.workers.get(wid)
         if w is not None:
             w.last_seen = self.now
+            if w.unacked is not None:  # it speaks while idle: confirm its answer now
+                self.send_worker(wid, w.unacked)
+                w.unacked = None
             if isinstance(msg, (protocol.WorkerResult, protocol.WorkerError)):
                 self._answered(w, msg)
             elif isinstance(msg, protocol.Heartbeat):
@@ -391,8 +394,12 @@ class BrokerCore:
         # The JOB, or else an ACK, tells the worker its answer was applied: it keeps the
         # answer (to send again after a reconnect) until then. A draining worker that says
         # ready (DRAIN crossed its answer) gets no job: it is leaving.
-        if not (msg.ready and not w.draining and self._ready(w)):
+        if not msg.ready or w.draining:
             self.send_worker(w.wid, protocol.encode_ack(msg.job_id.encode(), msg.attempt))
+        elif not self._ready(w):
+            # Parked idle: the ACK waits for the next message either side sends (a JOB
+            # confirms it too), which saves an idle worker a wake-up per job.
+            w.unacked = protocol.encode_ack(msg.job_id.encode(), msg.attempt)
 
     def _result(self, job: Job, w: WorkerRec, payload: list[bytes]) -> None:
         """First answer wins (9, item 4); later ones are duplicates."""
@@ -580,7 +587,8 @@ class BrokerCore:
             job.tokens[token] = job.attempt
         self.holders[token] = w
         w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, job.attempt, token, self.now
-        self.journal.attempted(job)
+        w.unacked = None  # the JOB confirms its last answer
+        self.journal.dispatched(job)
         if self._debug:
             trace.dispatched(job, w)
         self.send_worker(w.wid, protocol.encode_job(
