@@ -198,3 +198,25 @@ def test_a_dispatch_is_written_narrowly_and_a_later_change_whole(tmp_path: Path)
     assert rows == {"j1": "done 1", "j2": "running 1"}
     assert core.journal.db.execute("SELECT result, payload FROM jobs WHERE id='j1'").fetchone() == (
         pack_frames([b"out"]), None)  # the outcome's whole row, not the dispatch's narrow one
+
+
+def test_the_log_is_copied_into_the_file_by_a_thread_not_by_commits(tmp_path: Path) -> None:
+    import os
+    import time
+
+    path = tmp_path / "j.db"
+    core, _ = make_core(path)
+    core.flush()
+    empty = os.path.getsize(path)
+    for i in range(2000):
+        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, [b"x" * 200]))
+    core.flush()  # one commit: far below the pages at which a commit checkpoints by itself
+    assert os.path.getsize(f"{path}-wal") > 400_000
+    deadline = time.monotonic() + 10
+    while os.path.getsize(path) < empty + 400_000:  # the thread copied the rows into the file
+        assert time.monotonic() < deadline, "no checkpoint within 10 s"
+        time.sleep(0.02)
+    assert core.journal.describe()["checkpoints"] >= 1
+    core.journal.close()
+    again, _ = make_core(path)
+    assert again.restore(again.journal.load())["queued"] == 2000

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import RespWorkersError
+from .checkpoint import FALLBACK_PAGES, Checkpointer
 from .model import CHANGING, COLUMNS, Job, change_row, dispatch_row, from_row, full_row
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ _UPDATE = (f"UPDATE jobs SET {', '.join(f'{c}=?' for c in CHANGING)},"
 #: What a dispatch changes, and nothing more: the most frequent write, kept narrow.
 _DISPATCHED = "UPDATE jobs SET state=?, attempt=?, tried=?, started=?, tokens=? WHERE seq=?"
 
-#: WAL pages that make sqlite checkpoint at a commit (its default, 1000, stalls the broker).
-WAL_CHECKPOINT_PAGES = 100
 
 #: ioctl that reads a file's attribute flags (chattr), and the flags that forbid writing.
 _FS_IOC_GETFLAGS = 0x80086601
@@ -255,6 +254,7 @@ class SqliteJournal:
         self._lock_fd: int | None = None
         self.db = self._open()
         self._identity = self._file_identity()
+        self._checkpointer = self._start_checkpointer()
         self._moved = False  # check() saw the file deleted or replaced
         self._jobs: Mapping[str, Job] = {}
         self._new: dict[str, Job] = {}
@@ -301,9 +301,9 @@ class SqliteJournal:
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
                                  timeout=1.0)
             db.execute("PRAGMA journal_mode=WAL")
-            # Checkpoint (copy the WAL into the file) in small steps: sqlite does it inside
-            # a commit, and the default 1000 pages made one commit in a second take 0.1 s.
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            # A thread copies the WAL into the file (checkpoint.py); commits do it only if
+            # that thread falls far behind.
+            db.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_PAGES}")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             db.execute(_META)
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -329,6 +329,11 @@ class SqliteJournal:
                 db.close()
             self._unlock()
             raise JournalError(f"journal {self.path} is not a usable sqlite file: {exc}") from None
+
+    def _start_checkpointer(self) -> Checkpointer:
+        checkpointer = Checkpointer(self.path, self.sync)
+        checkpointer.start()
+        return checkpointer
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -451,6 +456,7 @@ class SqliteJournal:
         we commit would reach nobody. Write everything the broker holds to a new file there."""
         log.error("journal %s was deleted or replaced under the running broker: writing all "
                   "%d jobs it holds to a new file at that path", self.path, len(self._jobs))
+        self._checkpointer.stop()  # it holds the old file open
         try:
             self.db.close()
         except sqlite3.Error:
@@ -477,6 +483,7 @@ class SqliteJournal:
             why = exc if isinstance(exc, JournalError) else why_not_writable(self.path, exc)
             raise JournalWriteError(f"rewriting the deleted journal failed: {why}") from None
         self._identity = self._file_identity()
+        self._checkpointer = self._start_checkpointer()
         self.rewrites += 1
         self.rows += len(self._jobs)
         self.batches += 1
@@ -519,6 +526,7 @@ class SqliteJournal:
         log.info("journal %s: migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
     def close(self) -> None:
+        self._checkpointer.stop()
         try:
             self.commit()
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -534,6 +542,7 @@ class SqliteJournal:
         """Undo opening a journal that did not exist (the broker could not start after all)."""
         if not self.created:
             return
+        self._checkpointer.stop()
         try:
             self.db.close()
         except sqlite3.Error:
@@ -548,7 +557,8 @@ class SqliteJournal:
     def describe(self) -> dict[str, Any]:
         return {"kind": "sqlite", "path": str(self.path), "sync": self.sync,
                 "batches": self.batches, "rows": self.rows, "failures": self.failures,
-                "rewrites": self.rewrites}
+                "rewrites": self.rewrites, "checkpoints": self._checkpointer.checkpoints,
+                "checkpoint_failures": self._checkpointer.failures}
 
 
 def open_journal(path: str, sync: str = "normal") -> Journal:
