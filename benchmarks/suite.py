@@ -558,13 +558,19 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+_FIGURES = {"jobs": "jobs/s", "cpu": "broker CPU/job", "p50": "latency p50",
+            "p99": "latency p99", "makespan": "makespan"}
+
+
+def _target_name(t: dict[str, Any]) -> str:
+    return f"{t['group']}/{t['load']} {_FIGURES[t['figure']]} / {t['ref'].split('/')[-1]}"
+
+
 def targets_table(rows: list[dict[str, Any]]) -> list[str]:
-    names = {"jobs": "jobs/s", "cpu": "broker CPU/job", "p50": "latency p50",
-             "p99": "latency p99", "makespan": "makespan"}
     head = f"{'target':44s} {'goal':>8s} {'pure':>7s} {'compiled':>9s}  met"
     lines = [head, "-" * len(head)]
     for t in rows:
-        what = f"{t['group']}/{t['load']} {names[t['figure']]} / {t['ref'].split('/')[-1]}"
+        what = _target_name(t)
         goal = f"{'<=' if t['at_most'] else '>='} {t['goal']:.2f}"
         met = {True: "yes", False: "no", None: "-"}[t["met"]]
         lines.append(f"{what:44s} {goal:>8s} {_fmt(t['pure'], '7.2f'):>7s} "
@@ -644,6 +650,36 @@ def print_report(data: dict[str, Any]) -> None:
                       "times per job")
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The README's table: the machine, every load's ratios, and the targets."""
+    m = data["machine"]
+    out = [f"Measured {m['date'][:10]} on {m['cores']} cores ({m['cpu']}), Python {m['python']}, "
+           f"libzmq {m['libzmq']}, respworkers {m['respworkers']}"
+           + (f" @ {m['commit']}" if m.get("commit") else "")
+           + f"; median of {data['rounds']} rounds; load average "
+           f"{' '.join(map(str, m['loadavg_start']))} at the start. Rerun: `make bench`.", "",
+           "| load | jobs/s | × ref | broker µs/job | × ref | p50 µs | p99 µs | makespan / ideal "
+           "| reference |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in data["loads"]:
+        if "skipped" in row:
+            continue
+        q = row.get("latency", {}).get("quantiles_us", {})
+        out.append(
+            f"| {row['group']}/{row['load']} | {row['jobs_per_s']:,.0f} | "
+            f"{_fmt(row.get('ratio_jobs_per_s'), '.2f')} | {row['broker_cpu_us_per_job']:.1f} | "
+            f"{_fmt(row.get('ratio_broker_cpu'), '.2f')} | {_fmt(q.get('p50'), ',.0f')} | "
+            f"{_fmt(q.get('p99'), ',.0f')} | {_fmt(row.get('makespan_ratio'), '.2f')} | "
+            f"{row['ref'] or ''} |")
+    if data.get("targets"):
+        out += ["", "| target | goal | pure | compiled | met |", "|---|---:|---:|---:|---|"]
+        for t in data["targets"]:
+            out.append(f"| {_target_name(t)} | {'≤' if t['at_most'] else '≥'} {t['goal']:.2f} | "
+                       f"{_fmt(t['pure'], '.2f')} | {_fmt(t['compiled'], '.2f')} | "
+                       f"{ {True: 'yes', False: 'no', None: '-'}[t['met']]} |")
+    return "\n".join(out) + "\n"
+
+
 def write_json(data: dict[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -672,7 +708,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the scale tests with N queued jobs instead of the suite (scale.py)")
     ap.add_argument("--scale-peers", type=int, default=200,
                     help="with --scale: workers and clients connected at once")
+    ap.add_argument("--render", metavar="JSON",
+                    help="print the report of an earlier run's JSON, then its Markdown table")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as fh:
+            data = with_targets(json.load(fh))
+        print_report(data)
+        print()
+        print(markdown(data), end="")
+        return 0
     with sigterm_as_interrupt():
         try:
             if args.scale:
