@@ -115,6 +115,7 @@ class BrokerCore:
         self.turn_ends = math.inf
         self._intake: deque[tuple[bytes, list[protocol.Submit], int]] = deque()
         self._seq = 0
+        self._waiter: tuple[bytes, Waiter] = (b"", PROTO)  # the last waiter pair made
         self._next_beat = 0.0
         self._told_version = RateLimit()  # a worker of another version is told why at most
         self._told_hello = RateLimit()  # once a second, and so is one whose HELLO is refused
@@ -210,7 +211,10 @@ class BrokerCore:
                 self.timetable.add(job.expires_at, Due.EXPIRE, job)
             if opts.delay:
                 job.not_before = self.wall + opts.delay
-        job.waiters.append((client, how))
+        pair = self._waiter
+        if pair[0] is not client or pair[1] is not how:  # a batch's jobs share one pair
+            pair = self._waiter = (client, how)
+        job.waiters = (pair,)
         self.jobs[sub.job_id] = job
         self.counters.submitted += 1
         if self._debug:
@@ -424,7 +428,7 @@ class BrokerCore:
         """A give-back: the attempt does not count, and the job goes first in its queue."""
         self.deadlines.stop(job)
         job.attempt -= 1
-        job.tried.pop()
+        job.tried = job.tried[:-1]
         self._enqueue(job, front=True)
 
     def _progress(self, w: WorkerRec, progress: dict[str, Any]) -> None:
@@ -571,7 +575,7 @@ class BrokerCore:
             job.started = self.wall
             if self.metrics is not None:
                 self.metrics.started(job.queue, self.wall - job.created)
-        job.tried.append(w.name)
+        job.tried += (w.name,)
         self.deadlines.start(job, self.now)
         token = self.tokens.next()
         if job.tokens is None:
