@@ -44,6 +44,7 @@ from .model import (
     JobState,
     Tokens,
     Waiter,
+    Waiters,
 )
 from .notify import Notifier, SendFn
 from .policy import RetryPolicy
@@ -115,7 +116,7 @@ class BrokerCore:
         self.turn_ends = math.inf
         self._intake: deque[tuple[bytes, list[protocol.Submit], int]] = deque()
         self._seq = 0
-        self._waiter: tuple[bytes, Waiter] = (b"", PROTO)  # the last waiter pair made
+        self._waiters: Waiters = ((b"", PROTO),)  # the last new job's (tuples: never changed)
         self._next_beat = 0.0
         self._told_version = RateLimit()  # a worker of another version is told why at most
         self._told_hello = RateLimit()  # once a second, and so is one whose HELLO is refused
@@ -211,10 +212,10 @@ class BrokerCore:
                 self.timetable.add(job.expires_at, Due.EXPIRE, job)
             if opts.delay:
                 job.not_before = self.wall + opts.delay
-        pair = self._waiter
-        if pair[0] is not client or pair[1] is not how:  # a batch's jobs share one pair
-            pair = self._waiter = (client, how)
-        job.waiters = (pair,)
+        waiters = self._waiters
+        if waiters[0][0] is not client or waiters[0][1] is not how:  # shared by a batch's jobs
+            waiters = self._waiters = ((client, how),)
+        job.waiters = waiters
         self.jobs[sub.job_id] = job
         self.counters.submitted += 1
         if self._debug:
