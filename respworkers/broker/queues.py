@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 class Lane:
     """A FIFO of entries, some stale: entry i is ``jobs[i]``, put there when its ``qtoken``
     was ``tokens[i]``, and live while it still is; ``live`` counts the live ones. Two
-    parallel deques rather than one of pairs: 16 bytes an entry instead of 72, which is a
-    tenth of what a queued job costs."""
+    parallel deques rather than one of pairs: 16 bytes an entry instead of 72 (a pair and
+    its slot), for each of possibly millions of queued jobs."""
 
     __slots__ = ("jobs", "tokens", "live", "tenant", "level")
 
