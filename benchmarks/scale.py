@@ -154,7 +154,11 @@ def queue_restart_drain(n: int) -> dict[str, Any]:
         print(f"scale: submitting {n:,} jobs ...", file=sys.stderr)
         _, segments = fleet.get(ctl, 3600, "submissions")
         rss1 = rss_bytes(pid_of(broker))
-        snap = fetch_status(settings["status"], timeout=30)
+        fetches = []
+        for _ in range(10):  # a snapshot of a broker holding n queued jobs
+            t = time.monotonic()
+            snap = fetch_status(settings["status"], timeout=30)
+            fetches.append(time.monotonic() - t)
         close.set()
         fleet.get(ctl, 600, "the client's close")
         first, last = segments[0], segments[-1]
@@ -165,6 +169,9 @@ def queue_restart_drain(n: int) -> dict[str, Any]:
             "first_broker_cpu_us_per_job": first["broker_cpu_us_per_job"],
             "last_broker_cpu_us_per_job": last["broker_cpu_us_per_job"],
             "queued": snap["queued"], "longest_turn_s": snap["broker"]["longest_turn"],
+            "status_fetch_ms_median": round(statistics.median(fetches) * 1e3, 2),
+            "status_fetch_ms_max": round(max(fetches) * 1e3, 2),
+            "snapshot_took_ms": round(snap["broker"]["snapshot_took"] * 1e3, 3),
         }
         files = _journal_bytes(journal)
         out["memory"] = {
@@ -286,6 +293,8 @@ def peers_run(workers: int, clients: int, jobs: int, in_flight: int) -> dict[str
         "status_fetch_ms_idle": {"median": round(statistics.median(idle) * 1e3, 2),
                                  "max": round(max(idle) * 1e3, 2)},
         "snapshot_bytes": len(json.dumps(snap)), "registered_workers": len(snap["workers"]),
+        # how long the broker took to make it (the rest of a fetch is waiting for its turn)
+        "snapshot_took_ms": round(snap["broker"]["snapshot_took"] * 1e3, 3),
     }
 
 
@@ -302,6 +311,40 @@ def many_peers(peers: int, jobs: int) -> dict[str, Any]:
 
 
 # ================================================================================ report
+#: What the scale target names, and its aim: (figure, where in the JSON, the aim, higher is
+#: better). Every figure is also in the JSON's ``summary``.
+TARGETS = (
+    ("broker bytes per queued job beyond its payload",
+     ("queue", "memory", "bytes_per_job_beyond_payload"), 300, False),
+    ("journal bytes per job", ("queue", "journal", "bytes_per_job"), None, False),
+    ("submit rate, last tenth / first tenth", ("queue", "submit", "last_over_first"), 0.8, True),
+    ("dispatch rate, last tenth / first tenth", ("queue", "drain", "last_over_first"), 0.8, True),
+    ("status fetch with the queue full, ms (median)",
+     ("queue", "submit", "status_fetch_ms_median"), 50, False),
+    ("restart with the jobs unfinished, s", ("queue", "restart_unfinished", "seconds"), 10, False),
+    ("restart with the jobs retained, s", ("queue", "restart_finished", "seconds"), 10, False),
+    ("throughput, many peers / 4 workers + 1 client", ("peers", "throughput_big_over_small"), 0.8, True),
+    ("status fetch with many peers under load, ms (median)",
+     ("peers", "big", "status_fetch_ms_under_load", "median"), 50, False),
+    ("status fetch with many peers under load, ms (max)",
+     ("peers", "big", "status_fetch_ms_under_load", "max"), 50, False),
+)
+
+
+def summary(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The target's figures, each with its aim and whether it is met."""
+    out = []
+    for name, path, aim, higher in TARGETS:
+        value: Any = d
+        for key in path:
+            value = value[key]
+        met = None if aim is None or value is None else (value >= aim if higher else value <= aim)
+        out.append({"figure": name, "value": value, "aim": aim,
+                    "aim_is": None if aim is None else ("at least" if higher else "at most"),
+                    "met": met})
+    return out
+
+
 def _mb(v: float) -> str:
     return f"{v / 1e6:,.1f} MB"
 
@@ -327,6 +370,8 @@ def print_report(d: dict[str, Any]) -> None:
           "beyond the payload")
     print(f"   journal {_mb(sum(q['journal']['files_bytes'].values()))}: "
           f"{q['journal']['bytes_per_job']:,.0f} bytes per job")
+    print(f"   status fetch with {s['queued']:,} queued: median {s['status_fetch_ms_median']} ms "
+          f"(max {s['status_fetch_ms_max']}; the snapshot itself {s['snapshot_took_ms']} ms)")
     dr = q["drain"]
     a, z = dr["first_tenth"], dr["last_tenth"]
     print(f"   drain by {DRAIN_WORKERS} workers in {dr['seconds']:.1f} s: first tenth "
@@ -353,9 +398,15 @@ def print_report(d: dict[str, Any]) -> None:
           f"throughput x{p['throughput_big_over_small']:.2f}, "
           f"broker CPU x{p['broker_cpu_big_over_small']:.2f}")
     bl, sl = bg["status_fetch_ms_under_load"], sm["status_fetch_ms_under_load"]
-    print(f"   status snapshot ({bg['snapshot_bytes']:,} bytes): median {bl['median']} ms (max {bl['max']}) "
+    print(f"   status snapshot ({bg['snapshot_bytes']:,} bytes, made in {bg['snapshot_took_ms']} ms): "
+          f"median {bl['median']} ms (max {bl['max']}) "
           f"under load, {bg['status_fetch_ms_idle']['median']} ms idle; with 4 workers "
           f"{sl['median']} ms under load, {sm['status_fetch_ms_idle']['median']} ms idle")
+    print("summary:")
+    for row in d["summary"]:
+        aim = "" if row["aim"] is None else f"  (aim: {row['aim_is']} {row['aim']}: " + (
+            "met)" if row["met"] else "NOT met)")
+        print(f"   {row['figure']}: {row['value']}{aim}")
 
 
 def main(n: int, peers: int, json_path: str) -> int:
@@ -366,6 +417,7 @@ def main(n: int, peers: int, json_path: str) -> int:
     data["queue"] = queue_restart_drain(n)
     data["peers"] = many_peers(peers, max(20_000, n // 20))
     data["machine"]["loadavg_end"] = loadavg()
+    data["summary"] = summary(data)
     write_json(data, json_path)
     print_report(data)
     print(f"\nJSON: {os.path.relpath(json_path)}")

@@ -10,7 +10,17 @@ import pytest
 from respworkers import protocol as p
 from respworkers.broker.core import BrokerCore
 from respworkers.broker.journal import SCHEMA_VERSION, JournalError, SqliteJournal, open_journal
-from respworkers.broker.model import pack_frames, unpack_frames
+from respworkers.broker.model import (
+    DONE,
+    FAILED,
+    QUEUED,
+    SCHEDULED,
+    Job,
+    Waiter,
+    pack_frames,
+    unpack_frames,
+)
+from respworkers.broker.notify import Notifier
 from respworkers.config import BrokerConfig
 
 pytestmark = pytest.mark.timeout(30)
@@ -220,3 +230,92 @@ def test_the_log_is_copied_into_the_file_by_a_thread_not_by_commits(tmp_path: Pa
     core.journal.close()
     again, _ = make_core(path)
     assert again.restore(again.journal.load())["queued"] == 2000
+
+
+# Fields a job keeps only in the broker's memory (who waits, where it is queued, its deadline).
+_NOT_STORED = {"waiters", "worker", "deadline", "qtoken", "lane", "watchers", "retry_since"}
+
+
+def _fields(job: Job) -> dict[str, object]:
+    return {name: getattr(job, name) for name in Job.__slots__ if name not in _NOT_STORED}
+
+
+def test_every_stored_field_survives_a_restart_of_many_jobs(tmp_path: Path) -> None:
+    """Jobs with every field set, and plain ones whose lazily made fields are still the
+    shared empty ones: a restored broker holds them exactly as they were, and what is
+    added to a restored job afterwards (a waiter, a worker tried) is its own."""
+    path = tmp_path / "j.db"
+    journal = SqliteJournal(path)
+    jobs: list[Job] = []
+    for i in range(1, 2001):
+        job = Job(f"job-{i}", f"q{i % 3}", [b"in", b"%d" % i], 30.0 + i % 2, 3, i, 1_700_000_000.0 + i,
+                  priority=i % 10, tenant=f"t{i % 4}" if i % 2 else "")
+        if i % 5 == 1:  # ended, with everything an end and its attempts leave
+            job.state = FAILED
+            job.attempt = 2
+            job.tried = ("w1", f"w{i % 7}")
+            job.started, job.finished = job.created + 1, job.created + 2
+            job.result = [b"out", b""]
+            job.reason, job.error = "error", f"boom {i}\nline 2"
+            job.history = [{"state": "failed", "attempt": 1}]
+        elif i % 5 == 2:  # waiting to run again, with its own policy
+            job.state = SCHEDULED
+            job.attempt = 1
+            job.tried = ("w2",)
+            job.not_before, job.expires_at = job.created + 60, job.created + 600
+            job.backoff, job.backoff_max = 1.5, 30.0
+            job.progress = {"done": i, "at": 1.0, "attempt": 1}
+            job.tokens = {b"a" * 32: 1}
+        elif i % 5 == 3:
+            job.state = DONE
+            job.attempt = 1
+            job.tried = ("w3",)
+            job.started, job.finished = job.created + 1, job.created + 2
+            job.result = [b"r" * (i % 300)]
+            job.payload = None
+        jobs.append(job)
+        journal.submitted(job)
+    journal.commit()
+    journal.close()
+
+    journal = SqliteJournal(path)
+    restored = {job.id: job for job in journal.load()}
+    journal.close()
+    assert list(restored) == [job.id for job in jobs]  # in submission order
+    for job in jobs:
+        again = restored[job.id]
+        assert _fields(again) == _fields(job), job.id
+        assert type(again.tried) is tuple and again.waiters == ()
+    plain = restored["job-5"]
+    assert plain.tried == () and plain.tokens is None and plain.history is None
+    Notifier.wait(plain, b"c1", Waiter.BATCH)
+    plain.tried += ("w9",)
+    assert plain.waiters == ((b"c1", Waiter.BATCH),) and plain.tried == ("w9",)
+    assert restored["job-10"].waiters == () and restored["job-10"].tried == ()
+    # equal values read from different rows are one object each (a million rows: no copies)
+    assert restored["job-3"].queue is restored["job-6"].queue
+    assert restored["job-1"].tried[0] is restored["job-6"].tried[0]
+
+
+def test_restored_broker_serves_its_jobs_with_lazily_made_fields(tmp_path: Path) -> None:
+    """Queued jobs restored by a broker run, tell their waiters and journal their tries."""
+    path = tmp_path / "j.db"
+    core, _ = make_core(path)
+    core.on_client(b"c1", p.encode_submits([p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, [b"in"])
+                                            for i in range(50)]))
+    core.flush()
+    core.journal.close()
+    core, sent = make_core(path)
+    assert core.restore(core.journal.load())["queued"] == 50
+    core.wait(b"c2", "j0", Waiter.PROTO)
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))
+    answer(core, sent, "j0", [b"out"])
+    assert [f[0] for kind, f in sent if kind == "c"] == [b"RWC3 RESULT j0"]
+    core.flush()
+    assert core.jobs["j0"].tried == ("w1",) and core.jobs["j1"].tried == ("w1",)
+    core.journal.close()
+    journal = SqliteJournal(path)
+    again = {job.id: job for job in journal.load()}
+    journal.close()
+    assert again["j0"].state is DONE and again["j0"].tried == ("w1",)
+    assert again["j2"].tried == () and again["j2"].state is QUEUED

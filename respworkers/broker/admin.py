@@ -98,7 +98,7 @@ def requeue(core: BrokerCore, job_ids: list[str]) -> dict[str, Any]:
         job.history = history
         core.finished.pop(job.id, None)
         job.attempt = 0
-        job.tried = []
+        job.tried = ()
         job.tokens = None
         job.result = None
         job.reason = job.error = ""
@@ -121,7 +121,7 @@ def purge(core: BrokerCore, queue: str) -> tuple[int, int]:
     waiting: list[Job] = list(islice(q.scheduled.values(), PURGE_STEP))
     for level in q.levels.values():
         for lane in (level.retries, *level.tenants.values()):
-            waiting.extend(job for token, job in lane.entries if job.qtoken == token)
+            waiting.extend(islice(lane.waiting(), PURGE_STEP - len(waiting)))
             if len(waiting) >= PURGE_STEP:
                 break
     for job in waiting[:PURGE_STEP]:

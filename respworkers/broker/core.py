@@ -44,6 +44,7 @@ from .model import (
     JobState,
     Tokens,
     Waiter,
+    Waiters,
 )
 from .notify import Notifier, SendFn
 from .policy import RetryPolicy
@@ -115,6 +116,7 @@ class BrokerCore:
         self.turn_ends = math.inf
         self._intake: deque[tuple[bytes, list[protocol.Submit], int]] = deque()
         self._seq = 0
+        self._waiters: Waiters = ((b"", PROTO),)  # the last new job's (tuples: never changed)
         self._next_beat = 0.0
         self._told_version = RateLimit()  # a worker of another version is told why at most
         self._told_hello = RateLimit()  # once a second, and so is one whose HELLO is refused
@@ -210,7 +212,10 @@ class BrokerCore:
                 self.timetable.add(job.expires_at, Due.EXPIRE, job)
             if opts.delay:
                 job.not_before = self.wall + opts.delay
-        job.waiters.append((client, how))
+        waiters = self._waiters
+        if waiters[0][0] is not client or waiters[0][1] is not how:  # shared by a batch's jobs
+            waiters = self._waiters = ((client, how),)
+        job.waiters = waiters
         self.jobs[sub.job_id] = job
         self.counters.submitted += 1
         if self._debug:
@@ -431,7 +436,7 @@ class BrokerCore:
         """A give-back: the attempt does not count, and the job goes first in its queue."""
         self.deadlines.stop(job)
         job.attempt -= 1
-        job.tried.pop()
+        job.tried = job.tried[:-1]
         self._enqueue(job, front=True)
 
     def _progress(self, w: WorkerRec, progress: dict[str, Any]) -> None:
@@ -578,7 +583,7 @@ class BrokerCore:
             job.started = self.wall
             if self.metrics is not None:
                 self.metrics.started(job.queue, self.wall - job.created)
-        job.tried.append(w.name)
+        job.tried += (w.name,)
         self.deadlines.start(job, self.now)
         token = self.tokens.next()
         if job.tokens is None:

@@ -497,12 +497,13 @@ class SqliteJournal:
     def load(self) -> Iterator[Job]:
         """Every stored job in submission order, streamed (a large journal is not read at once)."""
         cursor = self.db.execute(f"SELECT {_ALL} FROM jobs ORDER BY seq")
+        shared: dict[Any, Any] = {}  # equal values of different rows: one object
         while True:
             rows = cursor.fetchmany(10_000)
             if not rows:
                 return
             for row in rows:
-                yield from_row(row)
+                yield from_row(row, shared)
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
         """Bring an older journal up to date, in one transaction: schema 1 keyed rows by job

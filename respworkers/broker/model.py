@@ -51,11 +51,19 @@ class Waiter(IntEnum):
     BATCH = 2  #: sent SUBMITS (or WAIT with several ids): results batched per loop turn
 
 
+#: The clients to tell when a job ends: ``(routing id, how)`` pairs, a tuple.
+Waiters = tuple[tuple[bytes, Waiter], ...]
+
+
 class Job:
-    """One client job and its attempts. ``waiters`` are the clients to tell when it ends."""
+    """One client job and its attempts. ``waiters`` are the clients to tell when it ends.
+
+    A broker may hold millions of these, so a job costs little until it needs more: no id
+    bytes are kept (``bid`` encodes on demand), and ``waiters`` and ``tried`` are tuples,
+    the shared empty tuple until something is added (replaced whole, never mutated)."""
 
     __slots__ = (
-        "id", "bid", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
+        "id", "queue", "payload", "timeout", "tries", "attempt", "state", "seq",
         "waiters", "tried", "worker", "deadline", "created", "started", "finished",
         "result", "reason", "error", "qtoken", "lane", "tokens", "priority", "tenant",
         "not_before", "expires_at", "backoff", "backoff_max", "progress", "history", "watchers",
@@ -67,7 +75,6 @@ class Job:
         seq: int, created: float, priority: int = DEFAULT_PRIORITY, tenant: str = DEFAULT_TENANT,
     ) -> None:
         self.id = job_id
-        self.bid = job_id.encode()
         self.queue = queue
         self.payload = payload  # freed when the job ends
         self.timeout = timeout
@@ -75,8 +82,8 @@ class Job:
         self.attempt = 0  # attempts that count as tries so far
         self.state = QUEUED
         self.seq = seq
-        self.waiters: list[tuple[bytes, Waiter]] = []  # (routing id, how to tell it)
-        self.tried: list[str] = []  # worker names, in order
+        self.waiters: Waiters = ()  # (routing id, how to tell it)
+        self.tried: tuple[str, ...] = ()  # worker names, in order
         self.worker: Optional[WorkerRec] = None  # holder of the current attempt
         self.deadline = 0.0
         self.created = created
@@ -100,6 +107,11 @@ class Job:
         # Attempts sent to workers that may still answer: token -> attempt. A worker proves
         # it was sent an attempt by echoing its token; nobody else can end the attempt.
         self.tokens: dict[bytes, int] | None = None
+
+    @property
+    def bid(self) -> bytes:
+        """The id as the protocol sends it."""
+        return self.id.encode()
 
     def info(self, now_wall: float) -> dict[str, Any]:
         """INFO's JSON (docs/protocol.md section 4.2)."""
@@ -176,7 +188,10 @@ def pack_frames(frames: list[bytes]) -> bytes:
 
 
 def unpack_frames(blob: bytes) -> list[bytes]:
-    out, pos, end = [], 0, len(blob)
+    end = len(blob)
+    if end >= 4 and _LEN.unpack_from(blob)[0] == end - 4:  # one frame: the usual case
+        return [blob[4:]]
+    out, pos = [], 0
     while pos < end:
         (n,) = _LEN.unpack_from(blob, pos)
         pos += 4
@@ -230,22 +245,44 @@ def full_row(job: Job) -> tuple[Any, ...]:
             expires_at, job.backoff, job.backoff_max, progress, history)
 
 
-def from_row(row: tuple[Any, ...]) -> Job:
-    """A job as it was stored (:data:`COLUMNS` order); waiters are not stored."""
+_STATES = {state.value: state for state in JobState}
+
+
+def from_row(row: tuple[Any, ...], shared: dict[Any, Any] | None = None) -> Job:
+    """A job as it was stored (:data:`COLUMNS` order); waiters are not stored.
+
+    ``shared``, one dict for the rows of a load, makes jobs share equal values (queue,
+    tenant and worker names, timeouts) rather than hold a copy each: sqlite returns new
+    objects per row, and a million rows would hold a hundred megabytes of copies."""
     (seq, job_id, queue, timeout, tries, attempt, state, payload, result, reason, error, tried,
      created, started, finished, tokens, priority, tenant, not_before, expires_at, backoff,
      backoff_max, progress, history) = row
+    if shared is not None:
+        queue = shared.setdefault(queue, queue)
+        tenant = shared.setdefault(tenant, tenant)
+        timeout = shared.setdefault(timeout, timeout)
     job = Job(job_id, queue, unpack_frames(payload) if payload is not None else None, timeout,
               tries, seq, created, priority, tenant)
-    job.not_before, job.expires_at = not_before, expires_at
-    job.backoff, job.backoff_max = backoff, backoff_max
-    job.progress = json.loads(progress) if progress else None
-    job.history = json.loads(history) if history else None
-    job.state = JobState(state)
+    job.state = _STATES[state]
     job.attempt = attempt
-    job.result = unpack_frames(result) if result is not None else None
+    if result is not None:
+        job.result = unpack_frames(result)
     job.reason, job.error = reason, error
-    job.tried = tried.split("\n") if tried else []
-    job.started, job.finished = started, finished
-    job.tokens = unpack_tokens(tokens)
+    if tried:
+        job.tried = tuple(tried.split("\n") if shared is None else
+                          [shared.setdefault(name, name) for name in tried.split("\n")])
+    if started:
+        job.started = started
+    if finished:
+        job.finished = finished
+    if tokens:
+        job.tokens = unpack_tokens(tokens)
+    if not_before or expires_at:
+        job.not_before, job.expires_at = not_before, expires_at
+    if backoff is not None or backoff_max is not None:
+        job.backoff, job.backoff_max = backoff, backoff_max
+    if progress:
+        job.progress = json.loads(progress)
+    if history:
+        job.history = json.loads(history)
     return job

@@ -26,18 +26,18 @@ class Notifier:
     def wait(job: Job, client: bytes, how: Waiter) -> None:
         """``client`` is told when ``job`` ends; once, however often it asks."""
         if all(waiter != client for waiter, _ in job.waiters):
-            job.waiters.append((client, how))
+            job.waiters += ((client, how),)
 
     @staticmethod
     def unwait(job: Job, client: bytes) -> None:
         if job.waiters:
-            job.waiters = [w for w in job.waiters if w[0] != client]
+            job.waiters = tuple(w for w in job.waiters if w[0] != client)
 
     def ended(self, job: Job) -> None:
         """Tell every waiter the outcome, once."""
         for client, how in job.waiters:
             self.tell(job, client, how)
-        job.waiters = []
+        job.waiters = ()
 
     def tell(self, job: Job, client: bytes, how: Waiter) -> None:
         """Send an ended job's outcome to one client (batched results: at the turn's end)."""

@@ -7,8 +7,10 @@ state (queues, timetable, retention, statistics) in ways no message does.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Callable
 
+from . import stats
 from .model import DONE, ENDED, FAILED, QUEUED, RUNNING, SCHEDULED, Job
 from .timetable import Due
 
@@ -30,43 +32,49 @@ def restore(core: BrokerCore, stored: Iterable[Job],
     queues stay paused. ``progress(rows so far)`` is called every RESTORE_STEP rows, so
     that a caller can answer pings while a large journal loads.
     """
-    counts = {"queued": 0, "interrupted": 0, "scheduled": 0, "finished": 0}
+    queued = interrupted = scheduled = 0
     ended: list[Job] = []
     for name in core.journal.paused_queues():  # before any job is queued: none is handed out
         core.queues.set_paused(name, True)
     core.start_recovery()
+    # A million rows pass through this loop: what it uses is bound to locals.
+    jobs, queues, timetable = core.jobs, core.queues, core.timetable
+    push, last_seq = queues.push, core._seq
     for n, job in enumerate(stored, 1):
         if progress is not None and not n % RESTORE_STEP:
             progress(n)
-        core.jobs[job.id] = job
-        core._seq = max(core._seq, job.seq)
-        if job.state in ENDED:
-            if job.state is DONE:
+        jobs[job.id] = job
+        if job.seq > last_seq:
+            last_seq = job.seq
+        state = job.state
+        if state in ENDED:
+            if state is DONE:
                 job.payload = None
             ended.append(job)
             continue
         if job.payload is None:
             job.payload = [b""]
         if job.expires_at and not job.started:  # a job that started in time may finish
-            core.timetable.add(job.expires_at, Due.EXPIRE, job)
-        if job.state is RUNNING:
+            timetable.add(job.expires_at, Due.EXPIRE, job)
+        if state is RUNNING:
             job.attempt = max(0, job.attempt - 1)
             job.state = QUEUED
-            core.queues.hold(job)
-            counts["interrupted"] += 1
-        elif job.state is SCHEDULED:
-            core.queues.schedule(job)
-            core.timetable.add(job.not_before, Due.RUN, job)
-            counts["scheduled"] += 1
+            queues.hold(job)
+            interrupted += 1
+        elif state is SCHEDULED:
+            queues.schedule(job)
+            timetable.add(job.not_before, Due.RUN, job)
+            scheduled += 1
         else:
-            core.queues.push(job, front=bool(job.tried))
+            push(job, bool(job.tried))
             if job.tried:
                 core.wait_for_untried(job)
-            counts["queued"] += 1
-    ended.sort(key=lambda j: j.finished)
-    for job in ended:
-        core.finished[job.id] = job
-        if job.state is FAILED:  # the snapshot's recent failures survive a restart
-            core.stats.failed(job)
-    counts["finished"] = len(ended)
-    return counts
+            queued += 1
+    core._seq = last_seq
+    ended.sort(key=attrgetter("finished"))
+    core.finished.update((job.id, job) for job in ended)
+    # the snapshot's recent failures survive a restart
+    for job in [job for job in ended if job.state is FAILED][-stats.RECENT_FAILURES:]:
+        core.stats.failed(job)
+    return {"queued": queued, "interrupted": interrupted, "scheduled": scheduled,
+            "finished": len(ended)}

@@ -78,7 +78,7 @@ def hello(core: BrokerCore, wid: bytes, msg: protocol.Hello) -> None:
         job.worker = w
         core.deadlines.start(job, core.now)
         if not job.tried or job.tried[-1] != w.name:
-            job.tried.append(w.name)
+            job.tried += (w.name,)
         core.journal.attempted(job)
         if core._debug:
             trace.claimed(job, w)

@@ -165,8 +165,17 @@ class BrokerServer:
 
     # ----------------------------------------------------------------- start-up
     def restore(self, journal: Journal) -> dict[str, int]:
-        """Load the journal while answering pings and status requests, then bind workers."""
-        counts = self.core.restore(journal.load(), self._serve_while_starting)
+        """Load the journal while answering pings and status requests, then bind workers.
+
+        The cyclic collector is off meanwhile: the load makes millions of objects that all
+        live on, and a growing heap would have it walk them all again and again (a third
+        of a large load's time); they are frozen out of its sight after (see _quiet_gc)."""
+        gc.disable()
+        try:
+            counts = self.core.restore(journal.load(), self._serve_while_starting)
+        finally:
+            gc.enable()
+            gc.freeze()
         for rid, frames in self._deferred:  # what clients sent meanwhile, in order
             self.core.on_client(rid, frames)
         self._deferred.clear()
