@@ -7,6 +7,7 @@ first, which is where a new job looks for it.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Optional
 
 from .model import Job
@@ -22,7 +23,7 @@ class WorkerRec:
     __slots__ = (
         "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
         "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
-        "incarnation", "conn", "draining", "forged",
+        "incarnation", "conn", "draining", "forged", "prefetch", "held", "answered",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -56,6 +57,11 @@ class WorkerRec:
         # Its HELLO claimed an attempt with a token the broker never sent: whatever it says
         # of that attempt is a forgery (or a dispatch a crash kept out of the journal).
         self.forged = False
+        # Prefetch (HELLO info ``prefetch``): it may hold this many attempts. The one in
+        # ``job`` runs (the oldest sent); ``held`` are sent and not started, in order.
+        self.prefetch = 1
+        self.held: deque[tuple[Job, int, bytes]] | None = None  # (job, attempt, token)
+        self.answered = 0  # answers applied from it (JOBS tells it: its answers confirmed)
 
     def stale(self, new: WorkerRec) -> bool:
         """Whether ``new`` (a HELLO for this record's slot) came from a connection this very
@@ -103,6 +109,8 @@ class WorkerRec:
             "failed": self.failed,
             "last_seen": round(now - self.last_seen, 3),
             "registered": round(now - self.registered, 3),
+            "prefetch": self.prefetch,
+            "held": len(self.held) if self.held else 0,
         }
 
 
