@@ -374,7 +374,7 @@ class BrokerCore:
         ok = msg.__class__ is protocol.WorkerResult
         if not (w.token == msg.token and w.job_id == msg.job_id and w.attempt == msg.attempt):
             if (w.held and isinstance(msg, protocol.WorkerError) and msg.then == "abandoned"
-                    and self._take_held(w, msg.job_id, msg.attempt, msg.token) is not None):
+                    and self._take_held(w, msg.job_id, msg.attempt, msg.token)[0]):
                 w.answered += 1  # a prefetched job it dropped unstarted, as told (ABANDON)
                 return True
             self._holds(w, msg, "RESULT" if ok else "ERROR")  # counts it
@@ -471,9 +471,9 @@ class BrokerCore:
             self.deadlines.start(job, self.now)
 
     def _take_held(self, w: WorkerRec, job_id: str, attempt: int, token: bytes
-                   ) -> Job | None:
+                   ) -> tuple[bool, Job | None]:
         """Take an unstarted attempt out of what the worker holds (O(prefetch)); its token
-        is spent. The job is returned if that attempt is still its current one."""
+        is spent. Whether it was held, and its job if that attempt is still the current one."""
         held = w.held
         assert held is not None
         for i, (job, n, tok) in enumerate(held):
@@ -483,15 +483,15 @@ class BrokerCore:
                     del self.holders[token]
                 if job.tokens is not None and job.tokens.pop(token, None) is not None \
                         and job.state is RUNNING and job.worker is w:
-                    return job
-                return None
-        return None
+                    return True, job
+                return True, None
+        return False, None
 
     def _return_held(self, w: WorkerRec, msg: protocol.Return) -> None:
         """RETURN of a prefetched attempt (a stopping worker): back first in its queue,
         uncharged. The worker returns them newest first, so they keep their order."""
         if any(entry[2] == msg.token for entry in w.held or ()):
-            taken = self._take_held(w, msg.job_id, msg.attempt, msg.token)
+            taken = self._take_held(w, msg.job_id, msg.attempt, msg.token)[1]
             if taken is not None:
                 self._back_in_queue(taken)
             w.stopping = True
@@ -505,7 +505,7 @@ class BrokerCore:
         held = w.held
         while held:
             job, attempt, token = held[-1]
-            taken = self._take_held(w, job.id, attempt, token)
+            taken = self._take_held(w, job.id, attempt, token)[1]
             if taken is not None:
                 self._back_in_queue(taken)
 
