@@ -18,6 +18,13 @@ _get = zmq.backend.Socket.get
 SNDMORE = int(zmq.SNDMORE)
 RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
+
+def events(sock: zmq.Socket[Any]) -> int:
+    """The socket's ZMQ_EVENTS (POLLIN: a message waits), with a plain int option."""
+    return int(_get(sock, _EVENTS))
 
 
 def send(sock: zmq.Socket[Any], frames: list[bytes], flags: int = 0) -> None:

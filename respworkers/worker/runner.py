@@ -521,7 +521,8 @@ class Runner:
                         return self.exit_code
                     if link.prefetch == 1:
                         break
-                    link.read()  # an ABANDON for a job held, more jobs
+                    if link.readable():
+                        link.read()  # an ABANDON for a job held, more jobs
                     link.take_next()
                     now = time.monotonic()
                     if now >= link.next_beat:
