@@ -273,6 +273,15 @@ class Runner:
         msg = link.next
         assert msg is not None
         link.next = None
+        told = link.abandon
+        if told is not None:  # a prefetched job cancelled just before it started
+            link.job = None
+            link.abandon = None
+            ready = link.read_stops() == 0
+            link.answer((msg.job_id, msg.attempt, msg.token, protocol.encode_worker_error(
+                msg.job_id, msg.attempt, msg.token, ready, "ended before it started",
+                "abandoned")))
+            return ready
         worker = self._instances.get(msg.queue) or self._first
         assert worker is not None
         job = JobContext(msg.job_id, msg.attempt, msg.timeout, msg.queue, msg.priority,
