@@ -176,3 +176,9 @@ class BadPrefetch(Worker):
 
     def process(self, payload: bytes) -> bytes:
         return payload
+
+
+class Holder(Tester):
+    """A Tester that keeps the jobs it prefetched however long the running one takes."""
+
+    prefetch_patience = 600.0

@@ -292,7 +292,7 @@ def test_kill_9_of_a_worker_holding_jobs_loses_none_and_charges_only_the_started
     with cluster.client() as c:
         ids = c.submit_many([f"started:{marker}:3", "k1", "k2", "k3"])
         c.wait_confirmed(ids, timeout=10)
-        pool = cluster.pool("jobs_fixtures:Tester", 1, "--prefetch", "4")
+        pool = cluster.pool("jobs_fixtures:Holder", 1, "--prefetch", "4")
         wait_for(marker.exists, 15, what="the first job to start")
         row = cluster.snapshot()["workers"][0]
         assert row["job"] == ids[0] and row["held"] == 3 and row["prefetch"] == 4
@@ -316,7 +316,7 @@ def test_a_drained_prefetching_worker_finishes_its_job_and_returns_the_rest(
     with cluster.client() as c:
         ids = c.submit_many([f"started:{marker}:1.5", "d1", "d2", "d3"])
         c.wait_confirmed(ids, timeout=10)
-        cluster.pool("jobs_fixtures:Tester", 1, "--prefetch", "4")
+        cluster.pool("jobs_fixtures:Holder", 1, "--prefetch", "4")
         wait_for(marker.exists, 15, what="the first job to start")
         row = cluster.snapshot()["workers"][0]
         assert row["held"] == 3
@@ -348,6 +348,29 @@ def test_other_workers_take_the_rest_while_one_runs_a_long_job(cluster: Cluster)
     assert took < 2.0, f"short jobs waited behind the long one ({took:.2f}s)"
     long_pid = long_out.split(b":")[0]
     assert all(not o.startswith(long_pid + b":") for o in outs)
+
+
+def test_jobs_held_behind_a_long_one_are_given_back_for_others(cluster: Cluster) -> None:
+    cluster.broker()
+    marker = cluster.root / "started"
+    with cluster.client() as c:
+        ids = c.submit_many([f"started:{marker}:4", "g1", "g2", "g3"])
+        c.wait_confirmed(ids, timeout=10)
+        cluster.pool("jobs_fixtures:Tester", 1, "--prefetch", "4")  # patience 0.02 s
+        wait_for(marker.exists, 15, what="the first job to start")
+        wait_for(lambda: [c.query(i)["state"] for i in ids[1:]] == ["queued"] * 3, 5,  # type: ignore[index]
+                 what="the held jobs to be given back")
+        cluster.pool("jobs_fixtures:Tester", 1)
+        rest = [c.result(i, timeout=15) for i in ids[1:]]
+        head = c.query(ids[0])
+        assert head is not None and head["state"] == "running", "they waited for the long one"
+        long_out = c.result(ids[0], timeout=15)
+        infos = [c.query(i) for i in ids[1:]]
+    long_pid = long_out.split(b":")[0]
+    assert all(not r.startswith(long_pid + b":") for r in rest)
+    assert [i["attempt"] for i in infos] == [1, 1, 1]  # type: ignore[index]
+    snap = cluster.snapshot()
+    assert snap["totals"]["retried"] == 0 and not snap["bad_messages"]
 
 
 def test_rw_worker_prefetch_end_to_end_and_validation(cluster: Cluster) -> None:
@@ -382,7 +405,7 @@ def test_a_held_job_cancelled_at_a_real_worker_never_runs(cluster: Cluster) -> N
     with cluster.client() as c:
         ids = c.submit_many([f"started:{marker}:1.5", f"started:{ran}:0", "x2"])
         c.wait_confirmed(ids, timeout=10)
-        cluster.pool("jobs_fixtures:Tester", 1, "--prefetch", "4")
+        cluster.pool("jobs_fixtures:Holder", 1, "--prefetch", "4")
         wait_for(marker.exists, 15, what="the first job to start")
         info = c.cancel(ids[1])
         assert info is not None and info["state"] == "cancelled" and info["attempt"] == 0

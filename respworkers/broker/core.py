@@ -488,13 +488,14 @@ class BrokerCore:
         return False, None
 
     def _return_held(self, w: WorkerRec, msg: protocol.Return) -> None:
-        """RETURN of a prefetched attempt (a stopping worker): back first in its queue,
-        uncharged. The worker returns them newest first, so they keep their order."""
+        """RETURN of a prefetched attempt (the worker is stopping, or its running job is
+        long and others may take what waits behind it): back first in its queue, uncharged.
+        The worker returns them newest first, so they keep their order. It is not marked
+        stopping: it says so in its answer."""
         if any(entry[2] == msg.token for entry in w.held or ()):
             taken = self._take_held(w, msg.job_id, msg.attempt, msg.token)[1]
             if taken is not None:
                 self._back_in_queue(taken)
-            w.stopping = True
             return
         self._holds(w, msg, "RETURN")  # counts it
 

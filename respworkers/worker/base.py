@@ -67,6 +67,11 @@ class Worker:
     #: ``rw worker --prefetch N`` or ``[worker] prefetch`` override it.
     prefetch: ClassVar[int] = 1
 
+    #: Prefetch: once the running job has run this many seconds, the jobs held behind it
+    #: are given back to the broker (uncharged, first in their queue) for idle workers to
+    #: take, instead of waiting for it. Raise it for jobs that often take longer than this.
+    prefetch_patience: ClassVar[float] = 0.02
+
     #: Set while a job runs.
     job: JobContext | None = None
     _progress_sink: ProgressSink | None = None

@@ -171,6 +171,9 @@ class Runner:
         self.link = BrokerLink(cfg, queues, info, client_keys(cfg.secret_key, cfg.broker_key,
                                                               "worker"), self.ctx)
         self.link.prefetch = prefetch
+        # Prefetch: once the running job has run this long, the jobs held behind it are
+        # given back (RETURN), so that idle workers take them instead of waiting for it.
+        self._patience = min(float(getattr(c, "prefetch_patience", 0.02)) for c in self.classes)
         # The watchman's view of the job in hand, kept apart from the link: it times the job
         # (only while the process runs, so a SIGSTOP pause does not count) without the baton.
         self._job_running = threading.Event()  # set while the main thread is in the user's code
@@ -421,7 +424,7 @@ class Runner:
                 continue
             last = time.monotonic()
             # Answers kept back (prefetch) leave soon if the job turns out longer.
-            while (not self._ended.wait(SHORT_JOB if self.link.pending else step)
+            while (not self._ended.wait(SHORT_JOB if self.link.pending or self.link.held else step)
                    and self._job_running.is_set()):
                 now = time.monotonic()
                 # A longer gap means this process was stopped (SIGSTOP) or starved: the job
@@ -440,6 +443,8 @@ class Runner:
         link = self.link
         if link.pending:
             link.flush()  # answers kept back for a batch leave while a longer job runs
+        if link.held and self._job_ran > self._patience:
+            link.return_held()  # a long job: let others take what waits behind it
         if link.read_stops() >= 2 and link.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
