@@ -140,10 +140,11 @@ def _loads() -> list[Load]:
         Load("mixed", "rw-memory", mix("rw-memory", "rww3", "rwc"), "mixed/baseline"),
         Load("mixed", "rw-full", mix("rw-sqlite", "runner", "client"), "mixed/baseline"),
     ]
-    # Real worker processes whose Worker class sets `prefetch`, measured against the C
-    # proxy (throughput) and on the mixed workload; then the same with raw prefetching
-    # workers (the broker's share) and with SUBMITS batches instead of the REQ envelope.
+    # Real worker processes whose Worker class sets `prefetch` (and the same on demand),
+    # measured against the C proxy (throughput) and on the mixed workload; then raw prefetching
+    # workers (the broker's share), and SUBMITS batches instead of the REQ envelope.
     loads += [
+        Load("prefetch", "rw-on-demand", Setup("rw-memory", "runner", "envelope"), "req/c-proxy"),
         Load("prefetch", "rw-prefetch", Setup("rw-memory", "runner", "envelope", prefetch=PREFETCH),
              "req/c-proxy", needs="prefetch"),
         Load("prefetch", "rw-prefetch-mixed", mix("rw-memory", "runner", "envelope", PREFETCH),
