@@ -8,6 +8,8 @@
   bound of what a broker on this machine can move, and unfair on uneven jobs.
 - ``rw-memory`` / ``rw-sqlite``: the respworkers broker (``run_broker``) without a
   journal, and with its sqlite journal (WAL, sync=normal) in the run's temp folder.
+- ``rw-memory+c`` / ``rw-sqlite+c``: the same broker from the compiled build
+  (``make compiled``: build/compiled), in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ from typing import Any
 import zmq
 
 from harness import Fleet, pid_of, wait_for_ipc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Where ``make compiled`` puts the package with its compiled hot modules.
+COMPILED = os.path.join(os.path.dirname(HERE), "build", "compiled")
+
+
+def compiled_build() -> str | None:
+    """Why the compiled broker cannot run here, or None."""
+    core = os.path.join(COMPILED, "respworkers", "broker")
+    if not os.path.isdir(core) or not any(f.startswith("core.") and f.endswith(".so")
+                                          for f in os.listdir(core)):
+        return f"no compiled build in {os.path.relpath(COMPILED)} (make compiled)"
+    return None
 
 
 # ------------------------------------------------------------------------------ baseline broker
@@ -204,6 +219,18 @@ class Running:
         return pid_of(self.proc)
 
 
+def rw_broker_compiled(settings: dict[str, Any], trace: str | None = None) -> None:
+    """:func:`rw_broker` from the compiled build: this (forked) process becomes a fresh
+    interpreter that imports respworkers from build/compiled (same pid, so it is stopped
+    like any other)."""
+    # -c puts the working folder (maybe the pure package's) first: the build goes before it.
+    code = ("import json, sys; sys.path[:0] = sys.argv[3:5]; import respworkers.broker.core as c; "
+            "assert c.__file__.endswith('.so'), f'not compiled: {c.__file__}'; "
+            "from brokers import rw_broker; rw_broker(json.loads(sys.argv[1]), sys.argv[2] or None)")
+    os.execv(sys.executable, [sys.executable, "-c", code, json.dumps(settings), trace or "",
+                              COMPILED, HERE])
+
+
 def rw_settings(fleet: Fleet, journal: str | None, **extra: Any) -> dict[str, Any]:
     """BrokerConfig fields for a broker on ipc:// endpoints in the fleet's temp folder."""
     return {"clients": fleet.ipc("clients"), "workers": fleet.ipc("workers"),
@@ -221,12 +248,14 @@ def start_broker(fleet: Fleet, kind: str, trace: bool = False, **extra: Any) -> 
     if kind == "c-proxy":
         return _started(fleet, Running(kind, fleet.start(c_proxy, front, back), front, back,
                                        None, None))
-    if kind not in ("rw-memory", "rw-sqlite"):
+    compiled = kind.endswith("+c")
+    base = kind[:-2] if compiled else kind
+    if base not in ("rw-memory", "rw-sqlite"):
         raise ValueError(f"unknown broker {kind!r}")
-    journal = os.path.join(fleet.tmp, "journal.sqlite3") if kind == "rw-sqlite" else None
+    journal = os.path.join(fleet.tmp, "journal.sqlite3") if base == "rw-sqlite" else None
     settings = rw_settings(fleet, journal, **extra)
     path = os.path.join(fleet.tmp, "trace.json") if trace else None
-    proc = fleet.start(rw_broker, settings, path, name=kind)
+    proc = fleet.start(rw_broker_compiled if compiled else rw_broker, settings, path, name=kind)
     return _started(fleet, Running(kind, proc, front, back, settings["status"], journal, path))
 
 

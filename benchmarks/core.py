@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="one round under cProfile")
     ap.add_argument("--debug-log", choices=logs.FORMATS,
                     help="log every job's steps at debug level, in this format, to /dev/null")
+    ap.add_argument("--label", default="", help="added to the printed line (e.g. compiled)")
 
     args = ap.parse_args()
     if args.debug_log:
@@ -103,6 +104,15 @@ def main() -> int:
     best = min(run_once(args.jobs, journal(), args.metrics) for _ in range(args.rounds))
     what = (", metrics on" if args.metrics else "") + (
         f", debug log in {args.debug_log}" if args.debug_log else "")
+    from respworkers.broker import core as core_module
+
+    if (core_module.__file__ or "").endswith(".so"):
+        what += ", compiled"
+    elif args.label == "compiled":
+        raise SystemExit("--label compiled, but respworkers.broker.core is pure Python here "
+                         f"({core_module.__file__}): make compiled, and PYTHONPATH=build/compiled")
+    if args.label and args.label != "compiled":
+        what += f", {args.label}"
     print(f"broker core, {args.journal} journal{what}: {best / args.jobs * 1e6:.1f} us CPU per job "
           f"(best of {args.rounds} rounds of {args.jobs} jobs)")
     return 0

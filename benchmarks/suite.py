@@ -37,7 +37,7 @@ from typing import Any
 
 from respworkers.client import fetch_status
 
-from brokers import start_broker
+from brokers import compiled_build, start_broker
 from harness import Fleet, Machine, cpu_seconds, event, loadavg, queue_, sigterm_as_interrupt
 from peers import WORKERS, Measured, Plan, raw_client, real_client, sleep_payload
 
@@ -72,7 +72,7 @@ class Load:
     name: str
     setup: Setup
     ref: str | None = None  # "group/name" of the reference row
-    needs: str | None = None  # "prefetch": skipped unless respworkers.Worker has it
+    needs: str | None = None  # "prefetch" (respworkers.Worker has it), "compiled" (make compiled)
 
     @property
     def key(self) -> str:
@@ -115,12 +115,23 @@ def _loads() -> list[Load]:
             Load(group, "rw-full", Setup("rw-sqlite", "runner", "client", workers=workers,
                                          window=window), ref),
         ]
+        if group != "od-100":  # the compiled broker (make compiled): the same loads
+            loads += [
+                Load(group, "rw-memory-c", Setup("rw-memory+c", "rww3", "rwc", workers=workers,
+                                                 window=window), ref, needs="compiled"),
+                Load(group, "rw-sqlite-c", Setup("rw-sqlite+c", "rww3", "rwc", workers=workers,
+                                                 window=window), ref, needs="compiled"),
+                Load(group, "rw-full-c", Setup("rw-sqlite+c", "runner", "client", workers=workers,
+                                               window=window), ref, needs="compiled"),
+            ]
     loads += [
         Load("batch", "baseline", Setup("baseline", "dealer", "envelope", window=1000)),
         Load("batch", "rw-batch", Setup("rw-sqlite", "rww3", "rwc", window=1000, per_message=100),
              "batch/baseline"),
         Load("batch", "rw-full-batch", Setup("rw-sqlite", "runner", "client", window=1000,
                                              per_message=100), "batch/baseline"),
+        Load("batch", "rw-batch-c", Setup("rw-sqlite+c", "rww3", "rwc", window=1000, per_message=100),
+             "batch/baseline", needs="compiled"),
     ]
     def lat(broker: str, worker: str, client: str) -> Setup:
         return Setup(broker, worker, client, mode="latency", window=1)
@@ -133,6 +144,10 @@ def _loads() -> list[Load]:
         Load("latency", "rw-memory", lat("rw-memory", "rww3", "rwc"), "latency/baseline"),
         Load("latency", "rw-sqlite", lat("rw-sqlite", "rww3", "rwc"), "latency/baseline"),
         Load("latency", "rw-full", lat("rw-sqlite", "runner", "client"), "latency/baseline"),
+        Load("latency", "rw-memory-c", lat("rw-memory+c", "rww3", "rwc"), "latency/baseline",
+             needs="compiled"),
+        Load("latency", "rw-sqlite-c", lat("rw-sqlite+c", "rww3", "rwc"), "latency/baseline",
+             needs="compiled"),
     ]
     loads += [
         Load("mixed", "baseline", mix("baseline", "dealer", "envelope")),
@@ -167,6 +182,8 @@ LOADS = _loads()
 
 def missing_feature(load: Load) -> str | None:
     """Why a load cannot run on this respworkers, or None."""
+    if load.needs == "compiled":
+        return compiled_build()
     if load.needs == "prefetch":
         from respworkers import Worker
 
@@ -504,6 +521,72 @@ def summarise(loads: list[Load], report: Report) -> dict[str, Any]:
     }
 
 
+def with_targets(data: dict[str, Any]) -> dict[str, Any]:
+    data["targets"] = targets(data)
+    return data
+
+
+# ================================================================================ targets
+#: The speed targets: (group, load, figure, goal, at most?). Figures: ``jobs`` (throughput
+#: ratio to the reference), ``cpu`` (broker CPU per job, ratio), ``p50``/``p99`` (latency
+#: ratio), ``makespan`` (makespan / ideal).
+TARGETS: list[tuple[str, str, str, float, bool]] = [
+    *[(g, load, "jobs", goal, False) for g in ("od-100", "od-1000", "od-1w")
+      for load, goal in (("rw-memory", 1.3), ("rw-sqlite", 1.1), ("rw-full", 1.0))],
+    *[(g, load, "cpu", goal, True) for g in ("od-100", "od-1000", "od-1w")
+      for load, goal in (("rw-memory", 0.7), ("rw-sqlite", 0.9))],
+    ("batch", "rw-batch", "jobs", 2.0, False),
+    *[("latency", load, q, goal, True) for load in ("rw-memory", "rw-sqlite")
+      for q, goal in (("p50", 1.0), ("p99", 1.5))],
+    ("prefetch", "rw-prefetch", "jobs", 0.4, False),
+    ("prefetch", "rw-prefetch-mixed", "makespan", 1.1, True),
+]
+
+
+def _figure(row: dict[str, Any] | None, what: str) -> float | None:
+    if row is None or "skipped" in row:
+        return None
+    if what == "jobs":
+        return row.get("ratio_jobs_per_s")
+    if what == "cpu":
+        return row.get("ratio_broker_cpu")
+    if what == "makespan":
+        return row.get("makespan_ratio")
+    return row.get("latency", {}).get("ratio_to_ref", {}).get(what)
+
+
+def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with the pure broker's figure and the compiled one's (the ``-c`` row of
+    the same load, when the run has it); met if either meets the goal."""
+    rows = {(r["group"], r["load"]): r for r in data["loads"]}
+    out = []
+    for group, load, what, goal, at_most in TARGETS:
+        if (group, load) not in rows:
+            continue
+        pure = _figure(rows.get((group, load)), what)
+        comp = _figure(rows.get((group, f"{load}-c")), what)
+        got = [v for v in (pure, comp) if v is not None]
+        met = any(v <= goal if at_most else v >= goal for v in got) if got else None
+        ref = rows[(group, load)].get("ref") or "ideal"
+        out.append({"group": group, "load": load, "figure": what, "goal": goal,
+                    "at_most": at_most, "pure": pure, "compiled": comp, "met": met, "ref": ref})
+    return out
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    names = {"jobs": "jobs/s", "cpu": "broker CPU/job", "p50": "latency p50",
+             "p99": "latency p99", "makespan": "makespan"}
+    head = f"{'target':44s} {'goal':>8s} {'pure':>7s} {'compiled':>9s}  met"
+    lines = [head, "-" * len(head)]
+    for t in rows:
+        what = f"{t['group']}/{t['load']} {names[t['figure']]} / {t['ref'].split('/')[-1]}"
+        goal = f"{'<=' if t['at_most'] else '>='} {t['goal']:.2f}"
+        met = {True: "yes", False: "no", None: "-"}[t["met"]]
+        lines.append(f"{what:44s} {goal:>8s} {_fmt(t['pure'], '7.2f'):>7s} "
+                     f"{_fmt(t['compiled'], '9.2f'):>9s}  {met}")
+    return lines
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -544,6 +627,12 @@ def print_report(data: dict[str, Any]) -> None:
     print()
     for line in table(data):
         print(line.rstrip())
+    if data.get("targets"):
+        print()
+        print("speed targets (ratios to the reference in the same run; met if the pure or the "
+              "compiled broker meets it)")
+        for line in targets_table(data["targets"]):
+            print(line.rstrip())
     for row in data["loads"]:  # a load that misbehaved would make its figures meaningless
         for r, run in enumerate(row.get("rounds", []), 1):
             st = run.get("broker_status") or {}
@@ -609,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             loads = selected(args.only)
             sizes = Sizes(jobs=args.jobs, samples=args.samples, mixed_jobs=args.mixed_jobs)
             report = run_suite(loads, sizes, args.rounds, args.trace)
-            data = summarise(loads, report)
+            data = with_targets(summarise(loads, report))
             path = args.json or DEFAULT_JSON
             write_json(data, path)
             if not args.json:  # and a dated copy, so that earlier runs stay at hand

@@ -18,13 +18,15 @@ _get = zmq.backend.Socket.get
 SNDMORE = int(zmq.SNDMORE)
 RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
-POLLIN = int(zmq.POLLIN)
+
+
 _EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
-def events(sock: zmq.Socket[Any]) -> int:
-    """The socket's ZMQ_EVENTS (POLLIN: a message waits), with a plain int option."""
-    return int(_get(sock, _EVENTS))
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message waits on ``sock``: one getsockopt, far cheaper than a poll."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)  # type: ignore[operator]
 
 
 def send(sock: zmq.Socket[Any], frames: list[bytes], flags: int = 0) -> None:

@@ -1911,3 +1911,31 @@ def test_a_retry_due_after_the_expiry_expires(h):
     info = h.info("j")
     assert info["state"] == "expired" and "attempt 2 of 3 not started" in info["error"]
     assert h.jobs_to(W1) == []
+
+
+def test_an_idle_workers_answer_is_confirmed_by_the_next_message_either_side_sends():
+    h = Harness(heartbeat=1.0, liveness=3)
+    h.hello(W1)
+    h.hello(W2)
+    h.submit(C1, "a")
+    h.submit(C1, "b")
+    (a,) = h.jobs_to(W1)
+    (b,) = h.jobs_to(W2)
+    h.result(W1, a.job_id, 1)  # nothing waits: W1 is parked, its ACK is owed
+    assert h.to_worker(W1) == []
+    h.beat(W1)  # it speaks: the ACK goes at once
+    assert h.to_worker(W1) == [p.Ack(a.job_id, 1)]
+    h.beat(W1)
+    assert h.to_worker(W1) == []  # once
+    h.result(W2, b.job_id, 1)
+    h.clear()
+    h.advance(1.0)  # the broker's heartbeat: the ACK instead of a HEARTBEAT
+    assert h.to_worker(W2) == [p.Ack(b.job_id, 1)]
+    assert h.to_worker(W1) == [p.Heartbeat()]
+    h.result(W2, b.job_id, 1)  # a repeated answer is a duplicate, confirmed the same way
+    h.submit(C1, "c")  # a JOB confirms too: no ACK follows it
+    (c,) = h.jobs_to(W1)
+    h.beat(W1)
+    assert h.to_worker(W1) == []
+    h.result(W1, c.job_id, 1, ready=False)  # leaving: confirmed at once
+    assert h.to_worker(W1) == [p.Ack(c.job_id, 1)]

@@ -178,3 +178,23 @@ def test_recent_failures_survive_a_restart(tmp_path: Path) -> None:
     again.restore(again.journal.load())
     (failure,) = again.snapshot()["recent_failures"]
     assert (failure["id"], failure["reason"], failure["error"]) == ("bad", "error", "ValueError: boom")
+
+
+def test_a_dispatch_is_written_narrowly_and_a_later_change_whole(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    core, sent = make_core(path)
+    core.on_client(b"c1", p.encode_submit("j1", p.DEFAULT_QUEUE, None, [b"in"]))
+    core.on_client(b"c1", p.encode_submit("j2", p.DEFAULT_QUEUE, None, [b"in"]))
+    core.flush()  # both queued, on disk
+    core.on_worker(b"w1", p.encode_hello(["default"], {"name": "w1"}))  # j1 dispatched
+    core.flush()
+    row = core.journal.db.execute(
+        "SELECT state, attempt, tried, started > 0, tokens != '', payload IS NOT NULL "
+        "FROM jobs WHERE id='j1'").fetchone()
+    assert row == ("running", 1, "w1", 1, 1, 1)
+    answer(core, sent, "j1", [b"out"])  # j2 dispatched in the same turn as j1's outcome
+    core.flush()
+    rows = dict(core.journal.db.execute("SELECT id, state || ' ' || attempt FROM jobs"))
+    assert rows == {"j1": "done 1", "j2": "running 1"}
+    assert core.journal.db.execute("SELECT result, payload FROM jobs WHERE id='j1'").fetchone() == (
+        pack_frames([b"out"]), None)  # the outcome's whole row, not the dispatch's narrow one

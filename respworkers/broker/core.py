@@ -286,6 +286,9 @@ class BrokerCore:
         w = self.workers.get(wid)
         if w is not None:
             w.last_seen = self.now
+            if w.unacked is not None:  # it speaks while idle: confirm its answer now
+                self.send_worker(wid, w.unacked)
+                w.unacked = None
             if isinstance(msg, (protocol.WorkerResult, protocol.WorkerError)):
                 self._answered(w, msg)
             elif isinstance(msg, protocol.Answers):
@@ -424,8 +427,12 @@ class BrokerCore:
         # The JOB, or else an ACK, tells the worker its answer was applied: it keeps the
         # answer (to send again after a reconnect) until then. A draining worker that says
         # ready (DRAIN crossed its answer) gets no job: it is leaving.
-        if not (msg.ready and not w.draining and self._ready(w)):
+        if not msg.ready or w.draining:
             self.send_worker(w.wid, protocol.encode_ack(msg.job_id.encode(), msg.attempt))
+        elif not self._ready(w):
+            # Parked idle: the ACK waits for the next message either side sends (a JOB
+            # confirms it too), which saves an idle worker a wake-up per job.
+            w.unacked = protocol.encode_ack(msg.job_id.encode(), msg.attempt)
 
     def _result(self, job: Job, w: WorkerRec, payload: list[bytes]) -> None:
         """First answer wins (9, item 4); later ones are duplicates."""
@@ -722,7 +729,8 @@ class BrokerCore:
         else:
             self.deadlines.start(job, self.now)
             w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, job.attempt, token, self.now
-        self.journal.attempted(job)
+        w.unacked = None  # the JOB (or JOBS, by its count) confirms its last answer
+        self.journal.dispatched(job)
         if self._debug:
             trace.dispatched(job, w)
         frames = protocol.encode_job(

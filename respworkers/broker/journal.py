@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import RespWorkersError
-from .model import CHANGING, COLUMNS, Job, change_row, from_row, full_row
+from .model import CHANGING, COLUMNS, Job, change_row, dispatch_row, from_row, full_row
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ _SCHEMA_2 = ("seq, id, queue, timeout, tries, attempt, state, payload, result, r
 _INSERT = f"INSERT OR REPLACE INTO jobs ({_ALL}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _UPDATE = (f"UPDATE jobs SET {', '.join(f'{c}=?' for c in CHANGING)},"
            " payload=CASE WHEN ? THEN NULL ELSE payload END WHERE seq=?")
+#: What a dispatch changes, and nothing more: the most frequent write, kept narrow.
+_DISPATCHED = "UPDATE jobs SET state=?, attempt=?, tried=?, started=?, tokens=? WHERE seq=?"
 
 #: WAL pages that make sqlite checkpoint at a commit (its default, 1000, stalls the broker).
 WAL_CHECKPOINT_PAGES = 100
@@ -164,6 +166,9 @@ class Journal(Protocol):
 
     def attempted(self, job: Job) -> None: ...
 
+    def dispatched(self, job: Job) -> None:
+        """A new attempt was sent: only its state, attempt, tried, started and tokens changed."""
+
     def finished(self, job: Job) -> None: ...
 
     def forget(self, job: Job) -> None: ...
@@ -201,6 +206,9 @@ class NullJournal:
         pass
 
     def attempted(self, job: Job) -> None:
+        pass
+
+    def dispatched(self, job: Job) -> None:
         pass
 
     def finished(self, job: Job) -> None:
@@ -251,6 +259,7 @@ class SqliteJournal:
         self._jobs: Mapping[str, Job] = {}
         self._new: dict[str, Job] = {}
         self._changed: dict[str, Job] = {}
+        self._dispatched: dict[str, Job] = {}  # changed by dispatches only (a narrow update)
         self._gone: list[tuple[int]] = []
         self._paused: set[str] = set()  # every paused queue (a rewrite writes them all)
         self._pausing: dict[str, bool] = {}  # queue -> paused, changed since the last commit
@@ -341,12 +350,17 @@ class SqliteJournal:
         if job.id not in self._new:
             self._changed[job.id] = job
 
+    def dispatched(self, job: Job) -> None:
+        if job.id not in self._new and job.id not in self._changed:
+            self._dispatched[job.id] = job
+
     def finished(self, job: Job) -> None:
         if job.id not in self._new:
             self._changed[job.id] = job
 
     def forget(self, job: Job) -> None:
         self._changed.pop(job.id, None)
+        self._dispatched.pop(job.id, None)
         if self._new.pop(job.id, None) is None:
             self._gone.append((job.seq,))
 
@@ -362,7 +376,8 @@ class SqliteJournal:
         return sorted(self._paused)
 
     def dirty(self) -> bool:
-        return bool(self._new or self._changed or self._gone or self._pausing or self._moved)
+        return bool(self._new or self._changed or self._dispatched or self._gone or self._pausing
+                    or self._moved)
 
     def check(self) -> None:
         """Once a heartbeat: a journal file deleted or replaced under the broker is written
@@ -394,6 +409,10 @@ class SqliteJournal:
         if self._changed:
             db.executemany(
                 _UPDATE, [(*change_row(j), j.payload is None, j.seq) for j in self._changed.values()])
+        if self._dispatched:
+            changed = self._changed  # a full update of the same job covers its dispatch
+            db.executemany(_DISPATCHED, [dispatch_row(j) for i, j in self._dispatched.items()
+                                         if i not in changed])
         if self._gone:
             db.executemany("DELETE FROM jobs WHERE seq=?", self._gone)
         if self._pausing:
@@ -419,9 +438,11 @@ class SqliteJournal:
 
     def _written(self) -> None:
         self.batches += 1
-        self.rows += len(self._new) + len(self._changed) + len(self._gone) + len(self._pausing)
+        self.rows += (len(self._new) + len(self._changed) + len(self._dispatched) + len(self._gone)
+                      + len(self._pausing))
         self._new.clear()
         self._changed.clear()
+        self._dispatched.clear()
         self._gone.clear()
         self._pausing.clear()
 
@@ -461,6 +482,7 @@ class SqliteJournal:
         self.batches += 1
         self._new.clear()
         self._changed.clear()
+        self._dispatched.clear()
         self._gone.clear()
         self._pausing.clear()
         log.warning("journal %s written again: %d jobs", self.path, len(self._jobs))
@@ -501,7 +523,8 @@ class SqliteJournal:
             self.commit()
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except (sqlite3.Error, JournalError) as exc:
-            left = len(self._new) + len(self._changed) + len(self._gone) + len(self._pausing)
+            left = (len(self._new) + len(self._changed) + len(self._dispatched) + len(self._gone)
+                    + len(self._pausing))
             log.error("closing the journal: %s; %d job changes were not written", exc, left)
         finally:
             self.db.close()

@@ -214,6 +214,12 @@ def change_row(job: Job) -> tuple[Any, ...]:
     )
 
 
+def dispatch_row(job: Job) -> tuple[Any, ...]:
+    """What a dispatch changes (journal._DISPATCHED), then the row's key."""
+    return (job.state.value, job.attempt, "\n".join(job.tried), job.started,
+            pack_tokens(job.tokens), job.seq)
+
+
 def full_row(job: Job) -> tuple[Any, ...]:
     """Every :data:`COLUMNS` value of a job, as it is now."""
     (state, attempt, result, reason, error, tried, started, finished, tokens, not_before,

@@ -83,8 +83,12 @@ def heartbeat(core: BrokerCore, now: float) -> None:
                     extra={"worker": w.name, "job": w.job_id, "attempt": w.attempt or None})
         core.drop_worker(w, "stopped answering")
     beat = protocol.HEARTBEAT_FRAMES
-    for wid in core.workers.records:
-        core.send_worker(wid, beat)
+    for wid, w in core.workers.records.items():
+        if w.unacked is None:
+            core.send_worker(wid, beat)
+        else:  # an ACK says the broker is alive as well as a HEARTBEAT does
+            core.send_worker(wid, w.unacked)
+            w.unacked = None
     expire_finished(core)
     core.journal.check()
     core.stats.sample(now)

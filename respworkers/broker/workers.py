@@ -23,7 +23,7 @@ class WorkerRec:
     __slots__ = (
         "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
         "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
-        "incarnation", "conn", "draining", "forged", "prefetch", "held", "answered",
+        "incarnation", "conn", "draining", "forged", "unacked", "prefetch", "held", "answered",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -57,6 +57,9 @@ class WorkerRec:
         # Its HELLO claimed an attempt with a token the broker never sent: whatever it says
         # of that attempt is a forgery (or a dispatch a crash kept out of the journal).
         self.forged = False
+        # The ACK owed for its last answer while it idles (idle workers are confirmed with
+        # the next message either side sends, not with one more message of their own).
+        self.unacked: list[bytes] | None = None
         # Prefetch (HELLO info ``prefetch``): it may hold this many attempts. The one in
         # ``job`` runs (the oldest sent); ``held`` are sent and not started, in order.
         self.prefetch = 1

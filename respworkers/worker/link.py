@@ -244,7 +244,7 @@ class BrokerLink:
     def readable(self) -> bool:
         """Whether a message waits (cheaper than a receive that finds none: no exception)."""
         assert self.dealer is not None
-        return bool(sockets.events(self.dealer) & sockets.POLLIN)
+        return sockets.readable(self.dealer)
 
     def read(self) -> None:
         """Read what the broker sent; a JOB to run lands in :attr:`next` (read no further)."""

@@ -569,6 +569,8 @@ class Runner:
         if link.unconfirmed is not None:
             patience = max(5.0, 2 * link.broker_interval * link.broker_liveness)
             give_up = time.monotonic() + patience
+            # An idle worker's answer is confirmed with the next message it sends: send one now.
+            link.send(protocol.HEARTBEAT_FRAMES)
             wake = link.wake.fileno()
             while link.unconfirmed is not None and link.stops < 2:
                 now = time.monotonic()
