@@ -173,6 +173,13 @@ def _loads() -> list[Load]:
         Load("prefetch", "rw-prefetch-submits", Setup("rw-memory", "runner", "rwc", window=1000,
                                                       per_message=100, prefetch=PREFETCH),
              "req/c-proxy", needs="prefetch"),
+        # the compiled broker (make compiled) with the same workers and client
+        Load("prefetch", "rw-prefetch-c", Setup("rw-memory+c", "runner", "envelope",
+                                                prefetch=PREFETCH), "req/c-proxy", needs="compiled"),
+        Load("prefetch", "rw-prefetch-16-c", Setup("rw-memory+c", "runner", "envelope", prefetch=16),
+             "req/c-proxy", needs="compiled"),
+        Load("prefetch", "raw-prefetch-c", Setup("rw-memory+c", "rww3", "envelope",
+                                                 prefetch=PREFETCH), "req/c-proxy", needs="compiled"),
     ]
     return loads
 
