@@ -4,6 +4,7 @@ kill -9 of a worker holding jobs. Real brokers, worker processes and sockets."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -11,9 +12,11 @@ from typing import Any
 
 import pytest
 import zmq
+from rich.console import Console
 
 from respworkers import protocol
 from respworkers.errors import ProtocolError
+from respworkers.status import render
 
 from conftest import Cluster, alive, wait_for
 
@@ -145,8 +148,13 @@ def test_a_prefetching_worker_gets_several_jobs_in_one_message_and_answers_in_on
             msg = raw.recv()
             assert isinstance(msg, protocol.Dispatches)
             assert [d.job_id for d in msg.jobs] == ids[:4] and msg.answered == 0
-            row = cluster.snapshot()["workers"][0]
+            snap = cluster.snapshot()
+            row = snap["workers"][0]
             assert row["prefetch"] == 4 and row["held"] == 3 and row["job"] == ids[0]
+            console = Console(file=io.StringIO(), width=140, color_system=None)
+            console.print(render(snap, 140, None))
+            view = console.file.getvalue()  # type: ignore[attr-defined]
+            assert " held " in view and " 3/3 " in view, view  # rw status shows what it holds
             raw.send(protocol.encode_worker_answers([result(d) for d in msg.jobs]))
             more = raw.recv()  # the refill confirms the 4 answers
             assert isinstance(more, protocol.Dispatches) and more.answered == 4
