@@ -40,7 +40,8 @@ compiled: $(STAMP)
 # The tests that drive the broker (its core, the wire, the journal, real processes end to
 # end, faults and restarts), run again against the compiled build.
 COMPILED_TESTS := tests/test_compiled.py tests/test_broker_core.py tests/test_protocol.py \
-	tests/test_journal.py tests/test_e2e.py tests/test_restart.py tests/test_faults.py tests/test_fuzz.py
+	tests/test_journal.py tests/test_e2e.py tests/test_restart.py tests/test_faults.py tests/test_fuzz.py \
+	tests/test_prefetch.py
 test-compiled: compiled
 	# The pytest script, not python -m: -m would put this folder (the pure package) first.
 	RESPWORKERS_EXPECT_COMPILED=1 PYTHONPATH=$(abspath $(COMPILED)) $(VENV)/bin/pytest -q $(COMPILED_TESTS)

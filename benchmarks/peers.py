@@ -68,24 +68,27 @@ def rep_worker(back: str) -> None:
         s.send(answer(s.recv()))
 
 
-def rww3_worker(back: str, sockets: int = 1) -> None:
+def rww3_worker(back: str, sockets: int = 1, prefetch: int | None = None) -> None:
     """Raw RWW3 workers, ``sockets`` of them in this process (each its own connection and
-    registration): HELLO, echo the attempt token in RESULT, heartbeat every second."""
+    registration): HELLO, echo the attempt token in RESULT, heartbeat every second. With
+    ``prefetch``, HELLO announces it and the jobs of each JOBS are answered in one RESULTS."""
     ctx = zmq.Context()
     socks = []
     for i in range(sockets):
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(back)
-        send(s, protocol.encode_hello(["default"], {
-            "name": f"bench:{os.getpid()}:{i}", "heartbeat": 1.0,
-            "slot": f"bench-{os.getpid()}-{i}-{os.urandom(8).hex()}"}))
+        info: dict[str, Any] = {"name": f"bench:{os.getpid()}:{i}", "heartbeat": 1.0,
+                                "slot": f"bench-{os.getpid()}-{i}-{os.urandom(8).hex()}"}
+        if prefetch:
+            info["prefetch"] = prefetch
+        send(s, protocol.encode_hello(["default"], info))
         socks.append(s)
     poller = zmq.Poller()
     for s in socks:
         poller.register(s, zmq.POLLIN)
     beat = time.monotonic() + 1.0
-    job = protocol.JOB
+    job, jobs = protocol.JOB, protocol.JOBS
     while True:
         for s, _ in poller.poll(1000):
             while True:
@@ -97,6 +100,13 @@ def rww3_worker(back: str, sockets: int = 1) -> None:
                 if words[1] == job:
                     send(s, [b"RWW3 RESULT %s %s %s 1" % (words[2], words[3], words[5]),
                              answer(frames[1])])
+                elif words[1] == jobs:  # RWW3 JOBS answered n1 n2 ...: each JOB is 2 frames here
+                    out = [b"RWW3 RESULTS " + b" ".join([b"2"] * (len(words) - 3))]
+                    for k in range(1, len(frames), 2):
+                        w = frames[k].split(b" ")
+                        out += [b"RWW3 RESULT %s %s %s 1" % (w[2], w[3], w[5]),
+                                answer(frames[k + 1])]
+                    send(s, out if len(out) > 3 else [out[1], out[2]])
         now = time.monotonic()
         if now >= beat:  # the broker drops a worker silent for 3 s
             beat = now + 1.0
@@ -114,9 +124,7 @@ def _bench_worker_class(prefetch: int | None = None) -> type:
             return answer(payload)
 
     if prefetch is not None:
-        # PREFETCH: the attribute the future feature is expected to read (jobs a worker
-        # may hold beyond the one it runs); adapt here to the API it ends up with.
-        BenchWorker.prefetch = prefetch  # type: ignore[attr-defined]
+        BenchWorker.prefetch = prefetch  # jobs a worker process holds, the running one included
     return BenchWorker
 
 

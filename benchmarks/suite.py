@@ -16,7 +16,9 @@ are shown in every group that uses them. Groups (see RESULTS.md for what each an
 - ``batch``: 100 jobs per SUBMITS, journal on;
 - ``latency``: one job at a time (quantiles and a log-bucket histogram);
 - ``mixed``: makespan of a workload where every 10th job is long, against the ideal;
-- ``prefetch``: the place for the future prefetching worker (skipped until it exists).
+- ``prefetch``: prefetching workers (``Worker.prefetch``): real worker processes with the
+  REQ envelope (against the C proxy) and on the mixed workload; then raw prefetching
+  workers, and SUBMITS batches, to show what limits the first.
 """
 
 from __future__ import annotations
@@ -85,10 +87,10 @@ GROUPS = {
     "batch": "100 jobs per SUBMITS, 1000 in flight, 4 workers, journal on",
     "latency": "latency: one job at a time, 4 workers",
     "mixed": "makespan: every 10th job sleeps 200 ms, the rest 1 ms, 4 workers, all at once",
-    "prefetch": "prefetching workers (future feature)",
+    "prefetch": "prefetching workers: Worker.prefetch = 4 (or 16), 4 workers",
 }
 
-PREFETCH = 4  # PREFETCH: jobs a prefetching worker holds ahead, once the feature exists
+PREFETCH = 4  #: jobs a prefetching worker process holds (Worker.prefetch), the running one included
 
 
 def _loads() -> list[Load]:
@@ -153,13 +155,31 @@ def _loads() -> list[Load]:
         Load("mixed", "rw-memory", mix("rw-memory", "rww3", "rwc"), "mixed/baseline"),
         Load("mixed", "rw-full", mix("rw-sqlite", "runner", "client"), "mixed/baseline"),
     ]
-    # PREFETCH: the future feature. Real worker processes whose Worker class sets
-    # `prefetch`; measured against the C proxy (throughput) and on the mixed workload.
+    # Real worker processes whose Worker class sets `prefetch` (and the same on demand),
+    # measured against the C proxy (throughput) and on the mixed workload; then raw prefetching
+    # workers (the broker's share), and SUBMITS batches instead of the REQ envelope.
     loads += [
+        Load("prefetch", "rw-on-demand", Setup("rw-memory", "runner", "envelope"), "req/c-proxy"),
         Load("prefetch", "rw-prefetch", Setup("rw-memory", "runner", "envelope", prefetch=PREFETCH),
              "req/c-proxy", needs="prefetch"),
         Load("prefetch", "rw-prefetch-mixed", mix("rw-memory", "runner", "envelope", PREFETCH),
              "mixed/c-proxy", needs="prefetch"),
+        Load("prefetch", "rw-prefetch-16", Setup("rw-memory", "runner", "envelope", prefetch=16),
+             "req/c-proxy", needs="prefetch"),
+        Load("prefetch", "rw-prefetch-mixed-16", mix("rw-memory", "runner", "envelope", 16),
+             "mixed/c-proxy", needs="prefetch"),
+        Load("prefetch", "raw-prefetch", Setup("rw-memory", "rww3", "envelope", prefetch=PREFETCH),
+             "req/c-proxy", needs="prefetch"),
+        Load("prefetch", "rw-prefetch-submits", Setup("rw-memory", "runner", "rwc", window=1000,
+                                                      per_message=100, prefetch=PREFETCH),
+             "req/c-proxy", needs="prefetch"),
+        # the compiled broker (make compiled) with the same workers and client
+        Load("prefetch", "rw-prefetch-c", Setup("rw-memory+c", "runner", "envelope",
+                                                prefetch=PREFETCH), "req/c-proxy", needs="compiled"),
+        Load("prefetch", "rw-prefetch-16-c", Setup("rw-memory+c", "runner", "envelope", prefetch=16),
+             "req/c-proxy", needs="compiled"),
+        Load("prefetch", "raw-prefetch-c", Setup("rw-memory+c", "rww3", "envelope",
+                                                 prefetch=PREFETCH), "req/c-proxy", needs="compiled"),
     ]
     return loads
 
@@ -220,6 +240,8 @@ def measure(s: Setup, sizes: Sizes, trace: bool = False) -> dict[str, Any]:
         for _ in range(s.workers):
             if s.worker == "runner":
                 fleet.start(WORKERS["runner"], broker.workers, s.prefetch)
+            elif s.worker == "rww3" and s.prefetch:
+                fleet.start(WORKERS["rww3"], broker.workers, 1, s.prefetch)
             else:
                 fleet.start(WORKERS[s.worker], broker.workers)
         ctl, go = queue_(), event()

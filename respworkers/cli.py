@@ -190,7 +190,7 @@ def _pool_size(ctx: click.Context, param: click.Parameter, value: str | None
 @cli.command()
 @click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
 @configured("worker", "broker", "queues", "max_jobs_per_child", "max_memory_per_child",
-            "scale_down_after", "log_level")
+            "scale_down_after", "prefetch", "log_level")
 @click.option("--broker", metavar="ENDPOINT", help="The broker's workers endpoint.")
 @click.option("-n", "--processes", "size", metavar="N|MIN:MAX", callback=_pool_size,
               help="Worker processes: N, or MIN:MAX to grow with the work and shrink when idle.")
@@ -202,6 +202,9 @@ def _pool_size(ctx: click.Context, param: click.Parameter, value: str | None
               help="Replace a process once it uses more than MB of resident memory after a job.")
 @click.option("--scale-down-after", type=float, metavar="SECONDS",
               help="With -n MIN:MAX: retire a process idle this long (default 30).")
+@click.option("--prefetch", type=click.IntRange(1, 1000), metavar="N",
+              help="Jobs a process may hold at once (default: the class's `prefetch`, 1); "
+              "more suits many tiny jobs.")
 @click.option("--reload", is_flag=True, default=False,
               help="Restart the processes when a .py file under this folder changes (development).")
 @click.option("--log-level", help="debug, info, warning or error.")
@@ -215,7 +218,7 @@ def worker(conf: WorkerConfig, targets: tuple[str, ...], size: tuple[int, int] |
     from .config import queue_list
     from .targets import import_targets
     from .worker.pool import run_pool
-    from .worker.runner import routes
+    from .worker.runner import prefetch_of, routes
 
     classes = import_targets(targets)
     if size is not None:
@@ -238,6 +241,10 @@ def worker(conf: WorkerConfig, targets: tuple[str, ...], size: tuple[int, int] |
     try:
         serve = conf.queues or (queue_list(classes[0].queues) if len(classes) == 1
                                 else tuple(routes(classes, ())))
+    except ValueError as exc:
+        raise TargetError(str(exc)) from None
+    try:
+        prefetch_of(classes, conf.prefetch)
     except ValueError as exc:
         raise TargetError(str(exc)) from None
     names = ", ".join(f"{c.__module__}:{c.__qualname__}" for c in classes)

@@ -179,6 +179,17 @@ def _metrics_address(value: Any) -> str:
     return value
 
 
+def _prefetch(value: Any) -> int:
+    """Jobs one worker process may hold: 1 (strict on demand) to 1000; 0: the class's."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number (1 to 1000, or 0 for the "
+                         "worker class's `prefetch`)")
+    if not 0 <= value <= 1000:
+        raise ValueError(f"{value} is not from 1 to 1000 (or 0 for the worker class's "
+                         "`prefetch`)")
+    return value
+
+
 def _check(fn: Callable[[Any], Any], doc: str) -> dict[str, Any]:
     return {"check": fn, "doc": doc}
 
@@ -241,6 +252,8 @@ class WorkerConfig:
     heartbeat: float = field(default=1.0, metadata=_check(_positive_float, "seconds"))
     liveness: int = field(default=3, metadata=_check(_int_at_least(1), "count"))
     cancel_grace: float = field(default=10.0, metadata=_check(_seconds_or_zero, "seconds"))
+    # Jobs a process may hold at once (README: Prefetch); 0: the Worker class's `prefetch`.
+    prefetch: int = field(default=0, metadata=_check(_prefetch, "count"))
     secret_key: str = field(default="", metadata=_path("this worker's secret key file"))
     broker_key: str = field(default="", metadata=_path("the broker's public key file"))
     log_level: str = field(default="info", metadata=_check(_log_level, "level"))

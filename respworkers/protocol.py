@@ -109,6 +109,7 @@ MAX_BATCH = 1000  #: jobs in one SUBMITS, ids in one WAIT
 MAX_TOKEN_BYTES = 64  #: attempt tokens (the broker sends 32 hex digits)
 MAX_SLOT_BYTES = 200
 MAX_NAME_BYTES = 200  #: a worker or host name in DRAIN (the broker keeps 80 characters of a name)
+MAX_PREFETCH = 1000  #: jobs one worker may hold (HELLO info ``prefetch``); also bounds JOBS, RESULTS
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _EMPTY = b""
@@ -924,6 +925,7 @@ class Hello(NamedTuple):
     job_id: str | None  # the job the worker holds, when it re-registers mid-job
     attempt: int
     token: bytes  # that attempt's token (b"" without a job)
+    prefetch: int = 1  #: jobs it may hold at once (info ``prefetch``; absent: 1, on demand)
 
 
 class WorkerResult(NamedTuple):
@@ -961,6 +963,13 @@ class Return(NamedTuple):
     token: bytes
 
 
+class Answers(NamedTuple):
+    """RESULTS: several answers in one message, oldest job first (a prefetching worker).
+    The last one's ``ready`` says whether the worker wants more."""
+
+    answers: list[WorkerResult | WorkerError]
+
+
 class Heartbeat(NamedTuple):
     pass
 
@@ -975,7 +984,7 @@ class Vacate(NamedTuple):
 
 
 WorkerMessage = Union[Hello, WorkerResult, WorkerError, WorkerProgress, Return, Heartbeat, Bye,
-                      Vacate]
+                      Vacate, Answers]
 
 _HEARTBEAT = Heartbeat()
 _BYE = Bye()
@@ -986,6 +995,35 @@ def check_token(raw: bytes) -> bytes:
     if not 0 < len(raw) <= MAX_TOKEN_BYTES:
         raise ProtocolError("bad token", f"must be 1..{MAX_TOKEN_BYTES} bytes, got {len(raw)}")
     return raw
+
+
+def check_prefetch(value: Any) -> int:
+    """HELLO info ``prefetch``: a whole number of jobs, 1..MAX_PREFETCH (absent: 1)."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PREFETCH:
+        raise ProtocolError("bad prefetch", f"{str(value)[:20]!r} is not a whole number "
+                            f"from 1 to {MAX_PREFETCH}")
+    return value
+
+
+def _counts(words: list[bytes], what: str, per: int) -> list[int]:
+    """The frame counts of a JOBS or RESULTS line: 1..MAX_PREFETCH numbers, each >= ``per``."""
+    if not 0 < len(words) <= MAX_PREFETCH:
+        raise ProtocolError(f"bad {what}", f"needs 1..{MAX_PREFETCH} frame counts")
+    return [_uint(w, "frame count", per, 6) for w in words]
+
+
+def _split(frames: list[bytes], counts: list[int], what: str) -> list[list[bytes]]:
+    """The messages a JOBS or RESULTS carries, each as its own frames."""
+    if sum(counts) != len(frames) - 1:
+        raise ProtocolError(f"bad {what}", f"the counts add up to {sum(counts)} frames, "
+                            f"but {len(frames) - 1} follow the line")
+    out, pos = [], 1
+    for n in counts:
+        out.append(frames[pos:pos + n])
+        pos += n
+    return out
 
 
 def check_slot(raw: bytes) -> str:
@@ -1045,10 +1083,11 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
             raise ProtocolError("bad HELLO", "needs exactly one info frame after the line "
                                 "(an empty frame means {})")
         info = _json_object(frames[1], "info")
+        prefetch = check_prefetch(info.get("prefetch"))
         if len(words) == 3:
-            return Hello(queues, info, None, 0, b"")
+            return Hello(queues, info, None, 0, b"", prefetch)
         return Hello(queues, info, check_job_id(words[3]), _uint(words[4], "attempt", 1),
-                     check_token(words[5]))
+                     check_token(words[5]), prefetch)
     if cmd == RETURN:
         if len(words) != 5 or len(frames) != 1:
             raise ProtocolError("bad RETURN", "needs id, attempt and token, and nothing more")
@@ -1062,6 +1101,15 @@ def decode_worker(frames: list[bytes]) -> WorkerMessage:
             raise ProtocolError("bad VACATE", "takes no fields, then the slot and optionally "
                                 "the incarnation, one frame each")
         return Vacate(check_slot(frames[1]), check_slot(frames[2]) if len(frames) == 3 else None)
+    if cmd == RESULTS:
+        answers: list[WorkerResult | WorkerError] = []
+        for part in _split(frames, _counts(words[2:], "RESULTS", 2), "RESULTS"):
+            if not part[0].startswith(b"RWW3 RESULT ") and not part[0].startswith(b"RWW3 ERROR "):
+                raise ProtocolError("bad RESULTS", "carries only RESULT and ERROR messages")
+            answer = decode_worker(part)
+            assert isinstance(answer, (WorkerResult, WorkerError))
+            answers.append(answer)
+        return Answers(answers)
     raise ProtocolError("unknown command", repr(cmd[:20]))
 
 
@@ -1096,6 +1144,15 @@ def encode_worker_error(job_id: str, attempt: int, token: bytes, ready: bool, er
 def encode_worker_progress(job_id: str, attempt: int, token: bytes, report: bytes) -> list[bytes]:
     """``report`` is the JSON object already encoded (the worker checks its size as it does)."""
     return [b"RWW3 PROGRESS %s %d %s" % (job_id.encode(), attempt, token), report]
+
+
+def encode_worker_answers(answers: list[list[bytes]]) -> list[bytes]:
+    """RESULTS: RESULT and ERROR messages (as their encoders made them), oldest job first,
+    after one line giving each one's frame count."""
+    if len(answers) == 1:
+        return answers[0]
+    line = b"RWW3 RESULTS " + b" ".join(b"%d" % len(a) for a in answers)
+    return [line, *(f for a in answers for f in a)]
 
 
 def encode_return(job_id: str, attempt: int, token: bytes) -> list[bytes]:
@@ -1137,6 +1194,15 @@ class Dispatch(NamedTuple):
     payload: list[bytes]
 
 
+class Dispatches(NamedTuple):
+    """JOBS: attempts for a prefetching worker to run one at a time, in this order.
+    ``answered``: how many answers the broker has applied from this registration (the
+    worker's answers up to that count are confirmed)."""
+
+    answered: int
+    jobs: list[Dispatch]
+
+
 class Abandon(NamedTuple):
     """The job has ended (done elsewhere, failed, cancelled): stop this attempt."""
 
@@ -1159,7 +1225,8 @@ class DrainOrder(NamedTuple):
     as on a first SIGTERM."""
 
 
-BrokerMessage = Union[Welcome, Dispatch, Abandon, Ack, Heartbeat, Disconnect, DrainOrder]
+BrokerMessage = Union[Welcome, Dispatch, Dispatches, Abandon, Ack, Heartbeat, Disconnect,
+                      DrainOrder]
 
 _DRAIN_ORDER = DrainOrder()
 DRAIN_FRAMES = [b"RWW3 DRAIN"]  #: broker -> worker; never mutate
@@ -1193,6 +1260,13 @@ def encode_job(
         job_id, attempt, words[0], token, words[1], round(created * 1000)), *payload]
 
 
+def encode_jobs(answered: int, jobs: list[list[bytes]]) -> list[bytes]:
+    """JOBS: JOB messages (as :func:`encode_job` made them), after one line giving the
+    answers applied so far and each JOB's frame count."""
+    line = b"RWW3 JOBS %d " % answered + b" ".join(b"%d" % len(j) for j in jobs)
+    return [line, *(f for j in jobs for f in j)]
+
+
 def encode_abandon(job_id: bytes, attempt: int, why: str) -> list[bytes]:
     return [b"RWW3 ABANDON %s %d %s" % (job_id, attempt, why.encode())]
 
@@ -1222,6 +1296,18 @@ def decode_broker(frames: list[bytes]) -> BrokerMessage:
             _uint(words[7], "priority"), _uint(words[8], "tries", 1),
             _uint(words[9], "created", digits=15) / 1000.0, frames[1:],
         )
+    if cmd == JOBS:
+        if len(words) < 4:
+            raise ProtocolError("bad JOBS", "needs the answers applied and >= 1 frame count")
+        answered = _uint(words[2], "answered")
+        jobs: list[Dispatch] = []
+        for part in _split(frames, _counts(words[3:], "JOBS", 2), "JOBS"):
+            if not part[0].startswith(b"RWW3 JOB "):
+                raise ProtocolError("bad JOBS", "carries only JOB messages")
+            job = decode_broker(part)
+            assert isinstance(job, Dispatch)
+            jobs.append(job)
+        return Dispatches(answered, jobs)
     if cmd == ABANDON:
         if len(words) != 5 or len(frames) != 1:
             raise ProtocolError("bad ABANDON", "needs id, attempt and why, and nothing more")

@@ -277,14 +277,19 @@ def _worker_rows(workers: list[dict[str, Any]]) -> tuple[list[_Col], list[list[_
     cols = [_Col("worker"), _Col("queues", drop=5), _Col("state"), _Col("job", drop=2),
             _Col("try", True, 4), _Col("busy for", True)]
     cols += [_Col("progress", flex=True, drop=1)] if reporting else []
+    # prefetching workers (README: Prefetch): jobs held behind the running one, of how many
+    prefetching = any((w.get("prefetch") or 1) > 1 for w in workers)
+    cols += [_Col("held", True, 3)] if prefetching else []
     cols += [_Col("done", True, 3), _Col("failed", True, 3), _Col("seen", drop=6)]
     out: list[list[_Cell]] = []
     for w in workers:
         state = str(w.get("state", "?"))
+        held = f"{w.get('held') or 0}/{(w.get('prefetch') or 1) - 1}"
         # whole, as rw drain takes it, even when the hosts' common domain is left out above
         out.append([str(w.get("name")), ",".join(w.get("queues", [])), (state, _STATE_STYLE.get(state, "")),
                     str(w.get("job") or ""), str(w.get("attempt") or ""), _dur(w.get("busy_for")),
                     *([progress_text(w.get("progress"))] if reporting else []),
+                    *([held] if prefetching else []),
                     str(w.get("done", 0)), str(w.get("failed", 0)),
                     _dur(w.get("last_seen")) + " ago"])
     return cols, out

@@ -167,3 +167,18 @@ class FeaturesBackoff(Features):
 
     backoff = 0.8
     backoff_max = 0.8
+
+
+class BadPrefetch(Worker):
+    """A class whose ``prefetch`` is out of range: ``rw worker`` names it."""
+
+    prefetch = 0
+
+    def process(self, payload: bytes) -> bytes:
+        return payload
+
+
+class Holder(Tester):
+    """A Tester that keeps the jobs it prefetched however long the running one takes."""
+
+    prefetch_patience = 600.0

@@ -296,6 +296,8 @@ class BrokerCore:
                 w.unacked = None
             if isinstance(msg, (protocol.WorkerResult, protocol.WorkerError)):
                 self._answered(w, msg)
+            elif isinstance(msg, protocol.Answers):
+                self._answers(w, msg.answers)
             elif isinstance(msg, protocol.Heartbeat):
                 pass
             elif isinstance(msg, protocol.WorkerProgress):
@@ -305,8 +307,12 @@ class BrokerCore:
                 registry.supersede(self, w, msg, "re-registered")
                 self.hello(wid, msg)
             elif isinstance(msg, protocol.Return):
-                if self._holds(w, msg, "RETURN"):
+                if w.held and not w.holds(msg.job_id, msg.attempt, msg.token):
+                    self._return_held(w, msg)  # a prefetched job it will not start
+                elif self._holds(w, msg, "RETURN"):
                     self.give_back(w)
+                    if w.held:
+                        self._promote(w)
                     w.stopping = True
             elif isinstance(msg, protocol.Vacate):
                 self.vacate(msg.slot, msg.incarnation)
@@ -357,10 +363,31 @@ class BrokerCore:
     def _answered(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError) -> None:
         """RESULT or ERROR from the worker holding that attempt: apply it, then the worker
         is ready (JOB, or ACK when nothing waits) or leaving (ACK)."""
+        if self._apply(w, msg):
+            self._then_ready(w, msg)
+
+    def _answers(self, w: WorkerRec,
+                 answers: list[protocol.WorkerResult | protocol.WorkerError]) -> None:
+        """RESULTS from a prefetching worker: each answer in turn, then one refill (or ACK)
+        as the last answer's ``ready`` says."""
+        applied = False
+        for msg in answers:
+            applied = self._apply(w, msg) or applied
+        if applied:
+            self._then_ready(w, answers[-1])
+
+    def _apply(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError) -> bool:
+        """Apply one answer of the attempt the worker runs; False (counted) if it holds no
+        such attempt. The next attempt it holds, if any, starts now (prefetch)."""
         ok = msg.__class__ is protocol.WorkerResult
         if not (w.token == msg.token and w.job_id == msg.job_id and w.attempt == msg.attempt):
+            if (w.held and isinstance(msg, protocol.WorkerError) and msg.then == "abandoned"
+                    and self._take_held(w, msg.job_id, msg.attempt, msg.token)[0]):
+                w.answered += 1  # a prefetched job it dropped unstarted, as told (ABANDON)
+                return True
             self._holds(w, msg, "RESULT" if ok else "ERROR")  # counts it
-            return
+            return False
+        w.answered += 1
         job = w.job
         holder = job is not None and job.worker is w
         if self.metrics is not None and job is not None:
@@ -370,6 +397,8 @@ class BrokerCore:
         forged = w.forged
         live = job is not None and job.tokens is not None and w.token in job.tokens
         self._close_attempt(w)  # its token is spent now
+        if w.held:
+            self._promote(w)
         if not live:
             job = None
             if forged:
@@ -395,6 +424,10 @@ class BrokerCore:
                                         retry_after=msg.retry_after, last=msg.then == "fail")
                 else:  # an older attempt of a job already retried: keep its error for inspect
                     job.error = msg.error
+        return True
+
+    def _then_ready(self, w: WorkerRec, msg: protocol.WorkerResult | protocol.WorkerError
+                    ) -> None:
         w.stopping = not msg.ready
         # The JOB, or else an ACK, tells the worker its answer was applied: it keeps the
         # answer (to send again after a reconnect) until then. A draining worker that says
@@ -438,6 +471,100 @@ class BrokerCore:
         job.attempt -= 1
         job.tried = job.tried[:-1]
         self._enqueue(job, front=True)
+
+    # ------------------------------------------------------------------ prefetch
+    def _promote(self, w: WorkerRec) -> None:
+        """Its running attempt was answered or given back: the next one it holds starts
+        now (it runs them in order), and only now does that attempt's time limit run."""
+        assert w.held is not None
+        job, attempt, token = w.held.popleft()
+        w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, attempt, token, self.now
+        if job.state is RUNNING and job.worker is w:
+            self.deadlines.start(job, self.now)
+
+    def _take_held(self, w: WorkerRec, job_id: str, attempt: int, token: bytes
+                   ) -> tuple[bool, Job | None]:
+        """Take an unstarted attempt out of what the worker holds (O(prefetch)); its token
+        is spent. Whether it was held, and its job if that attempt is still the current one."""
+        held = w.held
+        assert held is not None
+        for i, (job, n, tok) in enumerate(held):
+            if tok == token and n == attempt and job.id == job_id:
+                del held[i]
+                if self.holders.get(token) is w:
+                    del self.holders[token]
+                if job.tokens is not None and job.tokens.pop(token, None) is not None \
+                        and job.state is RUNNING and job.worker is w:
+                    return True, job
+                return True, None
+        return False, None
+
+    def _return_held(self, w: WorkerRec, msg: protocol.Return) -> None:
+        """RETURN of a prefetched attempt (the worker is stopping, or its running job is
+        long and others may take what waits behind it): back first in its queue, uncharged.
+        The worker returns them newest first, so they keep their order. It is not marked
+        stopping: it says so in its answer."""
+        if any(entry[2] == msg.token for entry in w.held or ()):
+            taken = self._take_held(w, msg.job_id, msg.attempt, msg.token)[1]
+            if taken is not None:
+                self._back_in_queue(taken)
+            return
+        self._holds(w, msg, "RETURN")  # counts it
+
+    def withdraw_held(self, w: WorkerRec) -> None:
+        """The worker is gone: the attempts it held but never started go back first in
+        their queues, uncharged and in their order; their tokens are spent, so a late
+        answer for one is stale."""
+        held = w.held
+        while held:
+            job, attempt, token = held[-1]
+            taken = self._take_held(w, job.id, attempt, token)[1]
+            if taken is not None:
+                self._back_in_queue(taken)
+
+    def unstarted(self, job: Job) -> bool:
+        """Whether the job's current attempt was prefetched by a worker that has not
+        started it (it waits behind another job there)."""
+        w = job.worker
+        return (job.state is RUNNING and w is not None and bool(w.held) and w.job is not job
+                and any(entry[0] is job for entry in w.held or ()))
+
+    def uncharge(self, job: Job) -> None:
+        """A prefetched attempt that never started ends with its job (cancel, expiry): it
+        is not a try. Its token stays, so the worker is told to drop it (ABANDON)."""
+        job.attempt -= 1
+        job.tried = job.tried[:-1]
+
+    def _fill(self, w: WorkerRec) -> bool:
+        """Refill a prefetching worker in one JOBS: up to its free credits, but no more
+        than its fair share of what waits (depth over the workers serving the queue), so
+        that the end of a queue is spread one job at a time. False if it got nothing
+        (parked as idle when it holds nothing either)."""
+        held = w.held
+        assert held is not None
+        room = w.prefetch - len(held) - (w.job_id is not None)
+        if room > 1:
+            by_name = self.queues.by_name
+            depth = serving = 0
+            for name in w.queues:
+                q = by_name.get(name)
+                if q is not None and not q.paused:
+                    depth += q.depth
+                    if q.serving > serving:
+                        serving = q.serving
+            room = min(room, max(1, depth // max(1, serving)))
+        batch: list[list[bytes]] = []
+        while len(batch) < room:
+            job = self._pick(w)
+            if job is None:
+                break
+            self._assign(job, w, batch)
+        if batch:
+            self.send_worker(w.wid, protocol.encode_jobs(w.answered, batch))
+            return True
+        if w.job_id is None:
+            self.workers.park(w)
+        return False
 
     def _progress(self, w: WorkerRec, progress: dict[str, Any]) -> None:
         """The holder of an attempt says how far it got: latest wins; watchers are told."""
@@ -513,6 +640,17 @@ class BrokerCore:
     def _ready(self, w: WorkerRec) -> bool:
         """The worker asked for a job: give it the next one it serves (True), or park it as
         idle (False). Of its queues: the highest priority first, then the oldest job."""
+        if w.prefetch > 1:
+            return self._fill(w)
+        job = self._pick(w)
+        if job is None:
+            self.workers.park(w)
+            return False
+        self._assign(job, w)
+        return True
+
+    def _pick(self, w: WorkerRec) -> Job | None:
+        """Take the next job for ``w`` out of its queues (None: nothing waits for it)."""
         by_name = self.queues.by_name
         while True:
             best: Job | None = None
@@ -528,14 +666,12 @@ class BrokerCore:
                                         < (-best.priority, best.seq)):
                     best = job
             if best is None:
-                self.workers.park(w)
-                return False
+                return None
             self.queues.taken(best)
             if best.expires_at and best.expires_at <= self.wall:
                 self._expire(best)  # taken out of its queue already
                 continue
-            self._assign(best, w)
-            return True
+            return best
 
     def offer_work(self, w: WorkerRec) -> bool:
         """An idle worker looks for work again (a queue it serves was resumed): True if it
@@ -570,8 +706,10 @@ class BrokerCore:
                 self._assign(job, w)
                 return
 
-    def _assign(self, job: Job, w: WorkerRec) -> None:
-        """Dispatch: a new attempt, with a new token and a deadline."""
+    def _assign(self, job: Job, w: WorkerRec, batch: list[list[bytes]] | None = None) -> None:
+        """Dispatch: a new attempt, with a new token and a deadline. To a prefetching
+        worker that runs a job already, the attempt is held there (no deadline until it
+        starts); its JOB goes in ``batch`` (the caller sends JOBS) or alone in a JOBS."""
         if w.ready:
             self.workers.unready(w)
         job.attempt += 1
@@ -584,21 +722,30 @@ class BrokerCore:
             if self.metrics is not None:
                 self.metrics.started(job.queue, self.wall - job.created)
         job.tried += (w.name,)
-        self.deadlines.start(job, self.now)
         token = self.tokens.next()
         if job.tokens is None:
             job.tokens = {token: job.attempt}
         else:
             job.tokens[token] = job.attempt
         self.holders[token] = w
-        w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, job.attempt, token, self.now
-        w.unacked = None  # the JOB confirms its last answer
+        if w.held is not None and w.job_id is not None:
+            w.held.append((job, job.attempt, token))  # waits behind the one it runs
+        else:
+            self.deadlines.start(job, self.now)
+            w.job, w.job_id, w.attempt, w.token, w.since = job, job.id, job.attempt, token, self.now
+        w.unacked = None  # the JOB (or JOBS, by its count) confirms its last answer
         self.journal.dispatched(job)
         if self._debug:
             trace.dispatched(job, w)
-        self.send_worker(w.wid, protocol.encode_job(
+        frames = protocol.encode_job(
             job.bid, job.attempt, job.timeout, token, job.queue.encode(), job.priority, job.tries,
-            job.created, job.payload or [b""]))
+            job.created, job.payload or [b""])
+        if batch is not None:
+            batch.append(frames)
+        elif w.held is not None:
+            self.send_worker(w.wid, protocol.encode_jobs(w.answered, [frames]))
+        else:
+            self.send_worker(w.wid, frames)
 
     def _schedule(self, job: Job) -> None:
         """The job waits for its time (``not_before``): a delay, an eta or a retry's backoff."""
@@ -641,7 +788,7 @@ class BrokerCore:
         if job.tokens:
             for token, attempt in job.tokens.items():  # no worker keeps working for it
                 w = self.holders.get(token)
-                if w is not None and w.token == token and self.workers.registered(w):
+                if w is not None and (w.token == token or w.held) and self.workers.registered(w):
                     self.counters.abandoned += 1
                     self.send_worker(w.wid, protocol.encode_abandon(job.bid, attempt, state.value))
                     if self._debug:

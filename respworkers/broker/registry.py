@@ -4,6 +4,7 @@ a job back to its queue; the job transitions themselves stay in the core."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .. import protocol
@@ -27,6 +28,9 @@ MAX_WORKER_HEARTBEAT = 60.0
 def hello(core: BrokerCore, wid: bytes, msg: protocol.Hello) -> None:
     """Register a worker; then it is ready, or it holds the job it names (10.4)."""
     w = WorkerRec(wid, msg.queues, msg.info, core.now)
+    if msg.prefetch > 1:  # checked by the decoder: 1..MAX_PREFETCH
+        w.prefetch = msg.prefetch
+        w.held = deque()
     beat = msg.info.get("heartbeat")
     if isinstance(beat, bool) or not isinstance(beat, (int, float)):
         beat = 0.0
@@ -121,6 +125,8 @@ def drop(core: BrokerCore, w: WorkerRec, why: str) -> None:
         return
     if core.holders.get(w.token) is w:
         del core.holders[w.token]  # the token stays valid (in job.tokens) for a comeback
+    if w.held:
+        core.withdraw_held(w)  # before the running one, which then goes first
     job = w.job
     if job is not None and job.state is RUNNING and job.worker is w:
         core.attempt_failed(

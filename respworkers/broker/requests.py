@@ -142,4 +142,6 @@ def cancel(core: BrokerCore, job: Job) -> None:
     if job.state in ENDED:
         return
     core._unwait(job)
+    if core.unstarted(job):
+        core.uncharge(job)
     core.finish(job, CANCELLED, protocol.FAIL_CANCELLED, "cancelled by a client")

@@ -122,6 +122,9 @@ def snapshot(core: BrokerCore) -> dict[str, Any]:
             entry(w.job.queue)["running"] += 1
             if w.job.progress is not None:
                 row["progress"] = w.job.progress
+        for job, _, _ in w.held or ():  # prefetched, not started: running for its job's INFO
+            if job.state is RUNNING and job.worker is w:
+                entry(job.queue)["running"] += 1
         workers.append(row)
     snap: dict[str, Any] = {
         "broker": {

@@ -43,6 +43,9 @@ def tick(core: BrokerCore) -> float:
             elif what is Due.EXPIRE:
                 if job.state in WAITING:
                     core._expired(job)
+                elif core.unstarted(job):  # prefetched, not started: it expires all the same
+                    core.uncharge(job)
+                    core._expire(job)
             elif job.state is QUEUED and job.retry_since:  # Due.OFFER
                 core._offer(job)
     for job in core.deadlines.due(now):

@@ -7,6 +7,7 @@ first, which is where a new job looks for it.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Optional
 
 from .model import Job
@@ -22,7 +23,7 @@ class WorkerRec:
     __slots__ = (
         "wid", "name", "queues", "info", "job", "job_id", "attempt", "token", "since",
         "last_seen", "expiry", "done", "failed", "ready", "stopping", "registered", "slot",
-        "incarnation", "conn", "draining", "forged", "unacked",
+        "incarnation", "conn", "draining", "forged", "unacked", "prefetch", "held", "answered",
     )
 
     def __init__(self, wid: bytes, queues: tuple[str, ...], info: dict[str, Any], now: float) -> None:
@@ -59,6 +60,11 @@ class WorkerRec:
         # The ACK owed for its last answer while it idles (idle workers are confirmed with
         # the next message either side sends, not with one more message of their own).
         self.unacked: list[bytes] | None = None
+        # Prefetch (HELLO info ``prefetch``): it may hold this many attempts. The one in
+        # ``job`` runs (the oldest sent); ``held`` are sent and not started, in order.
+        self.prefetch = 1
+        self.held: deque[tuple[Job, int, bytes]] | None = None  # (job, attempt, token)
+        self.answered = 0  # answers applied from it (JOBS tells it: its answers confirmed)
 
     def stale(self, new: WorkerRec) -> bool:
         """Whether ``new`` (a HELLO for this record's slot) came from a connection this very
@@ -106,6 +112,8 @@ class WorkerRec:
             "failed": self.failed,
             "last_seen": round(now - self.last_seen, 3),
             "registered": round(now - self.registered, 3),
+            "prefetch": self.prefetch,
+            "held": len(self.held) if self.held else 0,
         }
 
 

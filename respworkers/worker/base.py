@@ -60,6 +60,18 @@ class Worker:
     #: its late answer may still win, until the hard limit (twice the limit plus 5 s).
     soft_time_limit: ClassVar[bool] = True
 
+    #: Jobs a worker process may hold at once: 1 is strict on demand (the next job is sent
+    #: when the answer arrives). More lets the broker send several in one message and the
+    #: worker answer several in one: for many tiny jobs (a millisecond or less). A job held
+    #: waits behind the one running, so keep 1 for long or uneven jobs (README: Prefetch).
+    #: ``rw worker --prefetch N`` or ``[worker] prefetch`` override it.
+    prefetch: ClassVar[int] = 1
+
+    #: Prefetch: once the running job has run this many seconds, the jobs held behind it
+    #: are given back to the broker (uncharged, first in their queue) for idle workers to
+    #: take, instead of waiting for it. Raise it for jobs that often take longer than this.
+    prefetch_patience: ClassVar[float] = 0.02
+
     #: Set while a job runs.
     job: JobContext | None = None
     _progress_sink: ProgressSink | None = None

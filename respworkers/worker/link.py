@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -71,6 +72,14 @@ class BrokerLink:
         # The last answer sent, until the broker confirms it (ACK, or the next JOB): if we
         # must reconnect first it may be lost with the old socket, so it goes again.
         self.unconfirmed: Answer | None = None
+        # Prefetch (Worker.prefetch, [worker] prefetch): jobs it may hold at once. ``held``
+        # are received and not started, in order; ``pending`` answers wait to leave
+        # together in one RESULTS; ``sent_answers`` counts this connection's answers, which
+        # JOBS confirms by the count the broker has applied.
+        self.prefetch = 1
+        self.held: deque[protocol.Dispatch] = deque()
+        self.pending: list[Answer] = []
+        self.sent_answers = 0
         self.bad_messages = 0
         self.connections = 0
         self._bad_log = RateLimitedLog(log)
@@ -93,10 +102,18 @@ class BrokerLink:
         self.poller.register(d, zmq.POLLIN)
         self.connections += 1
         self.info["conn"] = self.connections
+        self.sent_answers = 0
+        if self.held:  # the broker gives them to others, uncharged, when it drops the old one
+            self.held.clear()
+        if self.pending:  # unsent answers: the oldest is the one the broker still waits for
+            if self.unconfirmed is None:
+                self.unconfirmed = self.pending[0]
+            self.pending.clear()
         if self.unconfirmed is not None:
             job_id, attempt, token, answer = self.unconfirmed
             self.send(protocol.encode_hello(self.queues, self.info, job_id, attempt, token))
             self.send(answer)
+            self.sent_answers = 1
         elif self.job is not None:
             self.send(protocol.encode_hello(self.queues, self.info, *self.job))
         else:
@@ -123,9 +140,60 @@ class BrokerLink:
         except zmq.Again:
             pass
 
-    def answer(self, answer: Answer) -> None:
-        self.send(answer[3])
-        self.unconfirmed = answer
+    def answer(self, answer: Answer, more: bool = False) -> None:
+        """Send an answer; a prefetching worker with ``more`` (another short job to run
+        next) keeps it to send with the next ones in one RESULTS."""
+        if self.prefetch == 1:
+            self.send(answer[3])
+            self.unconfirmed = answer
+            return
+        self.pending.append(answer)
+        if not more or len(self.pending) >= max(1, self.prefetch // 2):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the answers kept back, oldest first, in one message."""
+        pending = self.pending
+        if pending:
+            self.send(protocol.encode_worker_answers([a[3] for a in pending]))
+            self.sent_answers += len(pending)
+            self.unconfirmed = pending[-1]
+            self.pending = []
+
+    def take_next(self) -> None:
+        """Prefetch: the oldest job held is the next to run."""
+        if self.next is None and self.job is None and self.held:
+            msg = self.held.popleft()
+            self.abandon = None
+            self.job = (msg.job_id, msg.attempt, msg.token)
+            self.next = msg
+
+    def return_held(self) -> None:
+        """Give back the jobs held and not started (stopping), newest first, so that the
+        broker, putting each first in its queue, keeps their order."""
+        while self.held:
+            msg = self.held.pop()
+            self.send(protocol.encode_return(msg.job_id, msg.attempt, msg.token))
+
+    def _hold(self, msg: protocol.Dispatch) -> None:
+        """Prefetch: keep it, after those held already (:meth:`take_next` starts them)."""
+        if self.stops or len(self.held) + (self.job is not None) >= self.prefetch:
+            self.send(protocol.encode_return(msg.job_id, msg.attempt, msg.token))
+        else:
+            self.held.append(msg)
+
+    def _drop_held(self, msg: protocol.Abandon) -> bool:
+        """ABANDON of a job held and not started: drop it, and say so (ERROR abandoned),
+        which frees its place at the broker."""
+        for job in self.held:
+            if job.job_id == msg.job_id and job.attempt == msg.attempt:
+                self.held.remove(job)
+                self.send(protocol.encode_worker_error(
+                    job.job_id, job.attempt, job.token, not self.stops, f"the job was {msg.why}",
+                    "abandoned"))
+                self.sent_answers += 1
+                return True
+        return False
 
     # ------------------------------------------------------------------ stops
     def read_stops(self) -> int:
@@ -173,6 +241,11 @@ class BrokerLink:
             self.connect()
 
     # ------------------------------------------------------------------ reading
+    def readable(self) -> bool:
+        """Whether a message waits (cheaper than a receive that finds none: no exception)."""
+        assert self.dealer is not None
+        return sockets.readable(self.dealer)
+
     def read(self) -> None:
         """Read what the broker sent; a JOB to run lands in :attr:`next` (read no further)."""
         assert self.dealer is not None
@@ -189,6 +262,20 @@ class BrokerLink:
                 self._bad_log.warning("ignored a bad message from the broker (%d so far): %s",
                                       self.bad_messages, exc, now=now)
                 continue
+            if isinstance(msg, protocol.Dispatches):
+                if msg.answered >= self.sent_answers:
+                    self.unconfirmed = None  # the broker has applied every answer sent
+                if self.stops:
+                    for job in reversed(msg.jobs):  # newest first: they keep their order
+                        self.send(protocol.encode_return(job.job_id, job.attempt, job.token))
+                    continue
+                for job in msg.jobs:
+                    self._hold(job)
+                continue
+            if isinstance(msg, protocol.Dispatch) and self.prefetch > 1:
+                self.unconfirmed = None  # a broker without prefetch: JOB follows our answer
+                self._hold(msg)
+                continue
             if isinstance(msg, protocol.Dispatch):
                 if self.job is not None or self.stops or self.next is not None:
                     # Not ready for it (a stop crossed the dispatch): hand it straight back.
@@ -203,6 +290,8 @@ class BrokerLink:
             if isinstance(msg, protocol.Abandon):
                 if self.job is not None and self.job[:2] == (msg.job_id, msg.attempt):
                     self.abandon = msg
+                elif self.held:
+                    self._drop_held(msg)
                 continue  # for an attempt already answered: nothing to stop
             if isinstance(msg, protocol.DrainOrder):
                 self._drain()

@@ -33,6 +33,7 @@ import zmq
 from .. import __version__, protocol
 from ..config import WorkerConfig, queue_list
 from ..errors import Cancelled, Fail, Interrupt, Retry, TimeLimit
+from ..protocol import MAX_PREFETCH
 from ..security import client_keys
 from .base import JobContext, JobOutcome, Worker
 from .base import __file__ as base_file
@@ -50,6 +51,9 @@ INTERRUPT_SIGNAL = signal.SIGUSR1
 #: Progress reports leave at most this often (seconds); the latest one wins.
 PROGRESS_INTERVAL = 0.25
 MAX_PROGRESS_MESSAGE = 500
+#: Prefetch: a job shorter than this (seconds) keeps its answer back to leave with the
+#: next ones in one RESULTS; after a longer one the answer leaves at once.
+SHORT_JOB = 0.005
 
 _LIBRARY_FILES = {__file__, base_file}
 
@@ -101,6 +105,19 @@ def routes(classes: Sequence[type[Worker]], queues: Sequence[str]) -> dict[str, 
     return out
 
 
+def prefetch_of(classes: Sequence[type[Worker]], configured: int = 0) -> int:
+    """Jobs this process may hold: ``[worker] prefetch`` / ``--prefetch`` if given, else
+    the classes' ``prefetch`` (the smallest, when several serve: prefetch is opt-in)."""
+    if configured:
+        return configured
+    value = min(getattr(cls, "prefetch", 1) for cls in classes)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PREFETCH:
+        names = ", ".join(c.__qualname__ for c in classes)
+        raise ValueError(f"{names}.prefetch = {value!r}: must be a whole number from 1 to "
+                         f"{MAX_PREFETCH}")
+    return value
+
+
 def _per_queue(table: dict[str, type[Worker]], key: str) -> float | dict[str, float] | None:
     """A class setting for HELLO: one number when one class serves every queue, else per queue."""
     values = {q: getattr(cls, key, None) for q, cls in table.items()}
@@ -148,8 +165,15 @@ class Runner:
             value = _per_queue(self.routes, key)
             if value is not None:
                 info[key] = value
+        prefetch = prefetch_of(self.classes, cfg.prefetch)
+        if prefetch > 1:
+            info["prefetch"] = prefetch
         self.link = BrokerLink(cfg, queues, info, client_keys(cfg.secret_key, cfg.broker_key,
                                                               "worker"), self.ctx)
+        self.link.prefetch = prefetch
+        # Prefetch: once the running job has run this long, the jobs held behind it are
+        # given back (RETURN), so that idle workers take them instead of waiting for it.
+        self._patience = min(float(getattr(c, "prefetch_patience", 0.02)) for c in self.classes)
         # The watchman's view of the job in hand, kept apart from the link: it times the job
         # (only while the process runs, so a SIGSTOP pause does not count) without the baton.
         self._job_running = threading.Event()  # set while the main thread is in the user's code
@@ -252,6 +276,15 @@ class Runner:
         msg = link.next
         assert msg is not None
         link.next = None
+        told = link.abandon
+        if told is not None:  # a prefetched job cancelled just before it started
+            link.job = None
+            link.abandon = None
+            ready = link.read_stops() == 0
+            link.answer((msg.job_id, msg.attempt, msg.token, protocol.encode_worker_error(
+                msg.job_id, msg.attempt, msg.token, ready, "ended before it started",
+                "abandoned")))
+            return ready
         worker = self._instances.get(msg.queue) or self._first
         assert worker is not None
         job = JobContext(msg.job_id, msg.attempt, msg.timeout, msg.queue, msg.priority,
@@ -333,7 +366,8 @@ class Runner:
             answer = protocol.encode_worker_error(msg.job_id, msg.attempt, msg.token, ready, error,
                                                   then, after)
         link.abandon = None
-        link.answer((msg.job_id, msg.attempt, msg.token, answer))
+        link.answer((msg.job_id, msg.attempt, msg.token, answer),
+                    more=ready and bool(link.held) and time.monotonic() - started < SHORT_JOB)
         return ready
 
     @staticmethod
@@ -389,7 +423,9 @@ class Runner:
             if not self._job_running.wait(1.0):
                 continue
             last = time.monotonic()
-            while not self._ended.wait(step) and self._job_running.is_set():
+            # Answers kept back (prefetch) leave soon if the job turns out longer.
+            while (not self._ended.wait(SHORT_JOB if self.link.pending or self.link.held else step)
+                   and self._job_running.is_set()):
                 now = time.monotonic()
                 # A longer gap means this process was stopped (SIGSTOP) or starved: the job
                 # was not running for most of it, so it counts only a little.
@@ -405,6 +441,10 @@ class Runner:
 
     def _watch_job(self, now: float) -> None:
         link = self.link
+        if link.pending:
+            link.flush()  # answers kept back for a batch leave while a longer job runs
+        if link.held and self._job_ran > self._patience:
+            link.return_held()  # a long job: let others take what waits behind it
         if link.read_stops() >= 2 and link.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
@@ -488,9 +528,19 @@ class Runner:
                     return self.exit_code
                 if link.dealer in events:
                     link.read()
-                    if link.next is not None and not self._run_job():
+                    link.take_next()
+                while link.next is not None:  # prefetch: the jobs held run one after another
+                    if not self._run_job():
                         self._leave_warmly()
                         return self.exit_code
+                    if link.prefetch == 1:
+                        break
+                    if link.readable():
+                        link.read()  # an ABANDON for a job held, more jobs
+                    link.take_next()
+                    now = time.monotonic()
+                    if now >= link.next_beat:
+                        link.beat(now, self.parent_pid)
                 if now >= link.next_beat:
                     link.beat(now, self.parent_pid)
         finally:
@@ -514,6 +564,8 @@ class Runner:
         """Before BYE, wait (a bounded time) until the broker confirms the last answer, so a
         warm stop really delivers it; reconnect and send it again if the broker went away."""
         link = self.link
+        link.flush()
+        link.return_held()
         if link.unconfirmed is not None:
             patience = max(5.0, 2 * link.broker_interval * link.broker_liveness)
             give_up = time.monotonic() + patience
