@@ -51,17 +51,23 @@ class WakePipe:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
+        #: Something may be in the pipe: set by :meth:`wake` and by Python-level signal
+        #: handlers (the C-level one writes the pipe before they run), so that a reader
+        #: that checks often can skip the system call when nothing happened.
+        self.pending = False
 
     def fileno(self) -> int:
         return self.read_fd
 
     def wake(self, byte: bytes = b"x") -> None:
+        self.pending = True
         try:
             os.write(self.write_fd, byte)
         except OSError:  # full (a wake-up is already pending) or closed
             pass
 
     def drain(self) -> bytes:
+        self.pending = False
         try:
             return os.read(self.read_fd, 4096)
         except OSError:

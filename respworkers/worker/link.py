@@ -196,7 +196,12 @@ class BrokerLink:
         return False
 
     # ------------------------------------------------------------------ stops
-    def read_stops(self) -> int:
+    def read_stops(self, look: bool = False) -> int:
+        """Count the stops asked for. After each job only if a wake-up or a signal handler
+        said so (no system call per job); ``look``: read the pipe anyway (its poll said it
+        is readable, or another thread asks, for which the handler may not have run)."""
+        if not (look or self.wake.pending):
+            return self.stops
         stops = sum(map(self.wake.drain().count, _STOP_BYTES))
         if stops and self.draining and not self._drain_counted:
             self._drain_counted = True  # drained, then SIGTERM (its pool stopping): still warm

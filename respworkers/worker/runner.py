@@ -216,7 +216,9 @@ class Runner:
         self._signal_ready = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """A Python handler must exist for the C-level one to write the wake-up pipe."""
+        """A Python handler must exist for the C-level one to write the wake-up pipe (the
+        stops are counted from the pipe); it says the pipe is worth reading."""
+        self.link.wake.pending = True
 
     def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
         """Runs in the job's thread, between two bytecodes of the user's code (or as a
@@ -445,7 +447,7 @@ class Runner:
             link.flush()  # answers kept back for a batch leave while a longer job runs
         if link.held and self._job_ran > self._patience:
             link.return_held()  # a long job: let others take what waits behind it
-        if link.read_stops() >= 2 and link.job is not None:
+        if link.read_stops(look=True) >= 2 and link.job is not None:
             # Forced stop: the job keeps running in the main thread, but it is given back
             # now and this process leaves without waiting for it.
             log.warning("forced stop: giving job %s back to the broker", link.job[0],
@@ -521,7 +523,7 @@ class Runner:
                 events = dict(link.poller.poll(math.ceil(max(0.0, link.next_beat - now) * 1000)))
                 now = time.monotonic()
                 if wake in events:
-                    link.read_stops()
+                    link.read_stops(look=True)
                 if link.stops:  # jobs run in line: here none is in hand, so leave now
                     log.info("stopping")
                     self._leave_warmly()
@@ -582,7 +584,7 @@ class Runner:
                 events = dict(link.poller.poll(
                     math.ceil(max(0.0, min(link.next_beat, give_up) - now) * 1000)))
                 if wake in events:
-                    link.read_stops()
+                    link.read_stops(look=True)
                 if link.dealer in events:
                     link.read()
                 if time.monotonic() >= link.next_beat:
