@@ -18,9 +18,13 @@ def test_backend_socket_methods_take_int_flags_and_move_whole_messages() -> None
     try:
         a.bind("inproc://sockets-test")
         b.connect("inproc://sockets-test")
+        assert not sockets.readable(b) and sockets.ready([(a, sockets.POLLIN), (b, sockets.POLLIN)]) == []
         sockets.send(a, [b"one", b"", b"three"])
         assert b.poll(1000)
+        assert sockets.readable(b) and not sockets.readable(a)
+        assert sockets.ready([(a, sockets.POLLIN), (b, sockets.POLLIN)]) == [(b, sockets.POLLIN)]
         assert sockets.recv(b, sockets.NOBLOCK) == [b"one", b"", b"three"]
+        assert not sockets.readable(b)
         with pytest.raises(zmq.Again):
             sockets.recv(b, sockets.NOBLOCK)
         router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)

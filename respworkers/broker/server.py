@@ -315,14 +315,17 @@ class BrokerServer:
         metrics = self.metrics
         if metrics is not None:
             metrics.publish(core, self.state)
-        readable = sockets.readable
-        busy_sockets = (clients, workers, status)
+        ready = sockets.ready
+        busy_sockets = [(clients, sockets.POLLIN), (workers, sockets.POLLIN),
+                        (status, sockets.POLLIN)]
         while not self._stop:
             # Under load more messages wait by the end of a turn: asking the sockets is
             # cheaper than a poll of them all and the wake pipe. Poll only when none has any
             # (signals set _stop themselves; the wake pipe is drained at the next poll).
-            events: Any = [s for s in busy_sockets if readable(s)]
-            if not events:
+            events: Any = ready(busy_sockets)
+            if events:
+                events = dict(events)
+            else:
                 events = dict(poller.poll(ceil(max(0.0, (wake - monotonic()) * 1000.0))))
             began = monotonic()
             core.set_time(began, wall())
