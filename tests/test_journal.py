@@ -150,14 +150,18 @@ def test_retention_deletes_the_rows_of_forgotten_jobs(tmp_path: Path) -> None:
     assert list(core.journal.load()) == [] and core.jobs == {}
 
 
-def test_group_commit_confirms_at_once_when_quiet_and_batches_under_load(tmp_path: Path) -> None:
+def test_group_commit_confirms_a_turn_later_when_quiet_and_batches_under_load(tmp_path: Path) -> None:
     sent: list = []
     core = BrokerCore(BrokerConfig(heartbeat=1000.0, commit_interval=0.01),
                       lambda r, f: sent.append(f), lambda r, f: None, SqliteJournal(tmp_path / "j.db"))
     core.set_time(1000.0, 1_700_000_000.0)
     core.tick()
     core.on_client(b"c1", p.encode_submit("a", p.DEFAULT_QUEUE, None, [b"x"]))
-    core.maybe_flush()  # quiet until now: committed and confirmed in this turn
+    core.maybe_flush()  # quiet until now: one turn of grace (a quick outcome may join it)
+    assert sent == [] and core.journal.dirty()
+    assert core.next_wake() == pytest.approx(1000.001)  # or a millisecond, whichever is first
+    core.set_time(1000.0002, 1_700_000_000.0002)
+    core.maybe_flush()  # the next turn: committed and confirmed
     assert sent == [[b"RWC3 ACCEPTED a"]] and core.journal.describe()["batches"] == 1
     core.set_time(1000.004, 1_700_000_000.004)
     core.on_client(b"c1", p.encode_submit("b", p.DEFAULT_QUEUE, None, [b"x"]))
@@ -166,12 +170,19 @@ def test_group_commit_confirms_at_once_when_quiet_and_batches_under_load(tmp_pat
     core.on_client(b"c1", p.encode_submit("c", p.DEFAULT_QUEUE, None, [b"x"]))
     core.maybe_flush()
     assert len(sent) == 1 and core.journal.dirty()  # within the interval: not yet
-    assert core.next_wake() == pytest.approx(1000.01)  # but the loop wakes for it
-    core.set_time(1000.01, 1_700_000_000.01)
-    core.maybe_flush()
+    assert core.next_wake() == pytest.approx(1000.0102)  # but the loop wakes for it
+    core.set_time(1000.0102, 1_700_000_000.0102)
+    core.maybe_flush()  # under load: no grace, committed when due
     assert sent[-1] == [b"RWC3 ACCEPTED b c"] and not core.journal.dirty()
     assert core.journal.describe()["batches"] == 2
     assert core.next_wake() == pytest.approx(2000.0)  # nothing left: the next heartbeat
+    core.set_time(1000.5, 1_700_000_000.5)
+    core.on_client(b"c1", p.encode_submit("d", p.DEFAULT_QUEUE, None, [b"x"]))
+    core.maybe_flush()
+    assert len(sent) == 2
+    core.set_time(1000.502, 1_700_000_000.502)  # no turn came sooner: the grace has passed
+    core.maybe_flush()
+    assert sent[-1] == [b"RWC3 ACCEPTED d"]
 
 
 def test_recent_failures_survive_a_restart(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
 """When the journal is written and submissions confirmed: group commit, and what happens
 when the disk refuses.
 
-After a quiet spell a change is committed (and confirmed) in the turn it arrives; under
-load at most once per ``commit_interval`` or every COMMIT_BATCH submissions, so one
-transaction and one ACCEPTED per client cover many jobs. A failed write leaves the
+After a quiet spell a change is committed (and confirmed) at the end of the next loop
+turn, or :data:`GRACE` seconds after it arrived if no turn comes sooner: a quick job's
+outcome then shares the commit (and the client's wake-up) with its own submission instead
+of costing a second one. Under load a commit happens at most once per ``commit_interval``
+or every COMMIT_BATCH submissions, so one transaction and one ACCEPTED per client cover
+many jobs. A failed write leaves the
 changes buffered, refuses new submissions (the core asks :attr:`problem`) and is retried
 with a growing delay.
 """
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: Unconfirmed submissions that make a commit due before commit_interval has passed.
 COMMIT_BATCH = 2000
+#: After a quiet spell, the longest a change waits for one more loop turn before its
+#: commit (never longer than commit_interval; commit_interval = 0 commits every turn).
+GRACE = 0.001
 #: After a failed journal write the commit is retried after this delay, doubling up to the max.
 RETRY = 0.1
 RETRY_MAX = 5.0
@@ -43,6 +49,8 @@ class GroupCommit:
         self._retry = RETRY
         self._retry_at = 0.0
         self.metrics: Recorder | None = None  # commit latency and size, when metrics are on
+        self._first = -math.inf  # when the loop first saw the changes now pending
+        self._graced = False  # they have waited their one turn of grace
 
     def pending(self) -> bool:
         return (bool(self.notifier.unconfirmed) or bool(self.notifier.durable_replies)
@@ -53,17 +61,26 @@ class GroupCommit:
         if not self.pending():
             return
         due = self._committed + self.interval
+        if self._first < self._committed:
+            self._first = now
         if self.problem is not None and self._retry_at > due:
             due = self._retry_at
-        if now >= due or (len(self.notifier.unconfirmed) >= COMMIT_BATCH and self.problem is None):
+        if len(self.notifier.unconfirmed) >= COMMIT_BATCH and self.problem is None:
             self.now(now)
-        else:
+        elif now < due:
             self.due = due
+        elif not self._graced and self.interval > 0 and self._first >= due:
+            # After a quiet spell: one more turn first (or GRACE, whichever comes first).
+            self._graced = True
+            self.due = now + min(GRACE, self.interval)
+        else:
+            self.now(now)
 
     def now(self, now: float) -> bool:
         """Make everything durable now, then confirm submissions. False if the journal could
         not be written: nothing is confirmed then; the commit is retried later."""
         self.due = math.inf
+        self._graced = False
         if not self.pending():
             return True
         self._committed = now

@@ -1,9 +1,9 @@
 """Where the broker records jobs so that nothing it confirmed is lost.
 
-The core calls four verbs per job (submitted, attempted, finished, forgotten); the
-journal buffers them and writes each batch in one transaction at :meth:`commit`,
-which the core calls (group commit: at once after a quiet spell, under load at most
-once per ``commit_interval``) *before* it confirms (ACCEPTED) the submissions of the
+The core calls its verbs per job (submitted, dispatched, attempted, finished,
+forgotten); the journal buffers them and writes each batch in one transaction at
+:meth:`commit`, which the core calls (group commit, commits.py: a turn after a quiet
+spell, under load at most once per ``commit_interval``) *before* it confirms (ACCEPTED) the submissions of the
 batch. So a confirmed job is on disk, and the journal costs one transaction per batch
 rather than one per message.
 
