@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from .errors import InvalidArgument
-
-if TYPE_CHECKING:
-    from .protocol import Options  # noqa: F401 - the return type, imported lazily at run time
+from .errors import InvalidArgument, ProtocolError
+from .protocol import MAX_PRIORITY, NO_OPTIONS, Options, check_name
 
 
 def check_timeout(value: Any, what: str = "timeout") -> float | None:
@@ -135,9 +133,6 @@ def _job_options(timeout: Any, tries: Any, priority: Any, delay: Any, eta: Any, 
                  label: Callable[[str], str]) -> Options:
     """Each option checked in turn: a ValueError about one becomes an InvalidArgument
     naming it (``field``, set before each check: cheaper than a block per option)."""
-    from .errors import ProtocolError
-    from .protocol import MAX_PRIORITY, NO_OPTIONS, Options, check_name
-
     if (timeout is None and tries is None and priority is None and delay is None and eta is None
             and expires is None and tenant is None and backoff is None and backoff_max is None):
         return NO_OPTIONS  # most jobs: the broker's defaults

@@ -71,3 +71,39 @@ def test_no_message_the_client_sends_is_over_the_brokers_frame_limit(cluster: Cl
         c.wait_confirmed(long_ids, timeout=20)
     with cluster.client() as c:
         assert list(c.results([f"{'y' * 150}-{i}" for i in range(500)], timeout=20))  # WAIT
+
+
+def test_job_ids_are_random_hex_and_unique_across_threads_and_forks() -> None:
+    import os
+    import re
+    import threading
+
+    from respworkers.client import new_job_id
+
+    ids: list[str] = []
+
+    def take() -> None:
+        got = [new_job_id() for _ in range(2000)]
+        ids.extend(got)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(ids) == 8000 and len(set(ids)) == 8000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    new_job_id()  # the parent's pool has ids left over: a child must not hand them out
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes its next ids and leaves at once
+        os.write(w, " ".join(new_job_id() for _ in range(8)).encode())
+        os._exit(0)
+    os.close(w)
+    try:
+        child = os.read(r, 4096).decode().split()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    parent = [new_job_id() for _ in range(8)]
+    assert len(child) == 8 and not set(child) & set(parent)
