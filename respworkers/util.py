@@ -60,11 +60,11 @@ class WakePipe:
         return self.read_fd
 
     def wake(self, byte: bytes = b"x") -> None:
-        self.pending = True
         try:
             os.write(self.write_fd, byte)
         except OSError:  # full (a wake-up is already pending) or closed
             pass
+        self.pending = True  # after the write: a drain in between must not hide the byte
 
     def drain(self) -> bytes:
         self.pending = False

@@ -1939,3 +1939,16 @@ def test_an_idle_workers_answer_is_confirmed_by_the_next_message_either_side_sen
     assert h.to_worker(W1) == []
     h.result(W1, c.job_id, 1, ready=False)  # leaving: confirmed at once
     assert h.to_worker(W1) == [p.Ack(c.job_id, 1)]
+
+
+def test_a_stopping_broker_sends_the_acks_it_owes_idle_workers():
+    h = Harness()
+    h.hello(W1)
+    h.submit(C1, "a")
+    (a,) = h.jobs_to(W1)
+    h.result(W1, a.job_id, 1)
+    assert h.to_worker(W1) == []  # owed until W1 speaks
+    h.core.send_owed_acks()  # the server's clean stop, after its last commit
+    assert h.to_worker(W1) == [p.Ack(a.job_id, 1)]
+    h.core.send_owed_acks()
+    assert h.to_worker(W1) == []

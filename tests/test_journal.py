@@ -341,3 +341,46 @@ def test_restored_broker_serves_its_jobs_with_lazily_made_fields(tmp_path: Path)
     journal.close()
     assert again["j0"].state is DONE and again["j0"].tried == ("w1",)
     assert again["j2"].tried == () and again["j2"].state is QUEUED
+
+
+def _checkpoint_threads() -> int:
+    import threading
+
+    return sum(1 for t in threading.enumerate() if t.name == "rw-checkpoint" and t.is_alive())
+
+
+def test_no_checkpoint_thread_outlives_its_journal(tmp_path: Path) -> None:
+    import os
+
+    before = _checkpoint_threads()
+    path = tmp_path / "j.db"
+    core, _ = make_core(path)
+    core.on_client(b"c1", p.encode_submit("a", p.DEFAULT_QUEUE, None, [b"x"]))
+    os.unlink(path)  # deleted under the broker: closing writes it again, with a new thread
+    core.journal.close()
+    assert _checkpoint_threads() == before
+    again = SqliteJournal(path)  # an existing journal the broker could not start with
+    assert _checkpoint_threads() == before + 1
+    again.remove_if_created()
+    assert _checkpoint_threads() == before and path.exists()
+    SqliteJournal(path).close()  # and its lock went with it
+
+
+def test_the_checkpoint_thread_finds_a_journal_whose_path_has_uri_characters(tmp_path: Path) -> None:
+    import os
+    import time
+
+    folder = tmp_path / "a?b#c%41"
+    path = folder / "j?x#y.db"
+    core, _ = make_core(path)
+    for i in range(500):
+        core.on_client(b"c1", p.encode_submit(f"j{i}", p.DEFAULT_QUEUE, None, [b"x" * 200]))
+    core.flush()
+    deadline = time.monotonic() + 10
+    while core.journal.describe()["checkpoints"] == 0:
+        assert time.monotonic() < deadline, "no checkpoint within 10 s"
+        time.sleep(0.02)
+    assert core.journal.describe()["checkpoint_failures"] == 0
+    core.journal.close()
+    assert sorted(os.listdir(folder)) == ["j?x#y.db"]  # no stray file at a cut-off path
+    assert sorted(os.listdir(tmp_path)) == ["a?b#c%41"]

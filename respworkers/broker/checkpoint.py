@@ -17,9 +17,11 @@ checkpoints at :data:`FALLBACK_PAGES`, so the log cannot grow without bound.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,9 @@ class Checkpointer:
     def _connect(self) -> sqlite3.Connection:
         # mode=rw: never create a file at the path (the journal may have been deleted; the
         # loop writes it again whole and starts a new checkpointer on the new file).
-        db = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, isolation_level=None,
-                             timeout=0.0, check_same_thread=True)
+        uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw"  # any ?, # or %
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0.0,
+                             check_same_thread=True)
         db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
         return db
 

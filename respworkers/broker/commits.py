@@ -59,6 +59,7 @@ class GroupCommit:
     def maybe(self, now: float) -> None:
         """Once per loop turn: commit now, or set :attr:`due` for when to."""
         if not self.pending():
+            self.due = math.inf  # what was pending went away (a plain job forgotten, say)
             return
         due = self._committed + self.interval
         if self._first < self._committed:

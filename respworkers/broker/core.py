@@ -679,6 +679,14 @@ class BrokerCore:
         self.workers.unready(w)
         return self._ready(w)
 
+    def send_owed_acks(self) -> None:
+        """At a clean stop: idle workers are owed the ACK of their last answer (sent with
+        their next message otherwise); without it they would wait for it to leave."""
+        for wid, w in self.workers.records.items():
+            if w.unacked is not None:
+                self.send_worker(wid, w.unacked)
+                w.unacked = None
+
     def drain_worker(self, w: WorkerRec) -> None:
         """``rw drain``: the worker finishes the job in hand and leaves (an idle one at once)."""
         registry.drain(self, w)

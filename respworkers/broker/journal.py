@@ -536,12 +536,15 @@ class SqliteJournal:
                     + len(self._pausing))
             log.error("closing the journal: %s; %d job changes were not written", exc, left)
         finally:
+            self._checkpointer.stop()  # the commit may have written a deleted file again
             self.db.close()
             self._unlock()
 
     def remove_if_created(self) -> None:
-        """Undo opening a journal that did not exist (the broker could not start after all)."""
+        """Undo opening a journal that did not exist (the broker could not start after all);
+        one that existed is closed and kept."""
         if not self.created:
+            self.close()
             return
         self._checkpointer.stop()
         try:

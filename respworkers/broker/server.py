@@ -397,6 +397,7 @@ class BrokerServer:
         self.core.accepting = False
         self.core.send_results()
         self.core.flush()
+        self.core.send_owed_acks()  # the answers are durable now
         self.channel.flush()
         self.core.journal.close()
         self.close()
