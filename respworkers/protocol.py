@@ -19,6 +19,7 @@ No other module spells a frame literal.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple, Union
 
 from .errors import ProtocolError
@@ -110,6 +111,31 @@ MAX_TOKEN_BYTES = 64  #: attempt tokens (the broker sends 32 hex digits)
 MAX_SLOT_BYTES = 200
 MAX_NAME_BYTES = 200  #: a worker or host name in DRAIN (the broker keeps 80 characters of a name)
 MAX_PREFETCH = 1000  #: jobs one worker may hold (HELLO info ``prefetch``); also bounds JOBS, RESULTS
+
+class RandomHex:
+    """Unguessable random values of 32 hex digits (128 bits): the broker's attempt tokens,
+    a client's job ids. Cut from one urandom read per 128, since a system call per value
+    costs more than the value. Not locked (a caller shared by threads locks it), and a
+    forked child must :meth:`forget` what its parent had read."""
+
+    __slots__ = ("_hex", "_pos")
+
+    def __init__(self) -> None:
+        self._hex = b""
+        self._pos = 0
+
+    def next(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(2048).hex().encode()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos:pos + 32]
+
+    def forget(self) -> None:
+        self._hex = b""
+        self._pos = 0
+
 
 _QUEUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _EMPTY = b""

@@ -45,38 +45,25 @@ JOB_STATES = ("scheduled", "queued", "running", "done", "failed", "cancelled", "
 JOB_FIELDS = ("payload", "id", "queue", "timeout", "tries", *OPTION_FIELDS)
 
 
-class _RandomIds:
-    """Random job ids of 32 hex digits (128 bits, like ``uuid4().hex``), cut from one
-    urandom read per 32 ids: uuid4 makes a system call and an object per id, a tenth of
-    a client's CPU per submitted job. A forked child starts a pool of its own."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._hex = ""
-        self._pos = 0
-
-    def next(self) -> str:
-        with self._lock:
-            pos = self._pos
-            if pos >= len(self._hex):
-                self._hex = os.urandom(512).hex()
-                pos = 0
-            self._pos = pos + 32
-            return self._hex[pos:pos + 32]
-
-    def forget(self) -> None:
-        self._lock = threading.Lock()
-        self._hex = ""
-        self._pos = 0
+# Job ids: 32 random hex digits (like uuid4().hex, which costs a system call and an object
+# per id: a tenth of a client's CPU per submitted job), shared by the threads of a process.
+_IDS = protocol.RandomHex()
+_IDS_LOCK = threading.Lock()
 
 
-_IDS = _RandomIds()
+def _forget_ids() -> None:
+    global _IDS_LOCK
+    _IDS_LOCK = threading.Lock()
+    _IDS.forget()  # never the parent's ids again
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_IDS.forget)  # never the parent's ids again
+    os.register_at_fork(after_in_child=_forget_ids)
 
 
 def new_job_id() -> str:
-    return _IDS.next()
+    with _IDS_LOCK:
+        return _IDS.next().decode()
 
 
 @dataclass

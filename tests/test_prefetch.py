@@ -292,17 +292,25 @@ def _pool_child(cluster: Cluster, pool: Any) -> int:
     return int(kids[0])
 
 
+def _holding(cluster: Cluster, c: Any, seconds: float, rest: list[str],
+             worker: str = "jobs_fixtures:Holder") -> tuple[list[str], Any, dict[str, Any]]:
+    """A job that runs ``seconds`` and the jobs ``rest``, all sent to one prefetching
+    worker (prefetch 4) before it starts: (their ids, its pool, its status row once the
+    first has started, the rest held behind it)."""
+    marker = cluster.root / "started"
+    ids = c.submit_many([f"started:{marker}:{seconds}", *rest])
+    c.wait_confirmed(ids, timeout=10)
+    pool = cluster.pool(worker, 1, "--prefetch", "4")
+    wait_for(marker.exists, 15, what="the first job to start")
+    return ids, pool, cluster.snapshot()["workers"][0]
+
+
 def test_kill_9_of_a_worker_holding_jobs_loses_none_and_charges_only_the_started_one(
     cluster: Cluster,
 ) -> None:
     cluster.broker()
-    marker = cluster.root / "started"
     with cluster.client() as c:
-        ids = c.submit_many([f"started:{marker}:3", "k1", "k2", "k3"])
-        c.wait_confirmed(ids, timeout=10)
-        pool = cluster.pool("jobs_fixtures:Holder", 1, "--prefetch", "4")
-        wait_for(marker.exists, 15, what="the first job to start")
-        row = cluster.snapshot()["workers"][0]
+        ids, pool, row = _holding(cluster, c, 3, ["k1", "k2", "k3"])
         assert row["job"] == ids[0] and row["held"] == 3 and row["prefetch"] == 4
         victim = _pool_child(cluster, pool)
         os.kill(victim, signal.SIGKILL)
@@ -320,13 +328,8 @@ def test_a_drained_prefetching_worker_finishes_its_job_and_returns_the_rest(
     cluster: Cluster,
 ) -> None:
     cluster.broker()
-    marker = cluster.root / "started"
     with cluster.client() as c:
-        ids = c.submit_many([f"started:{marker}:1.5", "d1", "d2", "d3"])
-        c.wait_confirmed(ids, timeout=10)
-        cluster.pool("jobs_fixtures:Holder", 1, "--prefetch", "4")
-        wait_for(marker.exists, 15, what="the first job to start")
-        row = cluster.snapshot()["workers"][0]
+        ids, _, row = _holding(cluster, c, 1.5, ["d1", "d2", "d3"])
         assert row["held"] == 3
         asked = c.drain(everyone=True)
         assert [a["job"] for a in asked["asked"]] == [ids[0]]
@@ -360,12 +363,8 @@ def test_other_workers_take_the_rest_while_one_runs_a_long_job(cluster: Cluster)
 
 def test_jobs_held_behind_a_long_one_are_given_back_for_others(cluster: Cluster) -> None:
     cluster.broker()
-    marker = cluster.root / "started"
     with cluster.client() as c:
-        ids = c.submit_many([f"started:{marker}:4", "g1", "g2", "g3"])
-        c.wait_confirmed(ids, timeout=10)
-        cluster.pool("jobs_fixtures:Tester", 1, "--prefetch", "4")  # patience 0.02 s
-        wait_for(marker.exists, 15, what="the first job to start")
+        ids, _, _ = _holding(cluster, c, 4, ["g1", "g2", "g3"], "jobs_fixtures:Tester")  # patience 0.02 s
         wait_for(lambda: [c.query(i)["state"] for i in ids[1:]] == ["queued"] * 3, 5,  # type: ignore[index]
                  what="the held jobs to be given back")
         cluster.pool("jobs_fixtures:Tester", 1)
@@ -408,13 +407,9 @@ def test_a_class_with_a_bad_prefetch_is_named(cluster: Cluster) -> None:
 
 def test_a_held_job_cancelled_at_a_real_worker_never_runs(cluster: Cluster) -> None:
     cluster.broker()
-    marker = cluster.root / "started"
     ran = cluster.root / "ran"
     with cluster.client() as c:
-        ids = c.submit_many([f"started:{marker}:1.5", f"started:{ran}:0", "x2"])
-        c.wait_confirmed(ids, timeout=10)
-        cluster.pool("jobs_fixtures:Holder", 1, "--prefetch", "4")
-        wait_for(marker.exists, 15, what="the first job to start")
+        ids, _, _ = _holding(cluster, c, 1.5, [f"started:{ran}:0", "x2"])
         info = c.cancel(ids[1])
         assert info is not None and info["state"] == "cancelled" and info["attempt"] == 0
         c.result(ids[0], timeout=15)

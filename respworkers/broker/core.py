@@ -42,7 +42,6 @@ from .model import (
     WAITING,
     Job,
     JobState,
-    Tokens,
     Waiter,
     Waiters,
 )
@@ -103,7 +102,7 @@ class BrokerCore:
         self.commits = GroupCommit(self.journal, self.notifier, cfg.commit_interval)
         self.stats = stats.Stats()
         self.counters = self.stats.counters
-        self.tokens = Tokens()
+        self.tokens = protocol.RandomHex()  # attempt tokens
         self.journal.bind(self.jobs)
         # Whether a job's steps are logged (trace): read once per heartbeat, not per step.
         self._debug = trace.log.isEnabledFor(logging.DEBUG)
@@ -292,8 +291,7 @@ class BrokerCore:
         if w is not None:
             w.last_seen = self.now
             if w.unacked is not None:  # it speaks while idle: confirm its answer now
-                self.send_worker(wid, w.unacked)
-                w.unacked = None
+                self.send_owed_ack(w)
             if isinstance(msg, (protocol.WorkerResult, protocol.WorkerError)):
                 self._answered(w, msg)
             elif isinstance(msg, protocol.Answers):
@@ -679,13 +677,20 @@ class BrokerCore:
         self.workers.unready(w)
         return self._ready(w)
 
+    def send_owed_ack(self, w: WorkerRec) -> bool:
+        """Send the ACK an idle worker is owed for its last answer, if any (True if sent)."""
+        ack = w.unacked
+        if ack is None:
+            return False
+        w.unacked = None
+        self.send_worker(w.wid, ack)
+        return True
+
     def send_owed_acks(self) -> None:
         """At a clean stop: idle workers are owed the ACK of their last answer (sent with
         their next message otherwise); without it they would wait for it to leave."""
-        for wid, w in self.workers.records.items():
-            if w.unacked is not None:
-                self.send_worker(wid, w.unacked)
-                w.unacked = None
+        for w in self.workers.records.values():
+            self.send_owed_ack(w)
 
     def drain_worker(self, w: WorkerRec) -> None:
         """``rw drain``: the worker finishes the job in hand and leaves (an idle one at once)."""

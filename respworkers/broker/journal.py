@@ -441,15 +441,23 @@ class SqliteJournal:
         except sqlite3.Error:
             pass
 
-    def _written(self) -> None:
-        self.batches += 1
-        self.rows += (len(self._new) + len(self._changed) + len(self._dispatched) + len(self._gone)
-                      + len(self._pausing))
+    def _buffered(self) -> int:
+        """Changes waiting for the next commit (rows to write)."""
+        return (len(self._new) + len(self._changed) + len(self._dispatched) + len(self._gone)
+                + len(self._pausing))
+
+    def _clear(self) -> None:
+        """The buffered changes are on disk."""
         self._new.clear()
         self._changed.clear()
         self._dispatched.clear()
         self._gone.clear()
         self._pausing.clear()
+
+    def _written(self) -> None:
+        self.batches += 1
+        self.rows += self._buffered()
+        self._clear()
 
     def _rewrite(self) -> None:
         """The file at our path is gone or is another file (deleted, moved, replaced): what
@@ -487,11 +495,7 @@ class SqliteJournal:
         self.rewrites += 1
         self.rows += len(self._jobs)
         self.batches += 1
-        self._new.clear()
-        self._changed.clear()
-        self._dispatched.clear()
-        self._gone.clear()
-        self._pausing.clear()
+        self._clear()
         log.warning("journal %s written again: %d jobs", self.path, len(self._jobs))
 
     def load(self) -> Iterator[Job]:
@@ -532,9 +536,8 @@ class SqliteJournal:
             self.commit()
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except (sqlite3.Error, JournalError) as exc:
-            left = (len(self._new) + len(self._changed) + len(self._dispatched) + len(self._gone)
-                    + len(self._pausing))
-            log.error("closing the journal: %s; %d job changes were not written", exc, left)
+            log.error("closing the journal: %s; %d job changes were not written", exc,
+                      self._buffered())
         finally:
             self._checkpointer.stop()  # the commit may have written a deleted file again
             self.db.close()

@@ -8,7 +8,6 @@ never the core, and the row layout is written once (:data:`COLUMNS`, :func:`full
 from __future__ import annotations
 
 import json
-import os
 import struct
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, Optional
@@ -150,24 +149,6 @@ class Job:
         summary = (self.error or "").strip().split("\n", 1)[0]
         return {"id": self.id, "queue": self.queue, "reason": self.reason,
                 "error": summary[:500], "attempts": self.attempt, "at": self.finished}
-
-
-class Tokens:
-    """Unguessable attempt tokens (32 hex digits), cut from one urandom read per 256 tokens."""
-
-    __slots__ = ("_hex", "_pos")
-
-    def __init__(self) -> None:
-        self._hex = b""
-        self._pos = 0
-
-    def next(self) -> bytes:
-        pos = self._pos
-        if pos >= len(self._hex):
-            self._hex = os.urandom(4096).hex().encode()
-            pos = 0
-        self._pos = pos + 32
-        return self._hex[pos:pos + 32]
 
 
 # ------------------------------------------------------------------------------------ rows

@@ -84,11 +84,8 @@ def heartbeat(core: BrokerCore, now: float) -> None:
         core.drop_worker(w, "stopped answering")
     beat = protocol.HEARTBEAT_FRAMES
     for wid, w in core.workers.records.items():
-        if w.unacked is None:
+        if not core.send_owed_ack(w):  # an ACK says the broker is alive as a HEARTBEAT does
             core.send_worker(wid, beat)
-        else:  # an ACK says the broker is alive as well as a HEARTBEAT does
-            core.send_worker(wid, w.unacked)
-            w.unacked = None
     expire_finished(core)
     core.journal.check()
     core.stats.sample(now)
